@@ -1,0 +1,9 @@
+//! What both planes share: the trigger model and its validation, encryption of
+//! credentials, the database pool and migrations, telemetry, retry backoff.
+
+pub mod backoff;
+pub mod crypto;
+pub mod db;
+pub mod secret;
+pub mod telemetry;
+pub mod trigger;

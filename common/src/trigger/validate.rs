@@ -1,0 +1,434 @@
+//! Validation of a trigger as it arrives on the wire. Every bad field is
+//! reported (not just the first), each with its path in the request, so a
+//! client can fix them all at once.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use kt_proto::status::FieldViolation;
+use kt_proto::v1;
+
+use super::*;
+
+const MAX_NAME_LEN: usize = 200;
+const MAX_HOSTS: usize = 100;
+const MAX_TOPICS: usize = 100;
+const MAX_TOPIC_LEN: usize = 249;
+const MAX_GROUP_ID_LEN: usize = 255;
+const MAX_CONNECT_TIMEOUT_SECONDS: u32 = 300;
+const MAX_WEBHOOK_TIMEOUT_MS: u32 = 600_000;
+const MAX_ATTEMPTS: u32 = 1_000;
+const MAX_BACKOFF_MS: u32 = 86_400_000;
+const MAX_IN_FLIGHT: u32 = 10_000;
+const MIN_FETCH_MAX_BYTES: u32 = 1_024;
+const MAX_FETCH_MAX_BYTES: u32 = 1 << 30;
+
+/// Secrets as given in a request: `None` means "not given" (keep the stored
+/// value on update).
+#[derive(Debug, Default)]
+pub struct SecretsInput {
+    pub password: Option<Secret>,
+    pub ssl_client_key: Option<Secret>,
+    pub headers: BTreeMap<String, Secret>,
+}
+
+/// A trigger that passed validation: its configuration and its merged secrets.
+#[derive(Debug, Clone)]
+pub struct ValidatedTrigger {
+    pub spec: TriggerSpec,
+    pub secrets: TriggerSecrets,
+}
+
+struct Checker {
+    prefix: String,
+    violations: Vec<FieldViolation>,
+}
+
+impl Checker {
+    fn bad(&mut self, field: &str, description: impl Into<String>) {
+        self.violations.push(FieldViolation::new(format!("{}{}", self.prefix, field), description));
+    }
+}
+
+/// Validates `t` (fields under `prefix`, e.g. `"trigger."`). With `existing`
+/// (an update), an empty `group_id` and empty secrets keep their stored value,
+/// and a different `group_id` is refused.
+pub fn validate_trigger(
+    t: &v1::Trigger,
+    prefix: &str,
+    existing: Option<(&TriggerSpec, &TriggerSecrets)>,
+) -> Result<ValidatedTrigger, Vec<FieldViolation>> {
+    let mut c = Checker { prefix: prefix.to_owned(), violations: Vec::new() };
+
+    let name = t.name.trim().to_owned();
+    if name.is_empty() {
+        c.bad("name", "must not be empty");
+    } else if name.chars().count() > MAX_NAME_LEN {
+        c.bad("name", format!("must be at most {MAX_NAME_LEN} characters"));
+    } else if name.chars().any(char::is_control) {
+        c.bad("name", "must not contain control characters");
+    }
+
+    let default_kafka = v1::KafkaSource::default();
+    let kafka = t.kafka.as_ref().unwrap_or_else(|| {
+        c.bad("kafka", "is required");
+        &default_kafka
+    });
+    let kafka = check_kafka(&mut c, kafka, existing);
+
+    let default_webhook = v1::WebhookTarget::default();
+    let webhook = t.webhook.as_ref().unwrap_or_else(|| {
+        c.bad("webhook", "is required");
+        &default_webhook
+    });
+    let (webhook, header_secrets) = check_webhook(&mut c, webhook, existing.map(|e| e.1));
+    let retry = check_retry(&mut c, t.retry.as_ref());
+    let tuning = check_tuning(&mut c, t.tuning.as_ref());
+
+    if !c.violations.is_empty() {
+        return Err(c.violations);
+    }
+    let (kafka, kafka_secrets) = kafka;
+    Ok(ValidatedTrigger {
+        spec: TriggerSpec { name, kafka, webhook, retry, tuning },
+        secrets: TriggerSecrets {
+            password: kafka_secrets.password,
+            ssl_client_key: kafka_secrets.ssl_client_key,
+            headers: header_secrets,
+        },
+    })
+}
+
+fn check_kafka(
+    c: &mut Checker,
+    k: &v1::KafkaSource,
+    existing: Option<(&TriggerSpec, &TriggerSecrets)>,
+) -> (KafkaSource, TriggerSecrets) {
+    if k.hosts.is_empty() {
+        c.bad("kafka.hosts", "at least one host:port is required");
+    } else if k.hosts.len() > MAX_HOSTS {
+        c.bad("kafka.hosts", format!("at most {MAX_HOSTS} hosts"));
+    }
+    for (i, host) in k.hosts.iter().enumerate() {
+        if let Err(why) = check_host_port(host) {
+            c.bad(&format!("kafka.hosts[{i}]"), why);
+        }
+    }
+
+    if k.topics.is_empty() {
+        c.bad("kafka.topics", "at least one topic is required");
+    } else if k.topics.len() > MAX_TOPICS {
+        c.bad("kafka.topics", format!("at most {MAX_TOPICS} topics"));
+    }
+    let mut seen = HashSet::new();
+    for (i, topic) in k.topics.iter().enumerate() {
+        if let Err(why) = check_topic(topic) {
+            c.bad(&format!("kafka.topics[{i}]"), why);
+        } else if !seen.insert(topic.as_str()) {
+            c.bad(&format!("kafka.topics[{i}]"), format!("duplicate topic `{topic}`"));
+        }
+    }
+
+    let group_id = match (k.group_id.trim(), existing) {
+        ("", Some((spec, _))) => spec.kafka.group_id.clone(),
+        ("", None) => generate_group_id(),
+        (given, Some((spec, _))) if given != spec.kafka.group_id => {
+            c.bad("kafka.group_id", format!("is immutable (currently `{}`)", spec.kafka.group_id));
+            given.to_owned()
+        }
+        (given, _) => {
+            if given.len() > MAX_GROUP_ID_LEN {
+                c.bad("kafka.group_id", format!("must be at most {MAX_GROUP_ID_LEN} bytes"));
+            } else if given.chars().any(char::is_control) {
+                c.bad("kafka.group_id", "must not contain control characters");
+            }
+            given.to_owned()
+        }
+    };
+
+    let policy = match k.initial_offset_reset_policy.trim() {
+        "" => OffsetPolicy::Latest,
+        p => p.parse().unwrap_or_else(|why: String| {
+            c.bad("kafka.initial_offset_reset_policy", why);
+            OffsetPolicy::Latest
+        }),
+    };
+
+    let non_empty = |s: &str| (!s.trim().is_empty()).then(|| s.trim().to_owned());
+    let ca = non_empty(&k.ssl_ca_cert);
+    let client_cert = non_empty(&k.ssl_client_cert);
+    let given_key = non_empty(&k.ssl_client_key).map(Secret::new);
+    let stored = existing.map(|e| e.1);
+    // A client key given now wins; otherwise an update keeps the stored one
+    // as long as a client certificate is still configured.
+    let client_key = given_key.or_else(|| client_cert.as_ref().and(stored.and_then(|s| s.ssl_client_key.clone())));
+
+    if !k.ssl && (ca.is_some() || client_cert.is_some() || client_key.is_some()) {
+        for (field, set) in [
+            ("kafka.ssl_ca_cert", ca.is_some()),
+            ("kafka.ssl_client_cert", client_cert.is_some()),
+            ("kafka.ssl_client_key", !k.ssl_client_key.trim().is_empty()),
+        ] {
+            if set {
+                c.bad(field, "requires ssl = true");
+            }
+        }
+    }
+    if let Some(pem) = &ca {
+        if !pem.contains("-----BEGIN CERTIFICATE-----") {
+            c.bad("kafka.ssl_ca_cert", "must be a PEM certificate (-----BEGIN CERTIFICATE-----)");
+        }
+    }
+    if let Some(pem) = &client_cert {
+        if !pem.contains("-----BEGIN CERTIFICATE-----") {
+            c.bad("kafka.ssl_client_cert", "must be a PEM certificate (-----BEGIN CERTIFICATE-----)");
+        }
+        if client_key.is_none() {
+            c.bad("kafka.ssl_client_key", "is required with ssl_client_cert");
+        }
+    }
+    if let Some(key) = &client_key {
+        if client_cert.is_none() {
+            c.bad("kafka.ssl_client_cert", "is required with ssl_client_key");
+        } else if !(key.expose().contains("-----BEGIN") && key.expose().contains("PRIVATE KEY-----")) {
+            c.bad("kafka.ssl_client_key", "must be a PEM private key");
+        }
+    }
+
+    let sasl = match v1::SaslMechanism::try_from(k.sasl) {
+        Ok(v1::SaslMechanism::Unspecified | v1::SaslMechanism::None) => Sasl::None,
+        Ok(v1::SaslMechanism::Plain) => Sasl::Plain,
+        Ok(v1::SaslMechanism::ScramSha256) => Sasl::ScramSha256,
+        Ok(v1::SaslMechanism::ScramSha512) => Sasl::ScramSha512,
+        Err(_) => {
+            c.bad("kafka.sasl", format!("unknown SASL mechanism {}", k.sasl));
+            Sasl::None
+        }
+    };
+    let username = non_empty(&k.username);
+    let given_password = (!k.password.is_empty()).then(|| Secret::new(k.password.clone()));
+    let password = match sasl {
+        Sasl::None => {
+            if username.is_some() {
+                c.bad("kafka.username", "is only allowed with a SASL mechanism");
+            }
+            if given_password.is_some() {
+                c.bad("kafka.password", "is only allowed with a SASL mechanism");
+            }
+            None
+        }
+        _ => {
+            if username.is_none() {
+                c.bad("kafka.username", "is required with SASL");
+            }
+            let password = given_password.or_else(|| stored.and_then(|s| s.password.clone()));
+            if password.is_none() {
+                c.bad("kafka.password", "is required with SASL");
+            }
+            password
+        }
+    };
+
+    let connect_timeout_seconds = match k.connect_timeout_seconds {
+        None => DEFAULT_CONNECT_TIMEOUT_SECONDS,
+        Some(s) if (1..=MAX_CONNECT_TIMEOUT_SECONDS).contains(&s) => s,
+        Some(_) => {
+            c.bad("kafka.connect_timeout_seconds", format!("must be 1-{MAX_CONNECT_TIMEOUT_SECONDS} seconds"));
+            DEFAULT_CONNECT_TIMEOUT_SECONDS
+        }
+    };
+
+    let source = KafkaSource {
+        hosts: k.hosts.iter().map(|h| h.trim().to_owned()).collect(),
+        topics: k.topics.clone(),
+        group_id,
+        initial_offset_reset_policy: policy,
+        ssl: k.ssl,
+        ssl_ca_cert: ca,
+        ssl_client_cert: client_cert,
+        sasl,
+        username,
+        connect_timeout_seconds,
+    };
+    let secrets = TriggerSecrets { password, ssl_client_key: client_key, headers: BTreeMap::new() };
+    (source, secrets)
+}
+
+/// `host:port` with a DNS name, an IPv4 address, or a bracketed IPv6 address.
+pub(crate) fn check_host_port(s: &str) -> Result<(), String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Err("must not be empty".into());
+    }
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let (addr, after) = rest.split_once(']').ok_or("IPv6 address is missing its closing `]`")?;
+        addr.parse::<Ipv6Addr>().map_err(|_| format!("`{addr}` is not an IPv6 address"))?;
+        let port = after.strip_prefix(':').ok_or("expected host:port, e.g. [::1]:9092")?;
+        (None, port)
+    } else {
+        if s.matches(':').count() > 1 {
+            return Err("IPv6 addresses must be in brackets, e.g. [::1]:9092".into());
+        }
+        let (host, port) = s.rsplit_once(':').ok_or("expected host:port, e.g. localhost:9092")?;
+        (Some(host), port)
+    };
+    if let Some(host) = host {
+        check_hostname(host)?;
+    }
+    match port.parse::<u32>() {
+        Ok(p) if (1..=65_535).contains(&p) && !port.starts_with('+') => Ok(()),
+        Ok(_) => Err(format!("port {port} is out of range 1-65535")),
+        Err(_) => Err(format!("port `{port}` is not a number")),
+    }
+}
+
+fn check_hostname(host: &str) -> Result<(), String> {
+    if host.is_empty() {
+        return Err("host must not be empty".into());
+    }
+    if host.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        return host.parse::<Ipv4Addr>().map(|_| ()).map_err(|_| format!("`{host}` is not an IPv4 address"));
+    }
+    if host.len() > 253 {
+        return Err("host name is longer than 253 characters".into());
+    }
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    if host.split('.').all(label_ok) {
+        Ok(())
+    } else {
+        Err(format!("`{host}` is not a valid host name"))
+    }
+}
+
+/// Kafka's own rule: 1-249 characters of `[a-zA-Z0-9._-]`, not `.` or `..`.
+pub(crate) fn check_topic(t: &str) -> Result<(), String> {
+    if t.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if t.len() > MAX_TOPIC_LEN {
+        return Err(format!("must be at most {MAX_TOPIC_LEN} characters"));
+    }
+    if t == "." || t == ".." {
+        return Err("`.` and `..` are not valid topic names".into());
+    }
+    if let Some(bad) = t.chars().find(|ch| !(ch.is_ascii_alphanumeric() || matches!(ch, '.' | '_' | '-'))) {
+        return Err(format!("`{t}` contains `{bad}`; topic names use only a-z, A-Z, 0-9, `.`, `_` and `-`"));
+    }
+    Ok(())
+}
+
+fn check_webhook(
+    c: &mut Checker,
+    w: &v1::WebhookTarget,
+    stored: Option<&TriggerSecrets>,
+) -> (WebhookTarget, BTreeMap<String, Secret>) {
+    let url = w.url.trim().to_owned();
+    if url.is_empty() {
+        c.bad("webhook.url", "is required");
+    } else {
+        match url::Url::parse(&url) {
+            Ok(u) if !matches!(u.scheme(), "http" | "https") => {
+                c.bad("webhook.url", format!("scheme must be http or https, not `{}`", u.scheme()))
+            }
+            Ok(u) if u.host_str().is_none_or(str::is_empty) => c.bad("webhook.url", "must name a host"),
+            Ok(u) if !u.username().is_empty() || u.password().is_some() => {
+                c.bad("webhook.url", "must not embed credentials; use a secret header")
+            }
+            Ok(_) => {}
+            Err(e) => c.bad("webhook.url", format!("is not a valid URL: {e}")),
+        }
+    }
+
+    let mut headers = Vec::with_capacity(w.headers.len());
+    let mut secrets = BTreeMap::new();
+    let mut seen = HashSet::new();
+    for (i, h) in w.headers.iter().enumerate() {
+        let name = h.name.trim();
+        let field = format!("webhook.headers[{i}]");
+        if name.is_empty() || !name.bytes().all(is_header_token_byte) {
+            c.bad(&format!("{field}.name"), format!("`{name}` is not a valid HTTP header name"));
+        } else if !seen.insert(name.to_ascii_lowercase()) {
+            c.bad(&format!("{field}.name"), format!("duplicate header `{name}`"));
+        } else if name.eq_ignore_ascii_case("content-type") || name.eq_ignore_ascii_case("content-length") {
+            c.bad(&format!("{field}.name"), format!("`{name}` is set by the service"));
+        }
+        if h.value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
+            c.bad(&format!("{field}.value"), "must not contain CR, LF or NUL");
+        }
+        if h.secret {
+            let value = if h.value.is_empty() {
+                stored.and_then(|s| s.headers.get(name).cloned())
+            } else {
+                Some(Secret::new(h.value.clone()))
+            };
+            match value {
+                Some(v) => {
+                    secrets.insert(name.to_owned(), v);
+                }
+                None => c.bad(&format!("{field}.value"), "is required for a secret header"),
+            }
+            headers.push(WebhookHeader { name: name.to_owned(), value: String::new(), secret: true });
+        } else {
+            headers.push(WebhookHeader { name: name.to_owned(), value: h.value.clone(), secret: false });
+        }
+    }
+
+    let timeout_ms = match w.timeout_ms {
+        None => DEFAULT_WEBHOOK_TIMEOUT_MS,
+        Some(ms) if (1..=MAX_WEBHOOK_TIMEOUT_MS).contains(&ms) => ms,
+        Some(_) => {
+            c.bad("webhook.timeout_ms", format!("must be 1-{MAX_WEBHOOK_TIMEOUT_MS} ms"));
+            DEFAULT_WEBHOOK_TIMEOUT_MS
+        }
+    };
+    (WebhookTarget { url, headers, timeout_ms }, secrets)
+}
+
+fn is_header_token_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+fn check_retry(c: &mut Checker, r: Option<&v1::RetryPolicy>) -> RetryPolicy {
+    let r = r.cloned().unwrap_or_default();
+    let max_attempts = r.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS);
+    if !(1..=MAX_ATTEMPTS).contains(&max_attempts) {
+        c.bad("retry.max_attempts", format!("must be 1-{MAX_ATTEMPTS}"));
+    }
+    let initial = r.initial_backoff_ms.unwrap_or(DEFAULT_INITIAL_BACKOFF_MS);
+    if !(1..=MAX_BACKOFF_MS).contains(&initial) {
+        c.bad("retry.initial_backoff_ms", format!("must be 1-{MAX_BACKOFF_MS} ms"));
+    }
+    let max = r.max_backoff_ms.unwrap_or(DEFAULT_MAX_BACKOFF_MS.max(initial));
+    if !(1..=MAX_BACKOFF_MS).contains(&max) {
+        c.bad("retry.max_backoff_ms", format!("must be 1-{MAX_BACKOFF_MS} ms"));
+    } else if max < initial {
+        c.bad("retry.max_backoff_ms", "must not be less than initial_backoff_ms");
+    }
+    RetryPolicy {
+        max_attempts,
+        initial_backoff_ms: initial,
+        max_backoff_ms: max,
+        max_age_seconds: r.max_age_seconds,
+    }
+}
+
+fn check_tuning(c: &mut Checker, t: Option<&v1::Tuning>) -> Tuning {
+    let t = t.cloned().unwrap_or_default();
+    let max_in_flight = t.max_in_flight.unwrap_or(DEFAULT_MAX_IN_FLIGHT);
+    if !(1..=MAX_IN_FLIGHT).contains(&max_in_flight) {
+        c.bad("tuning.max_in_flight", format!("must be 1-{MAX_IN_FLIGHT}"));
+    }
+    if t.fetch_max_bytes != 0 && !(MIN_FETCH_MAX_BYTES..=MAX_FETCH_MAX_BYTES).contains(&t.fetch_max_bytes) {
+        c.bad(
+            "tuning.fetch_max_bytes",
+            format!("must be 0 (default) or {MIN_FETCH_MAX_BYTES}-{MAX_FETCH_MAX_BYTES} bytes"),
+        );
+    }
+    Tuning { rate_limit_per_second: t.rate_limit_per_second, max_in_flight, fetch_max_bytes: t.fetch_max_bytes }
+}

@@ -1,0 +1,222 @@
+//! Table-driven validation tests: each invalid input must be rejected with a
+//! violation on the field that is wrong.
+
+use kt_proto::v1;
+
+use super::*;
+
+const CERT: &str = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+const KEY: &str = "-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----\n";
+
+fn valid() -> v1::Trigger {
+    v1::Trigger {
+        name: "orders".into(),
+        kafka: Some(v1::KafkaSource {
+            hosts: vec!["localhost:9092".into()],
+            topics: vec!["orders".into()],
+            ..Default::default()
+        }),
+        webhook: Some(v1::WebhookTarget { url: "http://127.0.0.1:8080/hook".into(), ..Default::default() }),
+        ..Default::default()
+    }
+}
+
+fn with(f: impl FnOnce(&mut v1::Trigger)) -> v1::Trigger {
+    let mut t = valid();
+    f(&mut t);
+    t
+}
+
+fn kafka(f: impl FnOnce(&mut v1::KafkaSource)) -> v1::Trigger {
+    with(|t| f(t.kafka.as_mut().unwrap()))
+}
+
+fn webhook(f: impl FnOnce(&mut v1::WebhookTarget)) -> v1::Trigger {
+    with(|t| f(t.webhook.as_mut().unwrap()))
+}
+
+fn sasl(mech: v1::SaslMechanism) -> i32 {
+    mech.into()
+}
+
+#[test]
+fn test_valid_trigger_gets_defaults_and_a_generated_group() {
+    let v = validate_trigger(&valid(), "trigger.", None).unwrap();
+    assert!(v.spec.kafka.group_id.starts_with("kafka-triggers-"));
+    assert_eq!(v.spec.kafka.initial_offset_reset_policy, OffsetPolicy::Latest);
+    assert_eq!(v.spec.kafka.connect_timeout_seconds, DEFAULT_CONNECT_TIMEOUT_SECONDS);
+    assert_eq!(v.spec.webhook.timeout_ms, DEFAULT_WEBHOOK_TIMEOUT_MS);
+    assert_eq!(v.spec.retry.max_attempts, DEFAULT_MAX_ATTEMPTS);
+    assert_eq!(v.spec.tuning.max_in_flight, DEFAULT_MAX_IN_FLIGHT);
+    assert!(v.secrets.is_empty());
+}
+
+#[test]
+fn test_valid_variants_are_accepted() {
+    let cases = [
+        kafka(|k| k.hosts = vec!["[::1]:9092".into(), "10.0.0.1:1".into(), "broker-1.example.com:65535".into()]),
+        kafka(|k| k.initial_offset_reset_policy = "earliest".into()),
+        kafka(|k| k.initial_offset_reset_policy = "1717171717171".into()),
+        kafka(|k| k.topics = vec!["a.b_c-D".into(), "x".repeat(249)]),
+        kafka(|k| {
+            k.sasl = sasl(v1::SaslMechanism::ScramSha512);
+            k.username = "u".into();
+            k.password = "p".into();
+        }),
+        kafka(|k| {
+            k.ssl = true;
+            k.ssl_ca_cert = CERT.into();
+            k.ssl_client_cert = CERT.into();
+            k.ssl_client_key = KEY.into();
+        }),
+        webhook(|w| {
+            w.url = "https://example.com/i/abc".into();
+            w.headers = vec![v1::Header { name: "x-api-key".into(), value: "k".into(), secret: true }];
+        }),
+    ];
+    for (i, t) in cases.iter().enumerate() {
+        assert!(validate_trigger(t, "", None).is_ok(), "case {i} rejected: {:?}", validate_trigger(t, "", None));
+    }
+}
+
+#[test]
+fn test_invalid_inputs_name_the_bad_field() {
+    use v1::SaslMechanism::{Plain, ScramSha256};
+    let cases: Vec<(&str, v1::Trigger, &str)> = vec![
+        ("empty name", with(|t| t.name = "  ".into()), "trigger.name"),
+        ("long name", with(|t| t.name = "n".repeat(201)), "trigger.name"),
+        ("control char in name", with(|t| t.name = "a\nb".into()), "trigger.name"),
+        ("missing kafka", with(|t| t.kafka = None), "trigger.kafka"),
+        ("no hosts", kafka(|k| k.hosts.clear()), "trigger.kafka.hosts"),
+        ("host without port", kafka(|k| k.hosts = vec!["localhost".into()]), "trigger.kafka.hosts[0]"),
+        ("non-numeric port", kafka(|k| k.hosts = vec!["localhost:abc".into()]), "trigger.kafka.hosts[0]"),
+        ("port zero", kafka(|k| k.hosts = vec!["localhost:0".into()]), "trigger.kafka.hosts[0]"),
+        ("port too large", kafka(|k| k.hosts = vec!["localhost:65536".into()]), "trigger.kafka.hosts[0]"),
+        ("empty port", kafka(|k| k.hosts = vec!["localhost:".into()]), "trigger.kafka.hosts[0]"),
+        ("empty host", kafka(|k| k.hosts = vec![":9092".into()]), "trigger.kafka.hosts[0]"),
+        ("ipv6 without brackets", kafka(|k| k.hosts = vec!["::1:9092".into()]), "trigger.kafka.hosts[0]"),
+        ("bad ipv6", kafka(|k| k.hosts = vec!["[::zz]:9092".into()]), "trigger.kafka.hosts[0]"),
+        ("unclosed bracket", kafka(|k| k.hosts = vec!["[::1:9092".into()]), "trigger.kafka.hosts[0]"),
+        ("bad ipv4", kafka(|k| k.hosts = vec!["300.1.1.1:9092".into()]), "trigger.kafka.hosts[0]"),
+        ("bad host chars", kafka(|k| k.hosts = vec!["ok:1".into(), "bad host:9092".into()]), "trigger.kafka.hosts[1]"),
+        ("scheme in host", kafka(|k| k.hosts = vec!["tcp://a:9092".into()]), "trigger.kafka.hosts[0]"),
+        ("no topics", kafka(|k| k.topics.clear()), "trigger.kafka.topics"),
+        ("empty topic", kafka(|k| k.topics = vec!["".into()]), "trigger.kafka.topics[0]"),
+        ("topic with space", kafka(|k| k.topics = vec!["a b".into()]), "trigger.kafka.topics[0]"),
+        ("topic with slash", kafka(|k| k.topics = vec!["a/b".into()]), "trigger.kafka.topics[0]"),
+        ("topic dot", kafka(|k| k.topics = vec![".".into()]), "trigger.kafka.topics[0]"),
+        ("topic dotdot", kafka(|k| k.topics = vec!["..".into()]), "trigger.kafka.topics[0]"),
+        ("topic too long", kafka(|k| k.topics = vec!["t".repeat(250)]), "trigger.kafka.topics[0]"),
+        ("duplicate topic", kafka(|k| k.topics = vec!["a".into(), "a".into()]), "trigger.kafka.topics[1]"),
+        ("bad policy", kafka(|k| k.initial_offset_reset_policy = "beginning".into()), "trigger.kafka.initial_offset_reset_policy"),
+        ("10-digit policy", kafka(|k| k.initial_offset_reset_policy = "1717171717".into()), "trigger.kafka.initial_offset_reset_policy"),
+        ("14-digit policy", kafka(|k| k.initial_offset_reset_policy = "17171717171710".into()), "trigger.kafka.initial_offset_reset_policy"),
+        ("negative policy", kafka(|k| k.initial_offset_reset_policy = "-171717171717".into()), "trigger.kafka.initial_offset_reset_policy"),
+        ("sasl without username", kafka(|k| { k.sasl = sasl(Plain); k.password = "p".into(); }), "trigger.kafka.username"),
+        ("sasl without password", kafka(|k| { k.sasl = sasl(ScramSha256); k.username = "u".into(); }), "trigger.kafka.password"),
+        ("username without sasl", kafka(|k| k.username = "u".into()), "trigger.kafka.username"),
+        ("password without sasl", kafka(|k| { k.sasl = sasl(v1::SaslMechanism::None); k.password = "p".into(); }), "trigger.kafka.password"),
+        ("unknown sasl", kafka(|k| k.sasl = 42), "trigger.kafka.sasl"),
+        ("zero connect timeout", kafka(|k| k.connect_timeout_seconds = Some(0)), "trigger.kafka.connect_timeout_seconds"),
+        ("huge connect timeout", kafka(|k| k.connect_timeout_seconds = Some(301)), "trigger.kafka.connect_timeout_seconds"),
+        ("ca cert without ssl", kafka(|k| k.ssl_ca_cert = CERT.into()), "trigger.kafka.ssl_ca_cert"),
+        ("ca cert not pem", kafka(|k| { k.ssl = true; k.ssl_ca_cert = "abc".into(); }), "trigger.kafka.ssl_ca_cert"),
+        ("client cert without key", kafka(|k| { k.ssl = true; k.ssl_client_cert = CERT.into(); }), "trigger.kafka.ssl_client_key"),
+        ("client key without cert", kafka(|k| { k.ssl = true; k.ssl_client_key = KEY.into(); }), "trigger.kafka.ssl_client_cert"),
+        ("client key not pem", kafka(|k| { k.ssl = true; k.ssl_client_cert = CERT.into(); k.ssl_client_key = "x".into(); }), "trigger.kafka.ssl_client_key"),
+        ("long group id", kafka(|k| k.group_id = "g".repeat(256)), "trigger.kafka.group_id"),
+        ("missing webhook", with(|t| t.webhook = None), "trigger.webhook"),
+        ("empty url", webhook(|w| w.url = "".into()), "trigger.webhook.url"),
+        ("ftp url", webhook(|w| w.url = "ftp://example.com/x".into()), "trigger.webhook.url"),
+        ("relative url", webhook(|w| w.url = "/hook".into()), "trigger.webhook.url"),
+        ("url with credentials", webhook(|w| w.url = "http://u:p@example.com/".into()), "trigger.webhook.url"),
+        ("zero webhook timeout", webhook(|w| w.timeout_ms = Some(0)), "trigger.webhook.timeout_ms"),
+        ("bad header name", webhook(|w| w.headers = vec![v1::Header { name: "a b".into(), value: "v".into(), secret: false }]), "trigger.webhook.headers[0].name"),
+        ("header with newline", webhook(|w| w.headers = vec![v1::Header { name: "x".into(), value: "a\r\nb".into(), secret: false }]), "trigger.webhook.headers[0].value"),
+        ("duplicate header", webhook(|w| w.headers = vec![
+            v1::Header { name: "X-A".into(), value: "1".into(), secret: false },
+            v1::Header { name: "x-a".into(), value: "2".into(), secret: false },
+        ]), "trigger.webhook.headers[1].name"),
+        ("reserved header", webhook(|w| w.headers = vec![v1::Header { name: "Content-Type".into(), value: "x".into(), secret: false }]), "trigger.webhook.headers[0].name"),
+        ("secret header without value", webhook(|w| w.headers = vec![v1::Header { name: "x-key".into(), value: "".into(), secret: true }]), "trigger.webhook.headers[0].value"),
+        ("zero attempts", with(|t| t.retry = Some(v1::RetryPolicy { max_attempts: Some(0), ..Default::default() })), "trigger.retry.max_attempts"),
+        ("backoff inverted", with(|t| t.retry = Some(v1::RetryPolicy { initial_backoff_ms: Some(1000), max_backoff_ms: Some(10), ..Default::default() })), "trigger.retry.max_backoff_ms"),
+        ("zero in flight", with(|t| t.tuning = Some(v1::Tuning { max_in_flight: Some(0), ..Default::default() })), "trigger.tuning.max_in_flight"),
+        ("tiny fetch size", with(|t| t.tuning = Some(v1::Tuning { fetch_max_bytes: 10, ..Default::default() })), "trigger.tuning.fetch_max_bytes"),
+    ];
+    assert!(cases.len() >= 30);
+    for (what, input, field) in cases {
+        let violations = validate_trigger(&input, "trigger.", None).expect_err(what);
+        assert!(
+            violations.iter().any(|v| v.field == field && !v.description.is_empty()),
+            "{what}: expected a violation on {field}, got {violations:?}"
+        );
+    }
+}
+
+#[test]
+fn test_every_bad_field_is_reported_at_once() {
+    let t = v1::Trigger {
+        name: "".into(),
+        kafka: Some(v1::KafkaSource { hosts: vec!["x".into()], topics: vec![], ..Default::default() }),
+        webhook: Some(v1::WebhookTarget { url: "nope".into(), ..Default::default() }),
+        ..Default::default()
+    };
+    let fields: Vec<String> = validate_trigger(&t, "", None).unwrap_err().into_iter().map(|v| v.field).collect();
+    assert_eq!(fields, ["name", "kafka.hosts[0]", "kafka.topics", "webhook.url"]);
+}
+
+#[test]
+fn test_update_keeps_group_id_and_stored_secrets() {
+    let mut created = kafka(|k| {
+        k.sasl = sasl(v1::SaslMechanism::Plain);
+        k.username = "u".into();
+        k.password = "p1".into();
+    });
+    created.webhook.as_mut().unwrap().headers =
+        vec![v1::Header { name: "x-key".into(), value: "k1".into(), secret: true }];
+    let first = validate_trigger(&created, "", None).unwrap();
+
+    // The API returns no secret values; sending the trigger back unchanged
+    // must keep them.
+    let mut echoed = spec_to_proto(&first.spec, None);
+    echoed.kafka.as_mut().unwrap().topics.push("more".into());
+    let second = validate_trigger(&echoed, "", Some((&first.spec, &first.secrets))).unwrap();
+    assert_eq!(second.spec.kafka.group_id, first.spec.kafka.group_id);
+    assert_eq!(second.secrets, first.secrets);
+    assert_eq!(second.spec.kafka.topics, ["orders", "more"]);
+
+    let mut moved = echoed.clone();
+    moved.kafka.as_mut().unwrap().group_id = "another".into();
+    let err = validate_trigger(&moved, "", Some((&first.spec, &first.secrets))).unwrap_err();
+    assert_eq!(err[0].field, "kafka.group_id");
+
+    // Dropping SASL drops the stored password.
+    let mut plain = echoed;
+    let k = plain.kafka.as_mut().unwrap();
+    k.sasl = sasl(v1::SaslMechanism::None);
+    k.username.clear();
+    let third = validate_trigger(&plain, "", Some((&first.spec, &first.secrets))).unwrap();
+    assert_eq!(third.secrets.password, None);
+}
+
+#[test]
+fn test_public_conversion_never_contains_secret_values() {
+    let t = kafka(|k| {
+        k.ssl = true;
+        k.ssl_client_cert = CERT.into();
+        k.ssl_client_key = KEY.into();
+        k.sasl = sasl(v1::SaslMechanism::ScramSha256);
+        k.username = "u".into();
+        k.password = "pw-123".into();
+    });
+    let v = validate_trigger(&t, "", None).unwrap();
+    let public = spec_to_proto(&v.spec, None);
+    let k = public.kafka.as_ref().unwrap();
+    assert!(k.password.is_empty() && k.password_set);
+    assert!(k.ssl_client_key.is_empty() && k.ssl_client_key_set);
+    let internal = spec_to_proto(&v.spec, Some(&v.secrets));
+    assert_eq!(internal.kafka.unwrap().password, "pw-123");
+    let json = serde_json::to_string(&v.spec).unwrap();
+    assert!(!json.contains("pw-123") && !json.contains("MIIE"));
+}
