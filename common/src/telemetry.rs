@@ -78,3 +78,10 @@ pub fn shutdown_on_signal() -> CancellationToken {
     });
     token
 }
+
+/// Serves Prometheus text at `http://<addr>/metrics` for the `metrics` macros.
+pub fn install_metrics(addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    metrics_exporter_prometheus::PrometheusBuilder::new().with_http_listener(addr).install()?;
+    tracing::info!(%addr, "metrics endpoint listening");
+    Ok(())
+}

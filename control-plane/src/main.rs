@@ -1,1 +1,100 @@
-fn main() {}
+//! `control-plane`: serve the API (default) or apply migrations.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use kt_common::crypto::Keyring;
+use kt_common::secret::Secret;
+use kt_common::telemetry::{self, LogFormat};
+
+#[derive(Parser)]
+#[command(name = "control-plane", version, about = "Kafka triggers control plane: trigger API and pipeline assignment")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+
+    /// Postgres connection URL.
+    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
+    database_url: Option<String>,
+
+    /// Address of the gRPC server (public API and node protocol).
+    #[arg(long, env = "KT_GRPC_LISTEN", default_value = "127.0.0.1:50051")]
+    grpc_listen: SocketAddr,
+
+    /// Address of the Prometheus /metrics endpoint; none = no metrics server.
+    #[arg(long, env = "KT_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+
+    /// Bearer token API callers must present; none = the API is open.
+    #[arg(long, env = "KT_API_TOKEN", hide_env_values = true)]
+    api_token: Option<String>,
+
+    /// Bearer token data-plane nodes must present; none = any node may join.
+    #[arg(long, env = "KT_NODE_TOKEN", hide_env_values = true)]
+    node_token: Option<String>,
+
+    /// Base64 of 32 random bytes that encrypts credentials at rest
+    /// (`openssl rand -base64 32`). Without it, triggers with credentials are
+    /// refused.
+    #[arg(long, env = "KT_ENCRYPTION_KEY", hide_env_values = true)]
+    encryption_key: Option<String>,
+
+    /// Older keys, comma-separated, still used to decrypt after a rotation.
+    #[arg(long, env = "KT_OLD_ENCRYPTION_KEYS", hide_env_values = true, value_delimiter = ',')]
+    old_encryption_keys: Vec<String>,
+
+    /// Seconds between heartbeats on node sessions.
+    #[arg(long, env = "KT_HEARTBEAT_SECONDS", default_value_t = 5)]
+    heartbeat_seconds: u64,
+
+    /// Log format: text or json.
+    #[arg(long, env = "KT_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
+
+    /// Sentry DSN; errors are reported there when set.
+    #[arg(long, env = "SENTRY_DSN", hide_env_values = true)]
+    sentry_dsn: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the gRPC API (the default).
+    Serve,
+    /// Apply database migrations and exit.
+    Migrate,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let _telemetry = telemetry::init("control-plane", cli.log_format, cli.sentry_dsn.as_deref());
+    let database_url = cli.database_url.clone().context("--database-url or DATABASE_URL is required")?;
+
+    if let Some(Command::Migrate) = cli.command {
+        let pool = kt_common::db::connect(&database_url, 2).await.context("failed to connect to the database")?;
+        kt_common::db::migrate(&pool).await.context("failed to apply migrations")?;
+        tracing::info!(version = kt_common::db::expected_schema_version(), "database migrated");
+        return Ok(());
+    }
+
+    let keys = Keyring::from_base64(
+        cli.encryption_key.iter().chain(cli.old_encryption_keys.iter()).map(String::as_str),
+    )
+    .context("invalid KT_ENCRYPTION_KEY / KT_OLD_ENCRYPTION_KEYS")?;
+    if let Some(addr) = cli.metrics_listen {
+        telemetry::install_metrics(addr).context("failed to start the metrics endpoint")?;
+    }
+    let non_empty = |s: Option<String>| s.filter(|s| !s.is_empty()).map(Secret::new);
+    let config = kt_control_plane::Config {
+        grpc_listen: cli.grpc_listen,
+        metrics_listen: cli.metrics_listen,
+        api_token: non_empty(cli.api_token),
+        node_token: non_empty(cli.node_token),
+        keys,
+        heartbeat: Duration::from_secs(cli.heartbeat_seconds.max(1)),
+        ..kt_control_plane::Config::new(database_url)
+    };
+    kt_control_plane::run(config, telemetry::shutdown_on_signal()).await
+}

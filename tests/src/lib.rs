@@ -1,1 +1,201 @@
-//! placeholder
+//! The in-process sandbox for whole-system tests and the benchmark: a fresh
+//! Postgres database per test, a control plane on port 0, clients, and
+//! helpers that wait on conditions with a timeout instead of sleeping.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use kt_common::crypto::Keyring;
+use kt_common::secret::Secret;
+use sqlx::{Connection, PgConnection};
+use tokio_util::sync::CancellationToken;
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use uuid::Uuid;
+
+/// A fixed 32-byte test key (base64). Never use outside tests.
+pub const TEST_ENCRYPTION_KEY: &str = "dGVzdC1rZXktMDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY=";
+
+/// The server where test databases are created: `DATABASE_URL`, else the
+/// local default.
+pub fn admin_database_url() -> String {
+    std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// A database of its own for one test, dropped when the value is.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    admin_url: String,
+}
+
+impl TestDb {
+    pub async fn create() -> anyhow::Result<Self> {
+        let admin_url = admin_database_url();
+        let name = format!("kt_test_{}", Uuid::new_v4().simple());
+        let mut admin = PgConnection::connect(&admin_url)
+            .await
+            .with_context(|| format!("cannot reach Postgres at {admin_url}; run scripts/test.sh or set DATABASE_URL"))?;
+        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut admin).await?;
+        let url = replace_database(&admin_url, &name);
+        Ok(Self { name, url, admin_url })
+    }
+
+    pub async fn pool(&self) -> anyhow::Result<sqlx::PgPool> {
+        Ok(kt_common::db::connect(&self.url, 5).await?)
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let admin_url = self.admin_url.clone();
+        let name = self.name.clone();
+        // Drop runs outside async; a short-lived thread with its own runtime
+        // removes the database even when the test panicked.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            rt.block_on(async {
+                let mut admin = PgConnection::connect(&admin_url).await.ok()?;
+                sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut admin).await.ok()
+            })
+        })
+        .join();
+    }
+}
+
+fn replace_database(url: &str, db: &str) -> String {
+    let (base, query) = url.split_once('?').map_or((url, None), |(b, q)| (b, Some(q)));
+    let base = match base.rfind('/') {
+        Some(i) if base[..i].contains("://") && i > base.find("://").unwrap() + 2 => &base[..i],
+        _ => base,
+    };
+    match query {
+        Some(q) => format!("{base}/{db}?{q}"),
+        None => format!("{base}/{db}"),
+    }
+}
+
+/// Options for a sandboxed control plane.
+#[derive(Clone, Default)]
+pub struct ControlPlaneOptions {
+    pub api_token: Option<String>,
+    pub node_token: Option<String>,
+    /// Defaults to [`TEST_ENCRYPTION_KEY`]; `Some("")` means no key.
+    pub encryption_key: Option<String>,
+    pub heartbeat: Option<Duration>,
+}
+
+/// A control plane running in this process on a free port.
+pub struct TestControlPlane {
+    pub addr: SocketAddr,
+    pub shutdown: CancellationToken,
+    pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl TestControlPlane {
+    pub async fn start(db: &TestDb, opts: ControlPlaneOptions) -> anyhow::Result<Self> {
+        let key = opts.encryption_key.unwrap_or_else(|| TEST_ENCRYPTION_KEY.into());
+        let config = kt_control_plane::Config {
+            grpc_listen: "127.0.0.1:0".parse()?,
+            api_token: opts.api_token.map(Secret::new),
+            node_token: opts.node_token.map(Secret::new),
+            keys: Keyring::from_base64([key.as_str()])?,
+            heartbeat: opts.heartbeat.unwrap_or(Duration::from_millis(500)),
+            ..kt_control_plane::Config::new(db.url.clone())
+        };
+        let shutdown = CancellationToken::new();
+        let running = kt_control_plane::start(config, shutdown.clone()).await?;
+        Ok(Self { addr: running.addr, shutdown, task: running.task })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn channel(&self) -> anyhow::Result<Channel> {
+        Ok(Channel::from_shared(self.url())?.connect().await?)
+    }
+
+    /// A channel whose calls carry `authorization: Bearer <token>`.
+    pub async fn authed(&self, token: &str) -> anyhow::Result<InterceptedService<Channel, BearerToken>> {
+        Ok(InterceptedService::new(self.channel().await?, BearerToken::new(token)))
+    }
+
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        (&mut self.task).await?
+    }
+}
+
+impl Drop for TestControlPlane {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Adds a bearer token to every call.
+#[derive(Clone)]
+pub struct BearerToken(MetadataValue<tonic::metadata::Ascii>);
+
+impl BearerToken {
+    pub fn new(token: &str) -> Self {
+        Self(format!("Bearer {token}").parse().expect("token is ASCII"))
+    }
+}
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+/// Polls `check` until it returns `Some`, failing after `timeout` with `what`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut delay = Duration::from_millis(10);
+    loop {
+        if let Some(v) = check().await {
+            return Ok(v);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_millis(200));
+    }
+}
+
+/// A minimal valid trigger for tests.
+pub fn sample_trigger(name: &str, hosts: &str, topic: &str) -> kt_proto::v1::Trigger {
+    kt_proto::v1::Trigger {
+        name: name.into(),
+        kafka: Some(kt_proto::v1::KafkaSource {
+            hosts: vec![hosts.into()],
+            topics: vec![topic.into()],
+            initial_offset_reset_policy: "earliest".into(),
+            ..Default::default()
+        }),
+        webhook: Some(kt_proto::v1::WebhookTarget { url: "http://127.0.0.1:9/hook".into(), ..Default::default() }),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_replace_database_keeps_credentials_and_query() {
+        assert_eq!(replace_database("postgres://u:p@h:5/postgres", "x"), "postgres://u:p@h:5/x");
+        assert_eq!(replace_database("postgres://h/postgres?sslmode=disable", "x"), "postgres://h/x?sslmode=disable");
+        assert_eq!(replace_database("postgres://h:5432", "x"), "postgres://h:5432/x");
+    }
+}

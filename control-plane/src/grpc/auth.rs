@@ -1,0 +1,120 @@
+//! Bearer-token authentication as a tower layer in front of every service:
+//! the public API (`kafka_triggers.v1.*`) takes the API token, the node
+//! protocol (`kafka_triggers.internal.v1.*`) the node token. Reflection and
+//! health stay open so probes and `grpcurl list` work.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures::future::BoxFuture;
+use kt_common::secret::Secret;
+use tonic::body::BoxBody;
+use tower::{Layer, Service};
+
+const PUBLIC_PREFIX: &str = "/kafka_triggers.v1.";
+const NODE_PREFIX: &str = "/kafka_triggers.internal.v1.";
+
+#[derive(Clone, Default)]
+pub struct AuthLayer {
+    api_token: Option<Arc<Secret>>,
+    node_token: Option<Arc<Secret>>,
+}
+
+impl AuthLayer {
+    pub fn new(api_token: Option<Secret>, node_token: Option<Secret>) -> Self {
+        Self { api_token: api_token.map(Arc::new), node_token: node_token.map(Arc::new) }
+    }
+
+    /// The token a path requires, if any.
+    fn required(&self, path: &str) -> Option<(&Secret, &'static str)> {
+        if path.starts_with(PUBLIC_PREFIX) {
+            self.api_token.as_deref().map(|t| (t, "API"))
+        } else if path.starts_with(NODE_PREFIX) {
+            self.node_token.as_deref().map(|t| (t, "node"))
+        } else {
+            None
+        }
+    }
+}
+
+impl<S> Layer<S> for AuthLayer {
+    type Service = Auth<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Auth { inner, tokens: self.clone() }
+    }
+}
+
+#[derive(Clone)]
+pub struct Auth<S> {
+    inner: S,
+    tokens: AuthLayer,
+}
+
+impl<S, B> Service<http::Request<B>> for Auth<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<BoxBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        if let Some((expected, which)) = self.tokens.required(req.uri().path()) {
+            let given = req
+                .headers()
+                .get(http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")));
+            let ok = given.is_some_and(|g| constant_time_eq(g.as_bytes(), expected.expose().as_bytes()));
+            if !ok {
+                let message = match given {
+                    None => format!("missing `authorization: Bearer <token>` metadata ({which} token required)"),
+                    Some(_) => format!("invalid {which} token"),
+                };
+                let response = tonic::Status::unauthenticated(message).into_http();
+                return Box::pin(async move { Ok(response) });
+            }
+        }
+        // The service we cloned is the one that was polled ready.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(inner.call(req))
+    }
+}
+
+/// Compares without an early exit, so response time does not reveal how much
+/// of a guessed token was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_token_requirements_by_path() {
+        let layer = AuthLayer::new(Some(Secret::new("api")), None);
+        assert!(layer.required("/kafka_triggers.v1.TriggerService/GetTrigger").is_some());
+        assert!(layer.required("/kafka_triggers.internal.v1.NodeService/Session").is_none());
+        assert!(layer.required("/grpc.health.v1.Health/Check").is_none());
+        assert!(layer.required("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo").is_none());
+    }
+
+    #[test]
+    fn test_constant_time_eq() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+    }
+}

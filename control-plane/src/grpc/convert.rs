@@ -1,0 +1,39 @@
+//! Request parsing and row → wire conversions shared by the handlers.
+
+use chrono::{DateTime, Utc};
+use kt_common::trigger::spec_to_proto;
+use kt_proto::status::{invalid_argument, FieldViolation};
+use kt_proto::v1;
+use tonic::Status;
+use uuid::Uuid;
+
+use crate::triggers::store::TriggerRow;
+
+/// Parses the UUID in request field `field`.
+pub fn parse_id(field: &str, value: &str) -> Result<Uuid, Status> {
+    if value.trim().is_empty() {
+        return Err(invalid_argument(&[FieldViolation::new(field, "is required")]));
+    }
+    Uuid::parse_str(value.trim())
+        .map_err(|_| invalid_argument(&[FieldViolation::new(field, format!("`{value}` is not a valid UUID"))]))
+}
+
+pub fn required<T>(field: &str, value: Option<T>) -> Result<T, Status> {
+    value.ok_or_else(|| invalid_argument(&[FieldViolation::new(field, "is required")]))
+}
+
+pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 }
+}
+
+/// The public view of a trigger: no secret values.
+pub fn trigger_to_proto(row: &TriggerRow) -> v1::Trigger {
+    v1::Trigger {
+        id: row.id.to_string(),
+        enabled: row.enabled,
+        generation: row.generation,
+        create_time: Some(timestamp(row.created_at)),
+        update_time: Some(timestamp(row.updated_at)),
+        ..spec_to_proto(&row.spec, None)
+    }
+}

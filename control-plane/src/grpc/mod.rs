@@ -1,0 +1,66 @@
+//! The gRPC server: public services, the node protocol, reflection and
+//! health, behind the authentication layer. Handlers are thin adapters.
+
+mod auth;
+mod convert;
+mod nodes;
+mod pending;
+mod triggers;
+
+use std::time::Duration;
+
+use kt_proto::internal::node_service_server::NodeServiceServer;
+use kt_proto::v1::event_service_server::EventServiceServer;
+use kt_proto::v1::message_set_service_server::MessageSetServiceServer;
+use kt_proto::v1::trigger_service_server::TriggerServiceServer;
+use kt_proto::v1::work_order_service_server::WorkOrderServiceServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+
+pub use auth::AuthLayer;
+
+use crate::AppState;
+
+/// Serves until `shutdown` is cancelled, then drains in-flight calls.
+pub async fn serve(
+    state: AppState,
+    auth: AuthLayer,
+    listener: TcpListener,
+    heartbeat: Duration,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(kt_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(kt_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let (mut health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<TriggerServiceServer<triggers::TriggerHandler>>().await;
+
+    let node_handler = nodes::NodeHandler::new(
+        state.triggers.clone(),
+        state.pool.clone(),
+        state.registry.clone(),
+        heartbeat,
+        shutdown.clone(),
+    );
+
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .layer(auth)
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(reflection_v1alpha)
+        .add_service(TriggerServiceServer::new(triggers::TriggerHandler { triggers: state.triggers.clone() }))
+        .add_service(MessageSetServiceServer::new(pending::Pending))
+        .add_service(WorkOrderServiceServer::new(pending::Pending))
+        .add_service(EventServiceServer::new(pending::Pending))
+        .add_service(NodeServiceServer::new(node_handler))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,170 @@
+//! Trigger operations: validate, encrypt credentials, write the row and its
+//! event in one transaction, then tell the assignment loop that the desired
+//! state changed.
+
+use kt_common::crypto::Keyring;
+use kt_common::trigger::{spec_to_proto, validate_trigger, TriggerSecrets, ValidatedTrigger};
+use kt_proto::v1;
+use serde_json::json;
+use sqlx::PgPool;
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use super::store::{self, TriggerRow};
+use super::{mask, TriggerError};
+use crate::events::{self, EventKind};
+
+pub const DEFAULT_PAGE_SIZE: i64 = 100;
+pub const MAX_PAGE_SIZE: i64 = 1_000;
+
+#[derive(Clone)]
+pub struct TriggerService {
+    pool: PgPool,
+    keys: Keyring,
+    /// Bumped after every committed change; the assignment loop watches it.
+    changes: watch::Sender<u64>,
+}
+
+impl TriggerService {
+    pub fn new(pool: PgPool, keys: Keyring) -> Self {
+        Self { pool, keys, changes: watch::Sender::new(0) }
+    }
+
+    /// Changes of the desired pipeline state.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn notify(&self) {
+        self.changes.send_modify(|v| *v += 1);
+    }
+
+    pub async fn create(&self, input: &v1::Trigger) -> Result<TriggerRow, TriggerError> {
+        let valid = validate_trigger(input, "trigger.", None).map_err(TriggerError::Invalid)?;
+        let id = Uuid::now_v7();
+        let sealed = self.seal(id, &valid.secrets)?;
+        let mut tx = self.pool.begin().await?;
+        let row = store::insert(&mut tx, id, &valid.spec, true, sealed.as_ref().map(|(k, c)| (k.as_str(), c.as_slice())))
+            .await
+            .map_err(|e| TriggerError::from_write(e, &valid.spec.name))?;
+        events::record(&mut *tx, EventKind::TriggerCreated, Some(id), None, json!({"name": row.name, "generation": row.generation}))
+            .await?;
+        tx.commit().await?;
+        tracing::info!(trigger_id = %id, name = %row.name, "trigger created");
+        self.notify();
+        Ok(row)
+    }
+
+    pub async fn get(&self, id: Uuid) -> Result<TriggerRow, TriggerError> {
+        store::get(&self.pool, id).await?.ok_or(TriggerError::NotFound(id))
+    }
+
+    /// A page of triggers and the token of the next page (empty on the last).
+    pub async fn list(&self, page_size: i32, page_token: &str) -> Result<(Vec<TriggerRow>, String), TriggerError> {
+        let limit = match i64::from(page_size) {
+            0 => DEFAULT_PAGE_SIZE,
+            n if (1..=MAX_PAGE_SIZE).contains(&n) => n,
+            _ => return Err(TriggerError::invalid("page_size", format!("must be 0 (default) or 1-{MAX_PAGE_SIZE}"))),
+        };
+        let after = match page_token {
+            "" => None,
+            token => Some(Uuid::parse_str(token).map_err(|_| TriggerError::invalid("page_token", "is not a token from a previous page"))?),
+        };
+        let mut rows = store::list(&self.pool, after, limit + 1).await?;
+        let next = if rows.len() as i64 > limit {
+            rows.truncate(limit as usize);
+            rows.last().map(|r| r.id.to_string()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok((rows, next))
+    }
+
+    pub async fn update(&self, id: Uuid, patch: &v1::Trigger, paths: &[String]) -> Result<TriggerRow, TriggerError> {
+        let mut tx = self.pool.begin().await?;
+        let row = store::get_for_update(&mut tx, id).await?.ok_or(TriggerError::NotFound(id))?;
+        let stored = self.open(&row)?;
+        let mut merged = spec_to_proto(&row.spec, None);
+        mask::apply(&mut merged, patch, paths).map_err(TriggerError::Invalid)?;
+        // The API never returns secrets, so a client echoing a trigger back
+        // sends them empty; validation keeps the stored values then.
+        let valid: ValidatedTrigger =
+            validate_trigger(&merged, "trigger.", Some((&row.spec, &stored))).map_err(TriggerError::Invalid)?;
+        if valid.spec == row.spec.0 && valid.secrets == stored {
+            return Ok(row);
+        }
+        let sealed = self.seal(id, &valid.secrets)?;
+        let row = store::update(&mut tx, id, &valid.spec, sealed.as_ref().map(|(k, c)| (k.as_str(), c.as_slice())))
+            .await
+            .map_err(|e| TriggerError::from_write(e, &valid.spec.name))?;
+        events::record(&mut *tx, EventKind::TriggerUpdated, Some(id), None, json!({"name": row.name, "generation": row.generation}))
+            .await?;
+        tx.commit().await?;
+        tracing::info!(trigger_id = %id, generation = row.generation, "trigger updated");
+        self.notify();
+        Ok(row)
+    }
+
+    pub async fn set_enabled(&self, id: Uuid, enabled: bool) -> Result<TriggerRow, TriggerError> {
+        let mut tx = self.pool.begin().await?;
+        let (row, changed) = store::set_enabled(&mut tx, id, enabled).await?.ok_or(TriggerError::NotFound(id))?;
+        if changed {
+            let kind = if enabled { EventKind::TriggerEnabled } else { EventKind::TriggerDisabled };
+            events::record(&mut *tx, kind, Some(id), None, json!({"generation": row.generation})).await?;
+        }
+        tx.commit().await?;
+        if changed {
+            tracing::info!(trigger_id = %id, enabled, "trigger enabled flag changed");
+            self.notify();
+        }
+        Ok(row)
+    }
+
+    pub async fn delete(&self, id: Uuid) -> Result<(), TriggerError> {
+        let mut tx = self.pool.begin().await?;
+        let name = store::delete(&mut tx, id).await?.ok_or(TriggerError::NotFound(id))?;
+        events::record(&mut *tx, EventKind::TriggerDeleted, Some(id), None, json!({"name": name})).await?;
+        tx.commit().await?;
+        tracing::info!(trigger_id = %id, "trigger deleted");
+        self.notify();
+        Ok(())
+    }
+
+    /// Every enabled trigger with its decrypted secrets: the desired pipeline
+    /// set of every data-plane node. A trigger whose secrets cannot be
+    /// decrypted (its key was removed) is left out and logged, rather than
+    /// stopping every other pipeline.
+    pub async fn enabled_with_secrets(&self) -> Result<Vec<(TriggerRow, TriggerSecrets)>, TriggerError> {
+        let rows = store::list_enabled(&self.pool).await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|row| match self.open(&row) {
+                Ok(secrets) => Some((row, secrets)),
+                Err(error) => {
+                    tracing::error!(trigger_id = %row.id, %error, "cannot decrypt trigger credentials; pipeline not assigned");
+                    None
+                }
+            })
+            .collect())
+    }
+
+    /// Encrypts non-empty secrets, bound to the trigger id.
+    fn seal(&self, id: Uuid, secrets: &TriggerSecrets) -> Result<Option<(String, Vec<u8>)>, TriggerError> {
+        if secrets.is_empty() {
+            return Ok(None);
+        }
+        let plain = serde_json::to_vec(secrets).expect("secrets serialize");
+        Ok(Some(self.keys.encrypt(id.as_bytes(), &plain)?))
+    }
+
+    fn open(&self, row: &TriggerRow) -> Result<TriggerSecrets, TriggerError> {
+        match (&row.secrets_key_id, &row.secrets_ciphertext) {
+            (Some(key_id), Some(sealed)) => {
+                let plain = self.keys.decrypt(key_id, row.id.as_bytes(), sealed)?;
+                serde_json::from_slice(&plain)
+                    .map_err(|_| TriggerError::Crypto(kt_common::crypto::CryptoError::Decrypt))
+            }
+            _ => Ok(TriggerSecrets::default()),
+        }
+    }
+}
