@@ -136,19 +136,21 @@ impl Drop for TestControlPlane {
     }
 }
 
-/// Adds a bearer token to every call.
+/// Adds a bearer token to every call; an empty token adds nothing.
 #[derive(Clone)]
-pub struct BearerToken(MetadataValue<tonic::metadata::Ascii>);
+pub struct BearerToken(Option<MetadataValue<tonic::metadata::Ascii>>);
 
 impl BearerToken {
     pub fn new(token: &str) -> Self {
-        Self(format!("Bearer {token}").parse().expect("token is ASCII"))
+        Self((!token.is_empty()).then(|| format!("Bearer {token}").parse().expect("token is ASCII")))
     }
 }
 
 impl tonic::service::Interceptor for BearerToken {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        req.metadata_mut().insert("authorization", self.0.clone());
+        if let Some(value) = &self.0 {
+            req.metadata_mut().insert("authorization", value.clone());
+        }
         Ok(req)
     }
 }

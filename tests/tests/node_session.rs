@@ -1,0 +1,153 @@
+//! The internal node protocol: a node session receives its full desired
+//! state on every trigger change, is authenticated, and is dropped when it
+//! goes silent.
+
+use std::time::Duration;
+
+use kt_proto::internal::node_message::Msg;
+use kt_proto::internal::node_service_client::NodeServiceClient;
+use kt_proto::internal::*;
+use kt_proto::v1::trigger_service_client::TriggerServiceClient;
+use kt_proto::v1::{CreateTriggerRequest, DeleteTriggerRequest, DisableTriggerRequest, EnableTriggerRequest};
+use kt_tests::{sample_trigger, wait_for, ControlPlaneOptions, TestControlPlane, TestDb};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Streaming};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn hello(node_id: &str, schema_version: i64) -> NodeMessage {
+    NodeMessage { msg: Some(Msg::Hello(Hello { node_id: node_id.into(), schema_version, version: "test".into() })) }
+}
+
+type Client = NodeServiceClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, kt_tests::BearerToken>>;
+
+async fn open(
+    client: &mut Client,
+    first: NodeMessage,
+) -> Result<(mpsc::Sender<NodeMessage>, Streaming<ControlMessage>), tonic::Status> {
+    let (tx, rx) = mpsc::channel(16);
+    tx.send(first).await.unwrap();
+    let inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
+    Ok((tx, inbound))
+}
+
+/// The next assignment on the stream, skipping heartbeats.
+async fn next_assignment(inbound: &mut Streaming<ControlMessage>) -> Assignment {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            if let Some(control_message::Msg::Assignment(a)) = inbound.message().await.unwrap().unwrap().msg {
+                return a;
+            }
+        }
+    })
+    .await
+    .expect("an assignment within the timeout")
+}
+
+fn trigger_ids(a: &Assignment) -> Vec<(String, i64)> {
+    a.pipelines.iter().map(|p| p.trigger.as_ref().unwrap()).map(|t| (t.id.clone(), t.generation)).collect()
+}
+
+#[tokio::test]
+async fn test_assignments_follow_trigger_changes() {
+    let db = TestDb::create().await.unwrap();
+    let cp = TestControlPlane::start(&db, ControlPlaneOptions::default()).await.unwrap();
+    let mut triggers = TriggerServiceClient::new(cp.channel().await.unwrap());
+    let mut nodes = NodeServiceClient::new(cp.authed("").await.unwrap());
+    let version = kt_common::db::expected_schema_version();
+
+    let (_tx, mut inbound) = open(&mut nodes, hello("node-a", version)).await.unwrap();
+    let first = next_assignment(&mut inbound).await;
+    assert!(first.pipelines.is_empty());
+
+    let t = triggers
+        .create_trigger(CreateTriggerRequest { trigger: Some(sample_trigger("a", "b:9092", "t")) })
+        .await
+        .unwrap()
+        .into_inner();
+    let second = next_assignment(&mut inbound).await;
+    assert!(second.plan_version > first.plan_version);
+    assert_eq!(trigger_ids(&second), [(t.id.clone(), 1)]);
+
+    triggers.disable_trigger(DisableTriggerRequest { id: t.id.clone() }).await.unwrap();
+    assert!(next_assignment(&mut inbound).await.pipelines.is_empty());
+    triggers.enable_trigger(EnableTriggerRequest { id: t.id.clone() }).await.unwrap();
+    assert_eq!(trigger_ids(&next_assignment(&mut inbound).await), [(t.id.clone(), 3)]);
+
+    // A second node gets the same full state: every node runs every trigger.
+    let (_tx2, mut inbound2) = open(&mut nodes, hello("node-b", version)).await.unwrap();
+    assert_eq!(trigger_ids(&next_assignment(&mut inbound2).await), [(t.id.clone(), 3)]);
+
+    triggers.delete_trigger(DeleteTriggerRequest { id: t.id.clone() }).await.unwrap();
+    assert!(next_assignment(&mut inbound).await.pipelines.is_empty());
+    assert!(next_assignment(&mut inbound2).await.pipelines.is_empty());
+}
+
+#[tokio::test]
+async fn test_reports_and_membership_become_events() {
+    let db = TestDb::create().await.unwrap();
+    let opts = ControlPlaneOptions { heartbeat: Some(Duration::from_millis(100)), ..Default::default() };
+    let cp = TestControlPlane::start(&db, opts).await.unwrap();
+    let mut nodes = NodeServiceClient::new(cp.authed("").await.unwrap());
+    let pool = db.pool().await.unwrap();
+    let trigger_id = uuid::Uuid::now_v7().to_string();
+
+    let (tx, mut inbound) = open(&mut nodes, hello("node-r", kt_common::db::expected_schema_version())).await.unwrap();
+    next_assignment(&mut inbound).await;
+    for (state, error) in [(PipelineState::Running, ""), (PipelineState::Failed, "broker unreachable")] {
+        let report = PipelineReport { trigger_id: trigger_id.clone(), generation: 1, state: state.into(), error: error.into(), partitions: vec![] };
+        tx.send(NodeMessage { msg: Some(Msg::Pipeline(report)) }).await.unwrap();
+    }
+    let kinds = || {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>("SELECT kind FROM events WHERE node_id = 'node-r' ORDER BY id")
+                .fetch_all(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    wait_for("pipeline events", WAIT, || async {
+        let k = kinds().await;
+        (k == ["node_joined", "pipeline_started", "pipeline_failed"]).then_some(())
+    })
+    .await
+    .unwrap();
+    let error: String = sqlx::query_scalar("SELECT details->>'error' FROM events WHERE kind = 'pipeline_failed'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(error, "broker unreachable");
+
+    // The node goes silent without closing its stream: after three missed
+    // heartbeats the control plane drops it.
+    wait_for("node_left after silence", WAIT, || async { kinds().await.last().is_some_and(|k| k == "node_left").then_some(()) })
+        .await
+        .unwrap();
+    drop(tx);
+}
+
+#[tokio::test]
+async fn test_sessions_are_authenticated_and_checked() {
+    let db = TestDb::create().await.unwrap();
+    let opts = ControlPlaneOptions { node_token: Some("node-secret".into()), ..Default::default() };
+    let cp = TestControlPlane::start(&db, opts).await.unwrap();
+    let version = kt_common::db::expected_schema_version();
+
+    let mut anonymous = NodeServiceClient::new(cp.authed("").await.unwrap());
+    let status = open(&mut anonymous, hello("n", version)).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+
+    let mut node = NodeServiceClient::new(cp.authed("node-secret").await.unwrap());
+    let status = open(&mut node, hello("n", version + 1)).await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert!(status.message().contains("schema version"), "{}", status.message());
+
+    let beat = NodeMessage { msg: Some(Msg::Heartbeat(Heartbeat { unix_ms: 0 })) };
+    let status = open(&mut node, beat).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+
+    let (_tx, mut inbound) = open(&mut node, hello("n", version)).await.unwrap();
+    next_assignment(&mut inbound).await;
+}
