@@ -2,6 +2,8 @@
 //! Postgres database per test, a control plane on port 0, clients, and
 //! helpers that wait on conditions with a timeout instead of sleeping.
 
+pub mod readme;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
