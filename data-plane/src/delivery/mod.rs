@@ -1,1 +1,11 @@
-//! Webhook delivery (work in progress).
+//! Webhook delivery of work orders: the body built from a stored message
+//! ([`body`]), one HTTP attempt and its outcome ([`webhook`]), and when to try
+//! again ([`retry`]). Storage and scheduling of work orders live elsewhere.
+
+pub mod body;
+pub mod retry;
+pub mod webhook;
+
+pub use body::{build_body, MessageForBody};
+pub use retry::{next_step, RetryDecision, RETRY_AFTER_CAP};
+pub use webhook::{DeliveryOutcome, WebhookClient, WebhookClientError};
