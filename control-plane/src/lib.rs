@@ -7,7 +7,10 @@
 pub mod events;
 pub mod grpc;
 pub mod nodes;
+pub mod scheduler;
+pub mod sets;
 pub mod triggers;
+pub mod work_orders;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -55,6 +58,7 @@ pub struct AppState {
     pub pool: PgPool,
     pub triggers: triggers::TriggerService,
     pub registry: nodes::NodeRegistry,
+    pub scheduler: scheduler::Scheduler,
 }
 
 /// A started control plane.
@@ -82,11 +86,11 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     if !config.keys.has_key() {
         tracing::warn!("no encryption key configured: triggers with credentials will be refused");
     }
-    let state = AppState {
-        triggers: triggers::TriggerService::new(pool.clone(), config.keys.clone()),
-        registry: nodes::NodeRegistry::default(),
-        pool,
-    };
+    let triggers = triggers::TriggerService::new(pool.clone(), config.keys.clone());
+    let scheduler = scheduler::Scheduler::start(pool.clone(), triggers.clone(), shutdown.clone())
+        .await
+        .context("failed to start the candidate-set scheduler")?;
+    let state = AppState { triggers, registry: nodes::NodeRegistry::default(), scheduler, pool };
     let auth = grpc::AuthLayer::new(config.api_token.clone(), config.node_token.clone());
     tracing::info!(%addr, "control plane listening");
     let task = tokio::spawn(grpc::serve(state, auth, listener, config.heartbeat, shutdown));

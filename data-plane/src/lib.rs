@@ -1,5 +1,172 @@
 //! Data plane: stateless nodes that run one Kafka ingest pipeline per
 //! assigned trigger and the workers that turn stored messages into work orders
 //! delivered to each trigger's webhook.
+//!
+//! Where things live: `consumer/` reads Kafka and stores/commits offsets,
+//! `store/` writes messages to Postgres, `pipelines/` starts and stops
+//! consumers as assigned, `session/` talks to the control plane, `status/`
+//! holds what is reported back.
 
+pub mod consumer;
 pub mod delivery;
+pub mod pipelines;
+pub mod session;
+pub mod status;
+pub mod store;
+pub mod worker;
+
+use std::time::Duration;
+
+use anyhow::Context;
+use kt_common::backoff::Backoff;
+use kt_common::secret::Secret;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::consumer::IngestSettings;
+use crate::pipelines::{spawn_supervisor, SupervisorEnv};
+use crate::session::{run_session, SessionSettings};
+use crate::status::StatusBoard;
+use crate::store::{run_dedup_cleanup, DedupCleanupSettings};
+use crate::worker::{TriggerDirectory, WorkerConfig};
+
+/// Everything a node needs; [`Config::new`] fills the defaults.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub database_url: String,
+    pub control_plane_url: String,
+    /// What the node presents to the control plane.
+    pub node_token: Option<Secret>,
+    /// Unique per running node; a generated one by default.
+    pub node_id: String,
+    /// Message sets this node works on at once (see `worker/`); 0 runs no
+    /// workers (an ingest-only node).
+    pub workers: usize,
+    pub db_max_connections: u32,
+    pub ingest: IngestSettings,
+    pub dedup: DedupCleanupSettings,
+    pub heartbeat_interval: Duration,
+    /// Silence from the control plane after which the session reconnects.
+    pub control_plane_timeout: Duration,
+    pub reconnect_backoff: Backoff,
+}
+
+impl Config {
+    pub fn new(database_url: impl Into<String>, control_plane_url: impl Into<String>) -> Self {
+        Self {
+            database_url: database_url.into(),
+            control_plane_url: control_plane_url.into(),
+            node_token: None,
+            node_id: generate_node_id(),
+            workers: 32,
+            db_max_connections: 10,
+            ingest: IngestSettings::default(),
+            dedup: DedupCleanupSettings::default(),
+            heartbeat_interval: Duration::from_secs(5),
+            control_plane_timeout: Duration::from_secs(30),
+            reconnect_backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(10)),
+        }
+    }
+
+    fn session_settings(&self, triggers: TriggerDirectory) -> SessionSettings {
+        SessionSettings {
+            triggers: Some(triggers),
+            heartbeat_interval: self.heartbeat_interval,
+            peer_timeout: self.control_plane_timeout,
+            reconnect_backoff: self.reconnect_backoff,
+            ..SessionSettings::new(&self.control_plane_url, &self.node_id, self.node_token.clone())
+        }
+    }
+}
+
+/// A fresh node id: time-ordered, so node lists sort by start.
+pub fn generate_node_id() -> String {
+    format!("node-{}", uuid::Uuid::now_v7())
+}
+
+/// The database is not at the schema version this build was made for.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "database schema is at version {applied} but this data plane needs version {expected}; \
+     migrate the database with the matching release (`control-plane migrate`) or run the matching data plane"
+)]
+pub struct SchemaMismatch {
+    pub applied: i64,
+    pub expected: i64,
+}
+
+/// Refuses a database whose schema differs from the one this build expects.
+pub async fn check_schema(pool: &PgPool) -> anyhow::Result<()> {
+    let applied =
+        kt_common::db::applied_schema_version(pool).await.context("failed to read the database schema version")?;
+    let expected = kt_common::db::expected_schema_version();
+    if applied != expected {
+        return Err(SchemaMismatch { applied, expected }.into());
+    }
+    Ok(())
+}
+
+/// Runs a node until `shutdown`: pipelines as assigned by the control
+/// plane, the session with it, and the dedup retention cleanup. Shutdown
+/// order: stop intake and commit what is stored, then send the final
+/// reports and close the session.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let triggers = TriggerDirectory::default();
+    let session_settings = config.session_settings(triggers.clone());
+    session_settings.authorization().context("invalid node token")?;
+    let pool = kt_common::db::connect(&config.database_url, config.db_max_connections)
+        .await
+        .context("failed to connect to the database")?;
+    check_schema(&pool).await?;
+    tracing::info!(node_id = %config.node_id, control_plane = %config.control_plane_url, "data plane starting");
+
+    let board = StatusBoard::new();
+    let supervisor_cancel = CancellationToken::new();
+    let (supervisor, supervisor_task) = spawn_supervisor(
+        SupervisorEnv {
+            pool: pool.clone(),
+            settings: std::sync::Arc::new(config.ingest.clone()),
+            board: board.clone(),
+            client_id: format!("kafka-triggers/{}", config.node_id),
+        },
+        supervisor_cancel.clone(),
+    );
+    let tracker = TaskTracker::new();
+    let workers_cancel = CancellationToken::new();
+    let workers_task = (config.workers > 0).then(|| {
+        let worker_config = WorkerConfig {
+            control_plane_url: config.control_plane_url.clone(),
+            node_token: config.node_token.clone(),
+            node_id: config.node_id.clone(),
+            capacity: config.workers as u32,
+        };
+        tokio::spawn(worker::run(worker_config, pool.clone(), triggers, workers_cancel.clone()))
+    });
+    let session_cancel = CancellationToken::new();
+    tracker.spawn(run_session(session_settings, supervisor, board, session_cancel.clone()));
+    tracker.spawn(run_dedup_cleanup(pool.clone(), config.dedup, shutdown.child_token()));
+
+    shutdown.cancelled().await;
+    tracing::info!("data plane shutting down");
+    // Stop claiming sets; the sets in hand finish and release their claims.
+    workers_cancel.cancel();
+    if let Some(task) = workers_task {
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "workers failed"),
+            Err(e) => tracing::error!(error = %e, "workers panicked"),
+        }
+    }
+    // Stop intake; what is stored gets its offsets committed.
+    supervisor_cancel.cancel();
+    if let Err(e) = supervisor_task.await {
+        tracing::error!(error = %e, "pipeline supervisor failed");
+    }
+    session_cancel.cancel();
+    tracker.close();
+    tracker.wait().await;
+    pool.close().await;
+    tracing::info!("data plane stopped");
+    Ok(())
+}

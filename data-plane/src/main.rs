@@ -1,1 +1,85 @@
-fn main() {}
+//! The `data-plane` binary: parse flags (each also read from the
+//! environment), set up telemetry and metrics, run the node until SIGINT or
+//! SIGTERM.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use kt_common::secret::Secret;
+use kt_common::telemetry::{self, LogFormat};
+use kt_data_plane::{run, Config};
+
+/// A Kafka triggers data-plane node: consumes the Kafka topics of the
+/// triggers the control plane assigns to it, stores their messages in
+/// Postgres, and delivers work orders.
+#[derive(Debug, Parser)]
+#[command(name = "data-plane", version)]
+struct Args {
+    /// gRPC URL of the control plane.
+    #[arg(long, env = "KT_CONTROL_PLANE_URL", default_value = "http://127.0.0.1:50051")]
+    control_plane_url: String,
+
+    /// Postgres URL, e.g. postgres://user@host:5432/kafka_triggers.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: String,
+
+    /// Token this node presents to the control plane (the control plane's
+    /// --node-token).
+    #[arg(long, env = "KT_NODE_TOKEN", hide_env_values = true)]
+    node_token: Option<String>,
+
+    /// Unique id of this node; generated when not given.
+    #[arg(long, env = "KT_NODE_ID")]
+    node_id: Option<String>,
+
+    /// Message sets this node works on at once (each delivers one work order
+    /// at a time); 0 makes an ingest-only node.
+    #[arg(long, env = "KT_WORKERS", default_value_t = 32)]
+    workers: usize,
+
+    /// Address for the Prometheus metrics endpoint (e.g. 127.0.0.1:9101);
+    /// none: no endpoint.
+    #[arg(long, env = "KT_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+
+    /// How long dedup records are kept, in hours: a message redelivered
+    /// within this window is recognised as a duplicate.
+    #[arg(long, env = "KT_DEDUP_RETENTION_HOURS", default_value_t = 168)]
+    dedup_retention_hours: u64,
+
+    /// Maximum Postgres connections of this node.
+    #[arg(long, env = "KT_DB_MAX_CONNECTIONS", default_value_t = 10)]
+    db_max_connections: u32,
+
+    /// Log format: text or json (the filter is RUST_LOG).
+    #[arg(long, env = "KT_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
+
+    /// Sentry DSN; none: errors are only logged.
+    #[arg(long, env = "SENTRY_DSN", hide_env_values = true)]
+    sentry_dsn: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let _telemetry = telemetry::init("data-plane", args.log_format, args.sentry_dsn.as_deref());
+    if let Some(addr) = args.metrics_listen {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+            .with_context(|| format!("failed to serve metrics on {addr}"))?;
+    }
+    let mut config = Config::new(args.database_url, args.control_plane_url);
+    config.node_token = args.node_token.filter(|t| !t.is_empty()).map(Secret::new);
+    if let Some(id) = args.node_id.filter(|id| !id.trim().is_empty()) {
+        config.node_id = id.trim().to_owned();
+    }
+    config.workers = args.workers;
+    config.db_max_connections = args.db_max_connections;
+    config.dedup.retention = Duration::from_secs(args.dedup_retention_hours.saturating_mul(3600));
+    let shutdown = telemetry::shutdown_on_signal();
+    run(config, shutdown).await.inspect_err(|e| tracing::error!(error = format!("{e:#}"), "data plane failed"))
+}

@@ -2,7 +2,9 @@
 //! Postgres database per test, a control plane on port 0, clients, and
 //! helpers that wait on conditions with a timeout instead of sleeping.
 
+pub mod bench;
 pub mod readme;
+pub mod webhook;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -136,6 +138,53 @@ impl Drop for TestControlPlane {
     fn drop(&mut self) {
         self.shutdown.cancel();
     }
+}
+
+/// A data-plane node running in this process.
+pub struct TestNode {
+    pub node_id: String,
+    pub shutdown: CancellationToken,
+    pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl TestNode {
+    /// Starts a node against `db` and the control plane at `cp_url`, with
+    /// test-friendly timings; `tweak` adjusts the config.
+    pub async fn start(db: &TestDb, cp_url: &str, tweak: impl FnOnce(&mut kt_data_plane::Config)) -> Self {
+        let mut config = kt_data_plane::Config::new(db.url.clone(), cp_url.to_owned());
+        config.heartbeat_interval = Duration::from_millis(500);
+        config.ingest.session_timeout = Duration::from_secs(6);
+        config.ingest.heartbeat_interval = Duration::from_millis(500);
+        config.ingest.batch_linger = Duration::from_millis(5);
+        config.ingest.commit_interval = Duration::from_millis(200);
+        tweak(&mut config);
+        let node_id = config.node_id.clone();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(kt_data_plane::run(config, shutdown.clone()));
+        Self { node_id, shutdown, task }
+    }
+
+    /// Graceful stop: waits for the node to finish its shutdown sequence.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        (&mut self.task).await?
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// A binary of this workspace (`control-plane`, `data-plane`), built next to
+/// the test executables by `cargo test --workspace --all-targets`.
+pub fn workspace_binary(name: &str) -> anyhow::Result<std::path::PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().and_then(|deps| deps.parent()).context("unexpected test binary location")?;
+    let path = dir.join(name);
+    anyhow::ensure!(path.exists(), "{} not built; run `cargo build --workspace` first", path.display());
+    Ok(path)
 }
 
 /// Adds a bearer token to every call; an empty token adds nothing.

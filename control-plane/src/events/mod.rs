@@ -19,6 +19,12 @@ pub enum EventKind {
     PipelineStarted,
     PipelineStopped,
     PipelineFailed,
+    WorkOrderSucceeded,
+    WorkOrderFailed,
+    SetBlocked,
+    SetUnblocked,
+    SetSkipped,
+    SetDiscarded,
 }
 
 impl EventKind {
@@ -34,6 +40,13 @@ impl EventKind {
             EventKind::PipelineStarted => "pipeline_started",
             EventKind::PipelineStopped => "pipeline_stopped",
             EventKind::PipelineFailed => "pipeline_failed",
+            // The data plane's workers write these four in SQL: same strings.
+            EventKind::WorkOrderSucceeded => "work_order_succeeded",
+            EventKind::WorkOrderFailed => "work_order_failed",
+            EventKind::SetBlocked => "set_blocked",
+            EventKind::SetUnblocked => "set_unblocked",
+            EventKind::SetSkipped => "set_skipped",
+            EventKind::SetDiscarded => "set_discarded",
         }
     }
 }

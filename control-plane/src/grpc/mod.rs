@@ -3,13 +3,17 @@
 
 mod auth;
 mod convert;
+mod message_sets;
 mod nodes;
 mod pending;
 mod triggers;
+mod work;
+mod work_orders;
 
 use std::time::Duration;
 
 use kt_proto::internal::node_service_server::NodeServiceServer;
+use kt_proto::internal::work_service_server::WorkServiceServer;
 use kt_proto::v1::event_service_server::EventServiceServer;
 use kt_proto::v1::message_set_service_server::MessageSetServiceServer;
 use kt_proto::v1::trigger_service_server::TriggerServiceServer;
@@ -20,6 +24,8 @@ use tokio_util::sync::CancellationToken;
 
 pub use auth::AuthLayer;
 
+use crate::sets::SetService;
+use crate::work_orders::WorkOrderService;
 use crate::AppState;
 
 /// Serves until `shutdown` is cancelled, then drains in-flight calls.
@@ -50,16 +56,22 @@ pub async fn serve(
     );
 
     tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .layer(auth)
         .add_service(health)
         .add_service(reflection)
         .add_service(reflection_v1alpha)
         .add_service(TriggerServiceServer::new(triggers::TriggerHandler { triggers: state.triggers.clone() }))
-        .add_service(MessageSetServiceServer::new(pending::Pending))
-        .add_service(WorkOrderServiceServer::new(pending::Pending))
+        .add_service(MessageSetServiceServer::new(message_sets::MessageSetHandler {
+            sets: SetService::new(state.pool.clone(), state.scheduler.clone()),
+        }))
+        .add_service(WorkOrderServiceServer::new(work_orders::WorkOrderHandler {
+            work_orders: WorkOrderService::new(state.pool.clone(), state.scheduler.clone()),
+        }))
         .add_service(EventServiceServer::new(pending::Pending))
         .add_service(NodeServiceServer::new(node_handler))
+        .add_service(WorkServiceServer::new(work::WorkHandler { scheduler: state.scheduler.clone() }))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
         .await?;
     Ok(())

@@ -12,8 +12,8 @@ pub fn apply(current: &mut v1::Trigger, patch: &v1::Trigger, paths: &[String]) -
         current.name = patch.name.clone();
         current.kafka = patch.kafka.clone();
         current.webhook = patch.webhook.clone();
-        current.retry = patch.retry.clone();
-        current.tuning = patch.tuning.clone();
+        current.retry = patch.retry;
+        current.tuning = patch.tuning;
         return Ok(());
     }
     let mut violations = Vec::new();
@@ -55,11 +55,11 @@ fn apply_path(current: &mut v1::Trigger, patch: &v1::Trigger, path: &str) -> boo
             true
         }
         "retry" => {
-            current.retry = patch.retry.clone();
+            current.retry = patch.retry;
             true
         }
         "tuning" => {
-            current.tuning = patch.tuning.clone();
+            current.tuning = patch.tuning;
             true
         }
         "kafka.hosts" => section_field!(kafka, hosts),

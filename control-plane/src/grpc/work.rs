@@ -1,0 +1,49 @@
+//! `kafka_triggers.internal.v1.WorkService`: a node's workers ask for sets
+//! (credits), receive grants and report outcomes. The stream is a thin pipe
+//! to the scheduler task.
+
+use std::pin::Pin;
+
+use futures::{Stream, StreamExt as _};
+use kt_proto::internal::work_service_server::WorkService;
+use kt_proto::internal::worker_message::Msg;
+use kt_proto::internal::{WorkGrant, WorkerMessage};
+use kt_proto::status::{invalid_argument, FieldViolation};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use uuid::Uuid;
+
+use crate::scheduler::{Scheduler, GRANT_CAPACITY};
+
+pub struct WorkHandler {
+    pub scheduler: Scheduler,
+}
+
+#[tonic::async_trait]
+impl WorkService for WorkHandler {
+    type WorkStream = Pin<Box<dyn Stream<Item = Result<WorkGrant, Status>> + Send>>;
+
+    async fn work(&self, req: Request<Streaming<WorkerMessage>>) -> Result<Response<Self::WorkStream>, Status> {
+        let mut inbound = req.into_inner();
+        let node_id = match inbound.message().await? {
+            Some(WorkerMessage { msg: Some(Msg::Hello(h)) }) if !h.node_id.trim().is_empty() => h.node_id,
+            _ => return Err(invalid_argument(&[FieldViolation::new("msg", "the first message must be hello with a node_id")])),
+        };
+        let session = Uuid::now_v7();
+        let (tx, rx) = mpsc::channel(GRANT_CAPACITY);
+        self.scheduler.join(session, node_id, tx).await;
+        let scheduler = self.scheduler.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(msg)) = inbound.message().await {
+                match msg.msg {
+                    Some(Msg::Credit(c)) => scheduler.credit(session, c.sets).await,
+                    Some(Msg::Outcomes(o)) => scheduler.outcomes(session, o.outcomes).await,
+                    Some(Msg::Hello(_)) | None => {}
+                }
+            }
+            scheduler.leave(session).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(Ok))))
+    }
+}

@@ -1,0 +1,233 @@
+//! Work-order operations: list and inspect, and `CompleteWorkOrder`, the
+//! report of an asynchronous runner on a work order its target accepted
+//! with 202 (state `running`, its set `waiting` with no retry time).
+//!
+//! Completion locks the set row first, then the work order, like the
+//! workers do, and writes the outcome, the set's next state and the events
+//! in one transaction:
+//!
+//! - success: the work order succeeds, its message is deleted and the set is
+//!   ready (handed to the scheduler after commit) so the next message becomes
+//!   the candidate;
+//! - failure: the work order fails for good and its set is blocked until an
+//!   operator retries, skips or discards it.
+//!
+//! A worker claim on the set is cleared (fenced off): a worker looking at a
+//! running head only parks the set, and would otherwise overwrite the new
+//! state with `waiting`. A report that races the delivery itself (the target
+//! answered 202 and its runner reported before the worker recorded
+//! `running`) finds the work order pending under a live claim and gets
+//! UNAVAILABLE, so the runner reports again.
+
+use std::fmt;
+
+use chrono::Utc;
+use serde_json::json;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use super::store::{self, WorkOrderRow};
+use super::WorkOrderError;
+use crate::events::{self, EventKind};
+use crate::scheduler::Scheduler;
+use crate::sets;
+
+pub const DEFAULT_PAGE_SIZE: i64 = 100;
+pub const MAX_PAGE_SIZE: i64 = 1_000;
+/// Longest error text kept from a CompleteWorkOrder report; longer ones are
+/// cut (a runner's stack trace should not be refused and leave the work
+/// order running forever).
+pub const MAX_ERROR_BYTES: usize = 8 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkOrderState {
+    Pending,
+    Running,
+    Success,
+    Failed,
+    Skipped,
+}
+
+impl WorkOrderState {
+    pub const ALL: [WorkOrderState; 5] = [
+        WorkOrderState::Pending,
+        WorkOrderState::Running,
+        WorkOrderState::Success,
+        WorkOrderState::Failed,
+        WorkOrderState::Skipped,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkOrderState::Pending => "pending",
+            WorkOrderState::Running => "running",
+            WorkOrderState::Success => "success",
+            WorkOrderState::Failed => "failed",
+            WorkOrderState::Skipped => "skipped",
+        }
+    }
+
+    pub fn parse(stored: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.as_str() == stored)
+    }
+}
+
+impl fmt::Display for WorkOrderState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct WorkOrderListQuery {
+    pub trigger_id: Option<Uuid>,
+    pub state: Option<WorkOrderState>,
+    pub page_size: i32,
+    pub page_token: String,
+}
+
+#[derive(Clone)]
+pub struct WorkOrderService {
+    pool: PgPool,
+    scheduler: Scheduler,
+}
+
+impl WorkOrderService {
+    pub fn new(pool: PgPool, scheduler: Scheduler) -> Self {
+        Self { pool, scheduler }
+    }
+
+    pub async fn get(&self, id: Uuid) -> Result<WorkOrderRow, WorkOrderError> {
+        store::get(&self.pool, id).await?.ok_or(WorkOrderError::NotFound(id))
+    }
+
+    /// A page of work orders in id order, without bodies, and the token of
+    /// the next page (empty on the last).
+    pub async fn list(&self, query: &WorkOrderListQuery) -> Result<(Vec<WorkOrderRow>, String), WorkOrderError> {
+        let limit = match i64::from(query.page_size) {
+            0 => DEFAULT_PAGE_SIZE,
+            n if (1..=MAX_PAGE_SIZE).contains(&n) => n,
+            _ => return Err(WorkOrderError::invalid("page_size", format!("must be 0 (default) or 1-{MAX_PAGE_SIZE}"))),
+        };
+        // The nil UUID sorts before every v7 id.
+        let after = match query.page_token.as_str() {
+            "" => Uuid::nil(),
+            token => Uuid::parse_str(token)
+                .map_err(|_| WorkOrderError::invalid("page_token", "is not a token from a previous page"))?,
+        };
+        let mut rows = match (query.trigger_id, query.state) {
+            (None, None) => store::list_all(&self.pool, after, limit + 1).await?,
+            (trigger, state) => {
+                let states: Vec<&str> = match state {
+                    Some(s) => vec![s.as_str()],
+                    None => WorkOrderState::ALL.iter().map(|s| s.as_str()).collect(),
+                };
+                store::list_filtered(&self.pool, trigger, &states, after, limit + 1).await?
+            }
+        };
+        let next = if rows.len() as i64 > limit {
+            rows.truncate(limit as usize);
+            rows.last().map(|r| r.id.to_string()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok((rows, next))
+    }
+
+    /// Records the outcome an asynchronous runner reports for a running
+    /// work order.
+    pub async fn complete(&self, id: Uuid, success: bool, error: &str) -> Result<WorkOrderRow, WorkOrderError> {
+        let error = (!success).then(|| clean_error(error));
+        let mut tx = self.pool.begin().await?;
+        let set_id = store::set_of(&mut *tx, id).await?.ok_or(WorkOrderError::NotFound(id))?;
+        // The set row first, as the workers do; it may be gone (discarded).
+        let set = sets::store::lock(&mut tx, set_id).await?;
+        let current = store::get_for_update(&mut tx, id).await?.ok_or(WorkOrderError::NotFound(id))?;
+        let claimed = set.as_ref().is_some_and(|s| s.claimed_until.is_some());
+        if current.state == WorkOrderState::Pending.as_str() && claimed {
+            return Err(WorkOrderError::InDelivery { id });
+        }
+        if current.state != WorkOrderState::Running.as_str() {
+            return Err(WorkOrderError::NotRunning { id, state: current.state });
+        }
+        let (state, outcome) = if success { (WorkOrderState::Success, "success") } else { (WorkOrderState::Failed, "failure") };
+        let entry = json!({"at": Utc::now(), "outcome": outcome, "error": error, "source": "complete_work_order"});
+        let row = store::finish(&mut tx, id, state.as_str(), error.as_deref(), &entry)
+            .await?
+            .ok_or_else(|| WorkOrderError::NotRunning { id, state: current.state.clone() })?;
+        let details = json!({
+            "work_order_id": id,
+            "set_id": row.set_id,
+            "attempts": row.attempts,
+            "error": error,
+            "topic": row.topic,
+            "partition": row.partition,
+            "offset": row.offset,
+            "source": "complete_work_order",
+        });
+        let mut ready = None;
+        if success {
+            sets::store::delete_message(&mut tx, row.trigger_id, &row.topic, row.partition, row.offset).await?;
+            events::record(&mut *tx, EventKind::WorkOrderSucceeded, Some(row.trigger_id), None, details).await?;
+            // A set blocked on another work order stays blocked.
+            if let Some(set) = set.as_ref().filter(|s| s.state != "blocked") {
+                sets::store::mark_ready(&mut tx, set.id).await?;
+                ready = Some((set.id, set.trigger_id));
+            }
+        } else {
+            events::record(&mut *tx, EventKind::WorkOrderFailed, Some(row.trigger_id), None, details.clone()).await?;
+            if let Some(set) = &set {
+                sets::store::mark_blocked(&mut tx, set.id).await?;
+                events::record(&mut *tx, EventKind::SetBlocked, Some(row.trigger_id), None, details).await?;
+            }
+        }
+        tx.commit().await?;
+        if let Some(set) = ready {
+            self.scheduler.ready(vec![set]).await;
+        }
+        tracing::info!(work_order_id = %id, trigger_id = %row.trigger_id, set_id = row.set_id, success, "work order completed");
+        Ok(row)
+    }
+}
+
+/// The error text as stored: never empty, no NUL (Postgres text refuses
+/// it), at most [`MAX_ERROR_BYTES`] cut at a character boundary.
+fn clean_error(error: &str) -> String {
+    let error = error.trim();
+    if error.is_empty() {
+        return "reported failed by CompleteWorkOrder without an error message".into();
+    }
+    let mut text = error.replace('\0', "\u{fffd}");
+    if text.len() > MAX_ERROR_BYTES {
+        let mut cut = MAX_ERROR_BYTES;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push_str("… (truncated)");
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_clean_error_never_empty_and_bounded() {
+        assert!(!clean_error("  ").is_empty());
+        assert_eq!(clean_error("a\0b"), "a\u{fffd}b");
+        let long = "é".repeat(MAX_ERROR_BYTES);
+        let cleaned = clean_error(&long);
+        assert!(cleaned.len() <= MAX_ERROR_BYTES + "… (truncated)".len());
+        assert!(cleaned.ends_with("(truncated)"));
+    }
+
+    #[test]
+    fn test_state_names_round_trip() {
+        for s in WorkOrderState::ALL {
+            assert_eq!(WorkOrderState::parse(s.as_str()), Some(s));
+        }
+        assert_eq!(WorkOrderState::parse("nope"), None);
+    }
+}

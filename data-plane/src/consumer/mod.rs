@@ -1,0 +1,119 @@
+//! One trigger's ingest pipeline: a Kafka consumer in the trigger's group,
+//! batching what it reads, persisting each batch in Postgres, and storing
+//! (then committing) offsets only after the batch is durable, in order per
+//! partition.
+//!
+//! Two tasks per pipeline: the consume loop (owns the consumer, serves its
+//! callbacks, batches, pauses, stores offsets) and the persister (writes
+//! batches, retrying until they are stored). They talk over bounded
+//! channels; when the persister falls behind, the loop pauses the
+//! partitions instead of buffering without bound.
+
+mod config;
+mod context;
+mod message;
+pub mod offsets;
+mod persister;
+mod pipeline;
+mod rate;
+
+use std::time::Duration;
+
+use kt_common::backoff::Backoff;
+use kt_common::trigger::{validate_trigger, TriggerSecrets, TriggerSpec};
+use kt_proto::ids::TriggerId;
+use kt_proto::v1;
+
+pub use config::{scrub, KafkaConfig};
+pub use pipeline::{run_pipeline, PipelineEnv, PipelineError};
+pub use rate::RateLimiter;
+
+use crate::store::PersistSettings;
+
+/// Batches handed to the persister and not yet acknowledged. Two keep the
+/// database busy while the next batch fills; more would only add memory.
+pub const MAX_BATCHES_IN_FLIGHT: usize = 2;
+
+/// Tunables of every pipeline on a node (per-trigger ones are in the
+/// trigger's spec). Durations are injected so tests can shrink them.
+#[derive(Debug, Clone)]
+pub struct IngestSettings {
+    /// A batch is written when it has this many messages...
+    pub batch_max_messages: usize,
+    /// ...or when its first message has waited this long.
+    pub batch_linger: Duration,
+    /// librdkafka's auto.commit.interval.ms: how often stored offsets are
+    /// committed.
+    pub commit_interval: Duration,
+    pub session_timeout: Duration,
+    pub heartbeat_interval: Duration,
+    pub max_poll_interval: Duration,
+    /// Retries while the database cannot store a batch.
+    pub persist: PersistSettings,
+    /// Delay before a failed pipeline is started again.
+    pub restart_backoff: Backoff,
+    /// A pipeline that ran this long before failing restarts without delay
+    /// escalation.
+    pub healthy_after: Duration,
+    /// Timeout of one committed-offsets or offsets-for-times request.
+    pub offset_lookup_timeout: Duration,
+    /// How long resolving start offsets may keep failing before the
+    /// pipeline gives up (and restarts).
+    pub offset_lookup_deadline: Duration,
+    /// At shutdown, how long to wait for batches in flight to be stored.
+    pub shutdown_grace: Duration,
+    /// How often partition progress is published in the status.
+    pub progress_interval: Duration,
+    /// Extra librdkafka settings applied last (operations and tests).
+    pub extra_kafka_config: Vec<(String, String)>,
+}
+
+impl Default for IngestSettings {
+    fn default() -> Self {
+        Self {
+            batch_max_messages: 1000,
+            batch_linger: Duration::from_millis(5),
+            commit_interval: Duration::from_secs(1),
+            session_timeout: Duration::from_secs(30),
+            heartbeat_interval: Duration::from_secs(3),
+            max_poll_interval: Duration::from_secs(300),
+            persist: PersistSettings::default(),
+            restart_backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
+            healthy_after: Duration::from_secs(60),
+            offset_lookup_timeout: Duration::from_secs(10),
+            offset_lookup_deadline: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(10),
+            progress_interval: Duration::from_secs(5),
+            extra_kafka_config: Vec::new(),
+        }
+    }
+}
+
+/// What one pipeline runs: a trigger's id, generation, configuration and
+/// credentials.
+#[derive(Debug, Clone)]
+pub struct PipelineDef {
+    pub trigger_id: TriggerId,
+    pub generation: i64,
+    pub spec: TriggerSpec,
+    pub secrets: TriggerSecrets,
+}
+
+impl PipelineDef {
+    /// From the trigger (with secrets) the control plane assigned. The same
+    /// validation as the public API, so a pipeline never runs an invalid
+    /// configuration.
+    pub fn from_proto(trigger: &v1::Trigger) -> Result<Self, String> {
+        let trigger_id: TriggerId = trigger.id.parse().map_err(|e| format!("bad trigger id: {e}"))?;
+        if trigger.kafka.as_ref().is_none_or(|k| k.group_id.trim().is_empty()) {
+            // Validation would invent a fresh group, losing the committed
+            // offsets: the control plane always sends the stored one.
+            return Err(format!("trigger {trigger_id} has no consumer group"));
+        }
+        let validated = validate_trigger(trigger, "", None).map_err(|violations| {
+            let list: Vec<String> = violations.iter().map(|v| format!("{}: {}", v.field, v.description)).collect();
+            format!("invalid configuration of trigger {trigger_id}: {}", list.join("; "))
+        })?;
+        Ok(Self { trigger_id, generation: trigger.generation, spec: validated.spec, secrets: validated.secrets })
+    }
+}

@@ -1,0 +1,279 @@
+//! The node's session with the control plane: one bidirectional stream,
+//! authenticated with the node token. The node says hello, sends heartbeats
+//! and pipeline reports; the control plane sends assignments (full desired
+//! state, versioned) and heartbeats. A lost session is reconnected with
+//! jittered backoff; meanwhile the pipelines keep running as last assigned.
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use kt_common::backoff::Backoff;
+use kt_common::secret::Secret;
+use kt_proto::internal::node_service_client::NodeServiceClient;
+use kt_proto::internal::{
+    control_message, node_message, ControlMessage, Heartbeat, Hello, NodeMessage, PipelineReport, PipelineState,
+};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::worker::TriggerDirectory;
+use tonic::metadata::MetadataValue;
+use tonic::transport::Endpoint;
+
+use crate::pipelines::SupervisorHandle;
+use crate::status::{Reports, StatusBoard};
+
+/// Messages queued towards the control plane. Reports are sent as diffs of
+/// the status board, so the queue only ever holds a burst of them.
+pub const OUTBOUND_CAPACITY: usize = 64;
+
+#[derive(Debug, Clone)]
+pub struct SessionSettings {
+    pub control_plane_url: String,
+    pub node_id: String,
+    /// Presented as `authorization: Bearer <token>`; none: no header.
+    pub node_token: Option<Secret>,
+    pub heartbeat_interval: Duration,
+    /// Without any message from the control plane for this long, the
+    /// session is considered dead and reconnected.
+    pub peer_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub reconnect_backoff: Backoff,
+    /// Where the workers look up the triggers of this node's assignment
+    /// (webhook target, secrets, retry policy); replaced on every assignment.
+    pub triggers: Option<TriggerDirectory>,
+}
+
+impl SessionSettings {
+    pub fn new(control_plane_url: impl Into<String>, node_id: impl Into<String>, node_token: Option<Secret>) -> Self {
+        Self {
+            control_plane_url: control_plane_url.into(),
+            node_id: node_id.into(),
+            node_token,
+            heartbeat_interval: Duration::from_secs(5),
+            peer_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+            reconnect_backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(10)),
+            triggers: None,
+        }
+    }
+
+    /// The `authorization` header value, checked once at start-up.
+    pub fn authorization(&self) -> Result<Option<MetadataValue<tonic::metadata::Ascii>>, SessionError> {
+        self.node_token
+            .as_ref()
+            .map(|t| {
+                format!("Bearer {}", t.expose())
+                    .parse()
+                    .map_err(|_| SessionError::BadToken)
+            })
+            .transpose()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("the node token contains characters not allowed in a header")]
+    BadToken,
+    #[error("invalid control plane URL: {0}")]
+    BadUrl(String),
+    #[error("cannot connect to the control plane: {0}")]
+    Connect(#[source] tonic::transport::Error),
+    #[error("control plane session failed: {0}")]
+    Rpc(#[source] tonic::Status),
+    #[error("control plane closed the session")]
+    Closed,
+    #[error("no message from the control plane for {0:?}")]
+    PeerTimeout(Duration),
+    #[error("the pipeline supervisor has stopped")]
+    SupervisorGone,
+}
+
+/// Keeps a session open until `cancel`; then sends the final pipeline
+/// reports and closes the stream.
+pub async fn run_session(
+    settings: SessionSettings,
+    supervisor: SupervisorHandle,
+    board: StatusBoard,
+    cancel: CancellationToken,
+) {
+    let mut attempt: u32 = 0;
+    loop {
+        let started = Instant::now();
+        match session_once(&settings, &supervisor, &board, &cancel).await {
+            Ok(()) => return,
+            Err(SessionError::SupervisorGone) => return,
+            Err(e) => {
+                tracing::warn!(url = %settings.control_plane_url, error = %e, "control plane session lost; pipelines keep running")
+            }
+        }
+        // A session that lasted a while was healthy: start backing off anew.
+        if started.elapsed() > settings.peer_timeout {
+            attempt = 0;
+        }
+        let delay = settings.reconnect_backoff.delay(attempt);
+        attempt = attempt.saturating_add(1);
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+async fn session_once(
+    settings: &SessionSettings,
+    supervisor: &SupervisorHandle,
+    board: &StatusBoard,
+    cancel: &CancellationToken,
+) -> Result<(), SessionError> {
+    let endpoint = Endpoint::from_shared(settings.control_plane_url.clone())
+        .map_err(|e| SessionError::BadUrl(e.to_string()))?
+        .connect_timeout(settings.connect_timeout)
+        // Transport-level liveness, independent of our heartbeats.
+        .http2_keep_alive_interval(settings.heartbeat_interval)
+        .keep_alive_timeout(settings.peer_timeout)
+        .keep_alive_while_idle(true);
+    let channel = tokio::select! {
+        _ = cancel.cancelled() => return Ok(()),
+        channel = endpoint.connect() => channel.map_err(SessionError::Connect)?,
+    };
+    let mut client = NodeServiceClient::new(channel);
+    let (out, out_rx) = mpsc::channel(OUTBOUND_CAPACITY);
+    let outbound = Outbound { tx: out, timeout: settings.peer_timeout };
+    outbound
+        .send(node_message::Msg::Hello(Hello {
+            node_id: settings.node_id.clone(),
+            schema_version: kt_common::db::expected_schema_version(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        }))
+        .await?;
+    let mut request = tonic::Request::new(ReceiverStream::new(out_rx));
+    if let Some(auth) = settings.authorization()? {
+        request.metadata_mut().insert("authorization", auth);
+    }
+    let mut inbound = tokio::select! {
+        _ = cancel.cancelled() => return Ok(()),
+        response = client.session(request) => response.map_err(SessionError::Rpc)?.into_inner(),
+    };
+    tracing::info!(url = %settings.control_plane_url, node_id = %settings.node_id, "connected to the control plane");
+
+    let mut reports = board.subscribe();
+    let mut sent = HashMap::new();
+    let current = reports.borrow_and_update().clone();
+    send_report_changes(&current, &mut sent, &outbound).await?;
+    let mut heartbeat = tokio::time::interval(settings.heartbeat_interval);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_heard = Instant::now();
+    // Plan versions only ever grow within a session; the first assignment
+    // of a session is always applied (it is a full state, so applying it
+    // twice is harmless, and a restarted control plane may count anew).
+    let mut plan_version: Option<i64> = None;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => {
+                let current = board.snapshot();
+                send_report_changes(&current, &mut sent, &outbound).await?;
+                tracing::info!("closing the control plane session");
+                return Ok(());
+            }
+            message = inbound.message() => {
+                let message = message.map_err(SessionError::Rpc)?.ok_or(SessionError::Closed)?;
+                last_heard = Instant::now();
+                handle_control_message(message, &mut plan_version, supervisor, settings.triggers.as_ref()).await?;
+            }
+            _ = heartbeat.tick() => {
+                if last_heard.elapsed() > settings.peer_timeout {
+                    return Err(SessionError::PeerTimeout(settings.peer_timeout));
+                }
+                outbound.send(node_message::Msg::Heartbeat(Heartbeat { unix_ms: unix_ms() })).await?;
+            }
+            changed = reports.changed() => {
+                if changed.is_err() {
+                    return Err(SessionError::SupervisorGone);
+                }
+                let current = reports.borrow_and_update().clone();
+                send_report_changes(&current, &mut sent, &outbound).await?;
+            }
+        }
+    }
+}
+
+async fn handle_control_message(
+    message: ControlMessage,
+    plan_version: &mut Option<i64>,
+    supervisor: &SupervisorHandle,
+    triggers: Option<&TriggerDirectory>,
+) -> Result<(), SessionError> {
+    match message.msg {
+        Some(control_message::Msg::Assignment(assignment)) => {
+            if plan_version.is_some_and(|v| assignment.plan_version <= v) {
+                tracing::debug!(plan_version = assignment.plan_version, "ignoring a stale assignment");
+                return Ok(());
+            }
+            if let Some(directory) = triggers {
+                directory.replace(assignment.pipelines.iter().filter_map(crate::worker::config_of));
+            }
+            let summary = supervisor.apply(assignment.pipelines).await.map_err(|_| SessionError::SupervisorGone)?;
+            *plan_version = Some(assignment.plan_version);
+            tracing::info!(
+                plan_version = assignment.plan_version,
+                started = summary.started.len(),
+                restarted = summary.restarted.len(),
+                stopped = summary.stopped.len(),
+                rejected = summary.rejected.len(),
+                "applied assignment"
+            );
+        }
+        Some(control_message::Msg::Heartbeat(_)) | None => {}
+    }
+    Ok(())
+}
+
+/// Sends the reports that differ from what was last sent; an entry that
+/// left the board is reported stopped.
+async fn send_report_changes(
+    current: &Reports,
+    sent: &mut HashMap<String, PipelineReport>,
+    outbound: &Outbound,
+) -> Result<(), SessionError> {
+    for (id, report) in current {
+        if sent.get(id) != Some(report) {
+            outbound.send(node_message::Msg::Pipeline(report.clone())).await?;
+            sent.insert(id.clone(), report.clone());
+        }
+    }
+    let gone: Vec<String> = sent.keys().filter(|id| !current.contains_key(*id)).cloned().collect();
+    for id in gone {
+        if let Some(mut report) = sent.remove(&id) {
+            if report.state() != PipelineState::Stopped {
+                report.set_state(PipelineState::Stopped);
+                report.partitions.clear();
+                outbound.send(node_message::Msg::Pipeline(report)).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+struct Outbound {
+    tx: mpsc::Sender<NodeMessage>,
+    timeout: Duration,
+}
+
+impl Outbound {
+    /// Queues a message; a control plane that stops reading for longer than
+    /// the peer timeout is treated as gone.
+    async fn send(&self, msg: node_message::Msg) -> Result<(), SessionError> {
+        match tokio::time::timeout(self.timeout, self.tx.send(NodeMessage { msg: Some(msg) })).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(SessionError::Closed),
+            Err(_) => Err(SessionError::PeerTimeout(self.timeout)),
+        }
+    }
+}
+
+fn unix_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or_default()
+}

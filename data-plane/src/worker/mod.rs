@@ -1,0 +1,182 @@
+//! Workers: a node's capacity to act on message sets. The node holds one
+//! `WorkService.Work` stream to the control plane, offers its capacity as
+//! credits, receives granted sets, processes each in its own task
+//! ([`process`]) and reports outcomes, which return the credits.
+
+mod process;
+pub mod store;
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use kt_common::backoff::Backoff;
+use kt_common::secret::Secret;
+use kt_common::trigger::{TriggerSecrets, TriggerSpec};
+use kt_proto::internal::work_service_client::WorkServiceClient;
+use kt_proto::internal::worker_message::Msg;
+use kt_proto::internal::{Credit, SetOutcome, SetOutcomeKind, SetOutcomes, WorkerHello, WorkerMessage};
+use sqlx::PgPool;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::metadata::MetadataValue;
+use uuid::Uuid;
+
+pub use process::{Context, Outcome, TIME_SLICE};
+
+use crate::delivery::WebhookClient;
+
+/// Messages queued towards the control plane on the work stream.
+const OUTBOUND_CAPACITY: usize = 1_024;
+/// Reconnect backoff of the work stream.
+const RECONNECT: Backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+
+/// A trigger as the workers need it: where to deliver and how to retry.
+#[derive(Debug)]
+pub struct TriggerConfig {
+    pub id: Uuid,
+    pub generation: i64,
+    pub spec: TriggerSpec,
+    pub secrets: TriggerSecrets,
+}
+
+/// The worker's view of an assigned pipeline; `None` (logged) when its
+/// configuration does not validate, which the supervisor reports too.
+pub fn config_of(spec: &kt_proto::internal::PipelineSpec) -> Option<TriggerConfig> {
+    let trigger = spec.trigger.as_ref()?;
+    let id = Uuid::parse_str(&trigger.id).ok()?;
+    match kt_common::trigger::validate_trigger(trigger, "", None) {
+        Ok(valid) => Some(TriggerConfig { id, generation: trigger.generation, spec: valid.spec, secrets: valid.secrets }),
+        Err(violations) => {
+            tracing::warn!(trigger_id = %id, ?violations, "assigned trigger does not validate; its sets are not worked on");
+            None
+        }
+    }
+}
+
+/// The triggers this node knows, replaced on every assignment. The lock is
+/// never held across an await.
+#[derive(Clone, Default)]
+pub struct TriggerDirectory(Arc<RwLock<HashMap<Uuid, Arc<TriggerConfig>>>>);
+
+impl std::fmt::Debug for TriggerDirectory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ids: Vec<Uuid> = self.0.read().unwrap().keys().copied().collect();
+        f.debug_tuple("TriggerDirectory").field(&ids).finish()
+    }
+}
+
+impl TriggerDirectory {
+    pub fn replace(&self, configs: impl IntoIterator<Item = TriggerConfig>) {
+        let map = configs.into_iter().map(|c| (c.id, Arc::new(c))).collect();
+        *self.0.write().unwrap() = map;
+    }
+
+    pub fn get(&self, id: &Uuid) -> Option<Arc<TriggerConfig>> {
+        self.0.read().unwrap().get(id).cloned()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub control_plane_url: String,
+    pub node_token: Option<Secret>,
+    pub node_id: String,
+    /// Sets processed at once by this node.
+    pub capacity: u32,
+}
+
+/// Runs the work stream until `shutdown`: reconnects with backoff; on
+/// shutdown stops taking grants, lets the sets in hand finish (each within a
+/// time slice plus one delivery) and reports them.
+pub async fn run(config: WorkerConfig, pool: PgPool, triggers: TriggerDirectory, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let ctx = Arc::new(Context { pool, webhook: WebhookClient::new()? });
+    let mut failures = 0;
+    while !shutdown.is_cancelled() {
+        match session(&config, &ctx, &triggers, &shutdown).await {
+            Ok(()) => failures = 0,
+            Err(error) => {
+                failures += 1;
+                tracing::warn!(%error, "work stream to the control plane failed; reconnecting");
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(RECONNECT.delay(failures)) => {}
+        }
+    }
+    Ok(())
+}
+
+async fn session(config: &WorkerConfig, ctx: &Arc<Context>, triggers: &TriggerDirectory, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    let channel = tonic::transport::Endpoint::from_shared(config.control_plane_url.clone())?
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .connect()
+        .await?;
+    let token: Option<MetadataValue<_>> =
+        config.node_token.as_ref().map(|t| format!("Bearer {}", t.expose()).parse()).transpose()?;
+    let mut client = WorkServiceClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+        if let Some(t) = &token {
+            req.metadata_mut().insert("authorization", t.clone());
+        }
+        Ok(req)
+    });
+    let (out, rx) = mpsc::channel(OUTBOUND_CAPACITY);
+    out.send(WorkerMessage { msg: Some(Msg::Hello(WorkerHello { node_id: config.node_id.clone() })) }).await?;
+    out.send(WorkerMessage { msg: Some(Msg::Credit(Credit { sets: config.capacity })) }).await?;
+    let mut grants = client.work(ReceiverStream::new(rx)).await?.into_inner();
+    tracing::info!(node_id = %config.node_id, capacity = config.capacity, "work stream connected");
+
+    let mut tasks: JoinSet<(i64, String, Outcome)> = JoinSet::new();
+    let result = loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break Ok(()),
+            grant = grants.message() => match grant {
+                Ok(Some(grant)) => {
+                    for set in grant.sets {
+                        let ctx = ctx.clone();
+                        let trigger = Uuid::parse_str(&set.trigger_id).ok().and_then(|id| triggers.get(&id));
+                        tasks.spawn(async move {
+                            let outcome = match trigger {
+                                Some(trigger) => process::process_set(&ctx, set.set_id, trigger).await,
+                                // Not in this node's assignment yet: ask again shortly.
+                                None => Outcome { kind: SetOutcomeKind::Retry, retry_at_unix_ms: 0 },
+                            };
+                            (set.set_id, set.trigger_id, outcome)
+                        });
+                    }
+                }
+                Ok(None) => break Err(anyhow::anyhow!("control plane closed the work stream")),
+                Err(status) => break Err(status.into()),
+            },
+            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                let mut outcomes = vec![to_proto(done?)];
+                while let Some(more) = tasks.try_join_next() {
+                    outcomes.push(to_proto(more?));
+                }
+                if out.send(WorkerMessage { msg: Some(Msg::Outcomes(SetOutcomes { outcomes })) }).await.is_err() {
+                    break Err(anyhow::anyhow!("work stream closed"));
+                }
+            }
+        }
+    };
+    // Sets in hand finish and release their claims whatever happened to the
+    // stream; their outcomes reach the control plane if the stream is still
+    // up, otherwise it re-grants them (fenced by the claims).
+    let mut outcomes = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        outcomes.push(to_proto(done?));
+    }
+    if !outcomes.is_empty() {
+        let _ = out.send(WorkerMessage { msg: Some(Msg::Outcomes(SetOutcomes { outcomes })) }).await;
+    }
+    result
+}
+
+fn to_proto((set_id, trigger_id, outcome): (i64, String, Outcome)) -> SetOutcome {
+    SetOutcome { set_id, trigger_id, kind: outcome.kind.into(), retry_at_unix_ms: outcome.retry_at_unix_ms }
+}

@@ -1,0 +1,295 @@
+//! Ingest persistence against a real Postgres: batch writes, dedup,
+//! byte-exact storage, isolation of rows the database rejects, checkpoints,
+//! retries through an outage, and the retention cleanup.
+
+mod support;
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use kt_data_plane::store::{
+    cleanup_dedup_records, earliest_checkpoint_ts, persist_batch, write_batch, BatchOutcome, Header, IngestMessage,
+    PersistSettings, CLEANUP_CHUNK_ROWS,
+};
+use kt_common::backoff::Backoff;
+use support::{count, insert_trigger, TestDb};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+fn message(partition: i32, offset: i64, value: &[u8]) -> IngestMessage {
+    IngestMessage {
+        topic: "orders".into(),
+        partition,
+        offset,
+        key: Some(format!("k{}", offset % 3).into_bytes()),
+        value: Some(value.to_vec()),
+        headers: Some(vec![Header { name: "h".into(), value: Some(b"v".to_vec()) }]),
+        timestamp: DateTime::from_timestamp_millis(1_700_000_000_000 + offset),
+    }
+}
+
+async fn store(db: &TestDb, trigger_id: Uuid, batch: &[IngestMessage]) -> BatchOutcome {
+    let mut tx = db.pool.begin().await.unwrap();
+    let outcome = write_batch(&mut tx, trigger_id, batch).await.unwrap();
+    tx.commit().await.unwrap();
+    outcome
+}
+
+async fn setup() -> (TestDb, Uuid) {
+    let db = TestDb::new().await;
+    let trigger_id = Uuid::now_v7();
+    insert_trigger(&db.pool, trigger_id, "g").await;
+    (db, trigger_id)
+}
+
+fn quick_retry() -> PersistSettings {
+    PersistSettings { retry_backoff: Backoff::new(Duration::from_millis(20), Duration::from_millis(200)) }
+}
+
+#[tokio::test]
+async fn test_batch_is_stored_once_and_redelivery_counts_duplicates() {
+    let (db, trigger_id) = setup().await;
+    let batch: Vec<_> = (0..50).map(|o| message(o as i32 % 2, o, b"{}")).collect();
+    let first = store(&db, trigger_id, &batch).await;
+    assert_eq!(first, BatchOutcome { stored: 50, duplicates: 0, failed: 0 });
+
+    // The same offsets again (a redelivery after a crash before the commit),
+    // plus new ones and a repeat inside the batch.
+    let mut again: Vec<_> = (25..75).map(|o| message(o as i32 % 2, o, b"{}")).collect();
+    again.push(message(1, 73, b"{}"));
+    let second = store(&db, trigger_id, &again).await;
+    assert_eq!(second, BatchOutcome { stored: 25, duplicates: 26, failed: 0 });
+
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM messages WHERE trigger_id = $1", trigger_id).await, 75);
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM message_records WHERE trigger_id = $1", trigger_id).await, 75);
+
+    // A message deleted after its work order succeeded stays deduplicated.
+    sqlx::query(r#"DELETE FROM messages WHERE trigger_id = $1 AND "offset" < 10"#)
+        .bind(trigger_id)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let third = store(&db, trigger_id, &batch[..10]).await;
+    assert_eq!(third, BatchOutcome { stored: 0, duplicates: 10, failed: 0 });
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn test_binary_keys_values_and_headers_are_kept_byte_for_byte() {
+    let (db, trigger_id) = setup().await;
+    let all_bytes: Vec<u8> = (0..=255u8).collect();
+    let not_utf8_key = vec![0xff, 0xfe, 0x00, 0x80];
+    let batch = vec![
+        IngestMessage {
+            topic: "t".into(),
+            partition: 0,
+            offset: 0,
+            key: None,
+            value: Some(all_bytes.clone()),
+            headers: Some(vec![
+                Header { name: "bin".into(), value: Some(vec![0, 159, 146, 150]) },
+                Header { name: "null".into(), value: None },
+                Header { name: "bin".into(), value: Some(vec![]) },
+            ]),
+            timestamp: None,
+        },
+        IngestMessage {
+            topic: "t".into(),
+            partition: 0,
+            offset: 1,
+            key: Some(not_utf8_key.clone()),
+            value: None,
+            headers: Some(vec![]),
+            timestamp: DateTime::from_timestamp_millis(1_700_000_000_123),
+        },
+    ];
+    assert_eq!(store(&db, trigger_id, &batch).await.stored, 2);
+
+    type Row = (Option<Vec<u8>>, Option<Vec<u8>>, Vec<String>, Vec<Option<Vec<u8>>>, Option<DateTime<Utc>>);
+    let rows: Vec<Row> = sqlx::query_as(
+        r#"SELECT key, value, header_names, header_values, ts FROM messages WHERE trigger_id = $1 ORDER BY "offset""#,
+    )
+    .bind(trigger_id)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(rows[0].0, None);
+    assert_eq!(rows[0].1.as_deref(), Some(all_bytes.as_slice()));
+    assert_eq!(rows[0].2, ["bin", "null", "bin"]);
+    assert_eq!(rows[0].3, [Some(vec![0, 159, 146, 150]), None, Some(vec![])]);
+    assert_eq!(rows[0].4, None);
+    assert_eq!(rows[1].0.as_deref(), Some(not_utf8_key.as_slice()));
+    assert_eq!(rows[1].1, None);
+    assert!(rows[1].2.is_empty() && rows[1].3.is_empty());
+    assert_eq!(rows[1].4, DateTime::from_timestamp_millis(1_700_000_000_123));
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn test_a_rejected_message_is_recorded_and_the_others_stored() {
+    let (db, trigger_id) = setup().await;
+    // Stands in for any row-level rejection by the database.
+    sqlx::query("ALTER TABLE messages ADD CONSTRAINT no_poison CHECK (value IS DISTINCT FROM 'poison'::bytea)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let mut batch: Vec<_> = (0..20).map(|o| message(0, o, b"ok")).collect();
+    batch[7].value = Some(b"poison".to_vec());
+    let cancel = CancellationToken::new();
+    let outcome = persist_batch(&db.pool, trigger_id, &batch, &quick_retry(), &cancel, |_| {}).await.unwrap();
+    assert_eq!(outcome, BatchOutcome { stored: 19, duplicates: 0, failed: 1 });
+
+    let failures: Vec<(i64, Option<Vec<u8>>, String)> =
+        sqlx::query_as(r#"SELECT "offset", value, error FROM ingest_failures WHERE trigger_id = $1"#)
+            .bind(trigger_id)
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(failures.len(), 1);
+    assert_eq!(failures[0].0, 7);
+    assert_eq!(failures[0].1.as_deref(), Some(&b"poison"[..]));
+    assert!(failures[0].2.contains("23514"), "error names the SQLSTATE: {}", failures[0].2);
+
+    // Redelivered: a duplicate, not a second failure.
+    let again = persist_batch(&db.pool, trigger_id, &batch, &quick_retry(), &cancel, |_| {}).await.unwrap();
+    assert_eq!(again, BatchOutcome { stored: 0, duplicates: 20, failed: 0 });
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM ingest_failures WHERE trigger_id = $1", trigger_id).await, 1);
+    // Checkpoints cover the failed message too: it was seen.
+    let last: i64 = sqlx::query_scalar("SELECT last_offset FROM partition_checkpoints WHERE trigger_id = $1")
+        .bind(trigger_id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(last, 19);
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn test_unreadable_headers_are_recorded_as_failures() {
+    let (db, trigger_id) = setup().await;
+    let mut batch: Vec<_> = (0..3).map(|o| message(0, o, b"ok")).collect();
+    batch[1].headers = None;
+    let outcome = store(&db, trigger_id, &batch).await;
+    assert_eq!(outcome, BatchOutcome { stored: 2, duplicates: 0, failed: 1 });
+    let error: String = sqlx::query_scalar("SELECT error FROM ingest_failures WHERE trigger_id = $1")
+        .bind(trigger_id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(error.contains("headers"), "{error}");
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn test_checkpoints_only_move_forward() {
+    let (db, trigger_id) = setup().await;
+    assert!(earliest_checkpoint_ts(&db.pool, trigger_id).await.unwrap().is_empty());
+    store(&db, trigger_id, &[message(0, 10, b"x"), message(1, 4, b"x")]).await;
+    // A late, older batch (e.g. replayed) must not move them back.
+    store(&db, trigger_id, &[message(0, 3, b"x")]).await;
+    let rows: Vec<(i32, i64, Option<DateTime<Utc>>)> = sqlx::query_as(
+        "SELECT partition, last_offset, last_ts FROM partition_checkpoints WHERE trigger_id = $1 ORDER BY partition",
+    )
+    .bind(trigger_id)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(rows[0].1, 10);
+    assert_eq!(rows[0].2, DateTime::from_timestamp_millis(1_700_000_000_010));
+    assert_eq!(rows[1].1, 4);
+    // The earliest partition timestamp of the trigger, per topic.
+    let mut other = message(0, 2, b"x");
+    other.topic = "other".into();
+    store(&db, trigger_id, &[other]).await;
+    let earliest = earliest_checkpoint_ts(&db.pool, trigger_id).await.unwrap();
+    assert_eq!(earliest.get("orders").copied(), DateTime::from_timestamp_millis(1_700_000_000_004));
+    assert_eq!(earliest.get("other").copied(), DateTime::from_timestamp_millis(1_700_000_000_002));
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn test_persist_retries_through_a_database_outage() {
+    let (db, trigger_id) = setup().await;
+    let batch: Vec<_> = (0..10).map(|o| message(0, o, b"x")).collect();
+    db.cut().await;
+    let cancel = CancellationToken::new();
+    let (failed_tx, mut failed_rx) = tokio::sync::mpsc::channel(64);
+    let pool = db.pool.clone();
+    let writer = tokio::spawn(async move {
+        persist_batch(&pool, trigger_id, &batch, &quick_retry(), &CancellationToken::new(), move |e| {
+            let _ = failed_tx.try_send(e.to_string());
+        })
+        .await
+    });
+    // It keeps failing (and retrying) while the database is gone...
+    for _ in 0..3 {
+        let error = tokio::time::timeout(Duration::from_secs(10), failed_rx.recv()).await.unwrap().unwrap();
+        assert!(error.contains(&trigger_id.to_string()), "{error}");
+    }
+    assert!(!writer.is_finished());
+    // ...and stores the batch once it is back.
+    db.restore().await;
+    let outcome = tokio::time::timeout(Duration::from_secs(20), writer).await.unwrap().unwrap().unwrap();
+    assert_eq!(outcome.stored, 10);
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM messages WHERE trigger_id = $1", trigger_id).await, 10);
+    cancel.cancel();
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn test_persist_gives_up_only_when_cancelled() {
+    let (db, trigger_id) = setup().await;
+    db.cut().await;
+    let cancel = CancellationToken::new();
+    let pool = db.pool.clone();
+    let c = cancel.clone();
+    let writer = tokio::spawn(async move {
+        persist_batch(&pool, trigger_id, &[message(0, 0, b"x")], &quick_retry(), &c, |_| {}).await
+    });
+    cancel.cancel();
+    let result = tokio::time::timeout(Duration::from_secs(10), writer).await.unwrap().unwrap();
+    assert!(matches!(result, Err(kt_data_plane::store::PersistError::Cancelled { .. })), "{result:?}");
+    db.restore().await;
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM messages WHERE trigger_id = $1", trigger_id).await, 0);
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn test_dedup_cleanup_deletes_expired_records_in_chunks() {
+    let (db, trigger_id) = setup().await;
+    let n = CLEANUP_CHUNK_ROWS as i64 * 2 + 10;
+    let batch: Vec<_> = (0..n).map(|o| message(0, o, b"x")).collect();
+    for chunk in batch.chunks(2_000) {
+        store(&db, trigger_id, chunk).await;
+    }
+    // Work orders succeeded for all but the first 5 messages: they are gone.
+    sqlx::query(r#"DELETE FROM messages WHERE trigger_id = $1 AND "offset" >= 5"#)
+        .bind(trigger_id)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    // Age all but the last 100 records past the retention.
+    sqlx::query(
+        r#"UPDATE message_records SET created_at = now() - interval '2 days' WHERE trigger_id = $1 AND "offset" < $2"#,
+    )
+    .bind(trigger_id)
+    .bind(n - 100)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+
+    let deleted = cleanup_dedup_records(&db.pool, Duration::from_secs(86_400)).await.unwrap();
+    // Expired and without a stored message: everything except the 5 live
+    // messages and the 100 recent records.
+    assert_eq!(deleted as i64, n - 100 - 5);
+    let left: Vec<i64> =
+        sqlx::query_scalar(r#"SELECT "offset" FROM message_records WHERE trigger_id = $1 AND "offset" < 10 ORDER BY 1"#)
+            .bind(trigger_id)
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(left, [0, 1, 2, 3, 4]);
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM message_records WHERE trigger_id = $1", trigger_id).await, 105);
+    assert_eq!(cleanup_dedup_records(&db.pool, Duration::from_secs(86_400)).await.unwrap(), 0);
+    db.drop().await;
+}

@@ -1,0 +1,161 @@
+//! `latency`: a steady producer at R msg/s for T s over the full stack
+//! (ingest, scheduler, workers, webhook target answering 200) → p50/p95/p99
+//! from produce to delivery. Each message carries the instant it was handed
+//! to the producer (`sent_at_us`, microseconds on this process's monotonic
+//! clock); the target stamps its arrival on the same clock.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use kt_kafka_testing::TestMessage;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _};
+use serde_json::{Map, Value};
+
+use super::broker::Broker;
+use super::copy::{key_of, value_of};
+use super::report::{micros_at, percentile, per_second, round, with_memory};
+use super::stack::Stack;
+use super::Options;
+use crate::progress;
+use crate::webhook::WebhookReceiver;
+
+const SCENARIO: &str = "latency";
+/// Messages sent (and awaited) before measuring: the pipeline has joined its
+/// group and the workers know the trigger.
+const WARM_UP_MESSAGES: usize = 20;
+const WARM_UP_TIMEOUT: Duration = Duration::from_secs(120);
+
+pub async fn run(opts: &Options) -> anyhow::Result<Value> {
+    let rate = opts.rate.max(1);
+    let seconds = opts.seconds.max(1);
+    let keys = opts.first_keys(1_000);
+    let total = rate as usize * seconds as usize;
+
+    let broker = Broker::start(opts.brokers.as_deref())?;
+    let topic = broker.create_topic("latency", opts.partitions).await?;
+    let mut stack = Stack::start(opts, opts.workers).await?;
+    let receiver = WebhookReceiver::start("127.0.0.1:0".parse()?).await?;
+    let workers = stack.workers;
+    let (trigger, _) = stack.create_trigger("bench-latency", broker.hosts(), &topic, &receiver.url()).await?;
+    progress!(SCENARIO, "stack up (database {}, node workers {workers}); warming up", stack.database_name());
+
+    // Latency counts from the hand-over to the producer, so the producer
+    // sends at once instead of lingering to batch.
+    let mut config = kt_kafka_testing::producer_config(&broker.bootstrap_servers());
+    config.set("linger.ms", "0");
+    let producer: FutureProducer = config.create().context("failed to create the producer")?;
+
+    let warm = (0..WARM_UP_MESSAGES).map(|i| TestMessage::new(r#"{"warm_up":true}"#).key(format!("warm-up-{i}")));
+    kt_kafka_testing::produce(&producer, &topic, warm).await?;
+    receiver
+        .wait_for_deliveries(WARM_UP_MESSAGES, WARM_UP_TIMEOUT)
+        .await
+        .context("warm-up messages were not delivered (does ingest mark sets ready and are workers running?)")?;
+
+    progress!(SCENARIO, "producing {total} messages at {rate}/s for {seconds}s over {keys} keys");
+    let produce = steady_produce(&producer, &topic, rate, total, keys).await?;
+    progress!(SCENARIO, "produced; waiting for the last deliveries");
+    let waited = receiver.wait_for_deliveries(WARM_UP_MESSAGES + total, opts.timeout).await;
+    let mut latencies = latencies_ms(&receiver);
+    let trigger_successes = super::stack::successes(&stack.pool, trigger).await.unwrap_or(-1);
+    stack.stop().await;
+    waited.with_context(|| format!("{} of {total} measured messages delivered", latencies.len()))?;
+    anyhow::ensure!(latencies.len() == total, "{} of {total} measured messages delivered", latencies.len());
+    latencies.sort_by(f64::total_cmp);
+
+    let mut o = Map::new();
+    o.insert("scenario".into(), SCENARIO.into());
+    o.insert("rate".into(), rate.into());
+    o.insert("seconds".into(), seconds.into());
+    o.insert("messages".into(), total.into());
+    o.insert("keys".into(), keys.into());
+    o.insert("p50_ms".into(), round(percentile(&latencies, 50.0), 2).into());
+    o.insert("p95_ms".into(), round(percentile(&latencies, 95.0), 2).into());
+    o.insert("p99_ms".into(), round(percentile(&latencies, 99.0), 2).into());
+    o.insert("max_ms".into(), round(latencies.last().copied().unwrap_or(f64::NAN), 2).into());
+    o.insert("mean_ms".into(), round(latencies.iter().sum::<f64>() / latencies.len() as f64, 2).into());
+    o.insert("achieved_rate".into(), per_second(total, produce.elapsed).into());
+    o.insert("producer_behind_max_ms".into(), round(produce.behind_max.as_secs_f64() * 1e3, 2).into());
+    o.insert("work_orders_succeeded".into(), trigger_successes.into());
+    o.insert(
+        "latency_span".into(),
+        "hand-over to the producer -> webhook target received the POST (it answers 200 at once; the work order's \
+         success row is written right after)"
+            .into(),
+    );
+    o.insert("node_workers".into(), workers.into());
+    o.insert("partitions".into(), opts.partitions.into());
+    o.insert("broker".into(), broker.describe().into());
+    Ok(with_memory(o))
+}
+
+struct Produced {
+    elapsed: Duration,
+    /// How far the producer loop ever fell behind its schedule.
+    behind_max: Duration,
+}
+
+/// Sends message `i` at `start + i / rate` (absolute schedule: no drift),
+/// stamping `sent_at_us` just before the hand-over; then waits for every
+/// acknowledgement.
+async fn steady_produce(producer: &FutureProducer, topic: &str, rate: u32, total: usize, keys: usize) -> anyhow::Result<Produced> {
+    let start = tokio::time::Instant::now();
+    let mut pending: Vec<DeliveryFuture> = Vec::with_capacity(total);
+    let mut behind_max = Duration::ZERO;
+    let mut last_print = Instant::now();
+    for i in 0..total {
+        let due = start + Duration::from_micros(i as u64 * 1_000_000 / u64::from(rate));
+        tokio::time::sleep_until(due).await;
+        behind_max = behind_max.max(tokio::time::Instant::now().saturating_duration_since(due));
+        let key = key_of(i, keys);
+        let value = value_of(i, key.as_deref(), Some(micros_at(Instant::now())));
+        loop {
+            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).payload(value.as_slice());
+            if let Some(k) = &key {
+                record = record.key(k.as_bytes());
+            }
+            match producer.send_result(record) {
+                Ok(delivery) => {
+                    pending.push(delivery);
+                    break;
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                Err((e, _)) => return Err(anyhow::anyhow!(e).context(format!("failed to produce message {i}"))),
+            }
+        }
+        if last_print.elapsed() >= Duration::from_secs(5) {
+            last_print = Instant::now();
+            progress!(SCENARIO, "{}/{total} produced", i + 1);
+        }
+    }
+    let elapsed = start.elapsed();
+    for (i, d) in pending.into_iter().enumerate() {
+        match d.await {
+            Ok(Ok(_)) => {}
+            Ok(Err((e, _))) => return Err(anyhow::anyhow!(e).context(format!("message {i} was not delivered"))),
+            Err(_) => anyhow::bail!("message {i}: producer dropped before delivery"),
+        }
+    }
+    producer.flush(Duration::from_secs(30))?;
+    Ok(Produced { elapsed, behind_max })
+}
+
+/// Produce → arrival at the target, in milliseconds, of each measured
+/// message (first delivery of each; warm-up messages carry no timestamp).
+fn latencies_ms(receiver: &WebhookReceiver) -> Vec<f64> {
+    let mut seen = HashSet::new();
+    receiver
+        .deliveries()
+        .iter()
+        .filter(|d| (200..300).contains(&d.status))
+        .filter_map(|d| {
+            let sent = d.body["data"]["sent_at_us"].as_u64()?;
+            let seq = d.body["data"]["seq"].as_u64()?;
+            seen.insert(seq).then(|| (micros_at(d.received_at) as f64 - sent as f64) / 1e3)
+        })
+        .collect()
+}

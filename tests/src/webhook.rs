@@ -1,0 +1,166 @@
+//! A real HTTP webhook target on 127.0.0.1: it records every delivery and
+//! answers what a test scripts (by default 200 at once). Used by the
+//! whole-system tests, the benchmark and the stack demo.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// One delivery as the target saw it.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub body: Value,
+    pub work_order_id: String,
+    pub received_at: std::time::Instant,
+    pub status: u16,
+}
+
+impl Delivery {
+    /// `request.key` of the body (a string, or null for unkeyed messages).
+    pub fn key(&self) -> Option<&str> {
+        self.body["request"]["key"].as_str()
+    }
+
+    pub fn offset(&self) -> i64 {
+        self.body["request"]["offset"].as_i64().unwrap_or(-1)
+    }
+
+    pub fn partition(&self) -> i32 {
+        self.body["request"]["partition"].as_i64().unwrap_or(-1) as i32
+    }
+}
+
+/// What to answer: status, optional Retry-After seconds, optional delay.
+#[derive(Debug, Clone, Copy)]
+pub struct Reply {
+    pub status: u16,
+    pub retry_after: Option<u32>,
+    pub delay: Option<Duration>,
+}
+
+impl Reply {
+    pub const OK: Reply = Reply { status: 200, retry_after: None, delay: None };
+
+    pub fn status(status: u16) -> Self {
+        Reply { status, ..Reply::OK }
+    }
+}
+
+type Script = dyn Fn(&Value) -> Reply + Send + Sync;
+
+pub struct WebhookReceiver {
+    pub addr: SocketAddr,
+    deliveries: Arc<Mutex<Vec<Delivery>>>,
+    count: watch::Receiver<usize>,
+    script: Arc<Mutex<Arc<Script>>>,
+    shutdown: CancellationToken,
+}
+
+impl WebhookReceiver {
+    /// Starts on `addr` (port 0 for a free one), answering 200.
+    pub async fn start(addr: SocketAddr) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let deliveries = Arc::new(Mutex::new(Vec::new()));
+        let (count_tx, count) = watch::channel(0usize);
+        let count_tx = Arc::new(count_tx);
+        let script: Arc<Mutex<Arc<Script>>> = Arc::new(Mutex::new(Arc::new(|_: &Value| Reply::OK)));
+        let shutdown = CancellationToken::new();
+        let (d, s, stop) = (deliveries.clone(), script.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    accepted = listener.accept() => match accepted {
+                        Ok(a) => a,
+                        Err(_) => continue,
+                    },
+                };
+                let (d, s, count_tx) = (d.clone(), s.clone(), count_tx.clone());
+                tokio::spawn(async move {
+                    let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                        let (d, s, count_tx) = (d.clone(), s.clone(), count_tx.clone());
+                        async move { Ok::<_, Infallible>(handle(req, &d, &s, &count_tx).await) }
+                    });
+                    let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                });
+            }
+        });
+        Ok(Self { addr, deliveries, count, script, shutdown })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/hook", self.addr)
+    }
+
+    /// Replaces what the target answers.
+    pub fn script(&self, f: impl Fn(&Value) -> Reply + Send + Sync + 'static) {
+        *self.script.lock().unwrap() = Arc::new(f);
+    }
+
+    pub fn deliveries(&self) -> Vec<Delivery> {
+        self.deliveries.lock().unwrap().clone()
+    }
+
+    /// Deliveries the target answered with 2xx.
+    pub fn successes(&self) -> Vec<Delivery> {
+        self.deliveries().into_iter().filter(|d| (200..300).contains(&d.status) && d.status != 202).collect()
+    }
+
+    /// Waits until at least `n` deliveries arrived.
+    pub async fn wait_for_deliveries(&self, n: usize, timeout: Duration) -> anyhow::Result<()> {
+        let mut count = self.count.clone();
+        tokio::time::timeout(timeout, count.wait_for(|c| *c >= n))
+            .await
+            .map_err(|_| anyhow::anyhow!("timed out waiting for {n} deliveries (got {})", self.deliveries().len()))??;
+        Ok(())
+    }
+}
+
+impl Drop for WebhookReceiver {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+async fn handle(
+    req: Request<hyper::body::Incoming>,
+    deliveries: &Mutex<Vec<Delivery>>,
+    script: &Mutex<Arc<Script>>,
+    count: &watch::Sender<usize>,
+) -> Response<Full<Bytes>> {
+    let work_order_id =
+        req.headers().get("x-work-order-id").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+    let bytes = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    let f = script.lock().unwrap().clone();
+    let reply = f(&body);
+    if let Some(delay) = reply.delay {
+        tokio::time::sleep(delay).await;
+    }
+    deliveries.lock().unwrap().push(Delivery {
+        body,
+        work_order_id,
+        received_at: std::time::Instant::now(),
+        status: reply.status,
+    });
+    count.send_modify(|c| *c += 1);
+    let mut resp = Response::new(Full::new(Bytes::from_static(b"{}")));
+    *resp.status_mut() = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    if let Some(secs) = reply.retry_after {
+        resp.headers_mut().insert("retry-after", secs.into());
+    }
+    resp
+}

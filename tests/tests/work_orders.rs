@@ -1,0 +1,204 @@
+//! Whole system: Kafka (mock cluster) → ingest → candidate sets → workers →
+//! a real HTTP target. Per-key order, exactly one work order per message,
+//! blocked keys that block only themselves, and the operator's way out.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use kt_kafka_testing::mock::MockKafka;
+use kt_kafka_testing::produce::{keyed_messages, produce_to, TestMessage};
+use kt_proto::v1::message_set_service_client::MessageSetServiceClient;
+use kt_proto::v1::trigger_service_client::TriggerServiceClient;
+use kt_proto::v1::work_order_service_client::WorkOrderServiceClient;
+use kt_proto::v1::*;
+use kt_tests::webhook::{Delivery, Reply, WebhookReceiver};
+use kt_tests::{wait_for, ControlPlaneOptions, TestControlPlane, TestDb, TestNode};
+use sqlx::PgPool;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+struct Stack {
+    db: TestDb,
+    pool: PgPool,
+    kafka: MockKafka,
+    cp: TestControlPlane,
+    receiver: WebhookReceiver,
+    _node: TestNode,
+}
+
+async fn stack(topic: &str, partitions: i32) -> Stack {
+    let db = TestDb::create().await.unwrap();
+    let pool = db.pool().await.unwrap();
+    let kafka = MockKafka::new(1).unwrap();
+    kafka.create_topic(topic, partitions).unwrap();
+    let cp = TestControlPlane::start(&db, ControlPlaneOptions::default()).await.unwrap();
+    let receiver = WebhookReceiver::start("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let node = TestNode::start(&db, &cp.url(), |_| {}).await;
+    Stack { db, pool, kafka, cp, receiver, _node: node }
+}
+
+async fn create_trigger(s: &Stack, topic: &str, retry: RetryPolicy) -> String {
+    let mut client = TriggerServiceClient::new(s.cp.channel().await.unwrap());
+    let trigger = Trigger {
+        name: format!("t-{topic}"),
+        kafka: Some(KafkaSource {
+            hosts: vec![s.kafka.bootstrap_servers()],
+            topics: vec![topic.into()],
+            initial_offset_reset_policy: "earliest".into(),
+            ..Default::default()
+        }),
+        webhook: Some(WebhookTarget { url: s.receiver.url(), timeout_ms: Some(2_000), ..Default::default() }),
+        retry: Some(retry),
+        ..Default::default()
+    };
+    client.create_trigger(CreateTriggerRequest { trigger: Some(trigger) }).await.unwrap().into_inner().id
+}
+
+fn fast_retry(max_attempts: u32) -> RetryPolicy {
+    RetryPolicy { max_attempts: Some(max_attempts), initial_backoff_ms: Some(20), max_backoff_ms: Some(100), max_age_seconds: 0 }
+}
+
+/// Successful deliveries must come per key in offset order, each message once.
+fn assert_ordered_once(deliveries: &[Delivery]) {
+    let mut last: BTreeMap<String, (i32, i64)> = BTreeMap::new();
+    let mut seen = HashSet::new();
+    for d in deliveries {
+        assert!(seen.insert((d.partition(), d.offset())), "message {}:{} delivered twice", d.partition(), d.offset());
+        if let Some(key) = d.key() {
+            let at = (d.partition(), d.offset());
+            if let Some(prev) = last.insert(key.to_owned(), at) {
+                assert!(prev < at, "key {key}: {at:?} delivered after {prev:?}");
+            }
+        }
+    }
+}
+
+async fn count(pool: &PgPool, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}
+
+#[tokio::test]
+async fn test_keyed_and_unkeyed_messages_become_work_orders_in_order_exactly_once() {
+    let s = stack("orders", 3).await;
+    create_trigger(&s, "orders", fast_retry(3)).await;
+    let mut messages = keyed_messages(300, 10);
+    messages.extend(keyed_messages(50, 0));
+    produce_to(&s.kafka.bootstrap_servers(), "orders", messages).await.unwrap();
+
+    s.receiver.wait_for_deliveries(350, WAIT).await.unwrap();
+    let deliveries = s.receiver.successes();
+    assert_eq!(deliveries.len(), 350);
+    assert_ordered_once(&deliveries);
+    // Every body is what DESIGN §3 promises.
+    let d = &deliveries[0];
+    assert!(d.body["data"]["seq"].is_number(), "{}", d.body);
+    assert_eq!(d.body["request"]["topic"], "orders");
+    assert!(d.body["request"]["headers"][0][0] == "seq");
+
+    wait_for("messages deleted after success", WAIT, || async {
+        (count(&s.pool, "SELECT count(*) FROM messages").await == 0).then_some(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(count(&s.pool, "SELECT count(*) FROM work_orders WHERE state = 'success'").await, 350);
+    assert_eq!(count(&s.pool, "SELECT count(DISTINCT (topic, partition, \"offset\")) FROM work_orders").await, 350);
+    assert_eq!(count(&s.pool, "SELECT count(*) FROM events WHERE kind = 'work_order_succeeded'").await, 350);
+    drop(s.db);
+}
+
+#[tokio::test]
+async fn test_a_failing_key_blocks_only_itself_until_retried() {
+    let s = stack("payments", 2).await;
+    s.receiver.script(|body| if body["request"]["key"] == "key-0" { Reply::status(500) } else { Reply::OK });
+    let trigger_id = create_trigger(&s, "payments", fast_retry(2)).await;
+    produce_to(&s.kafka.bootstrap_servers(), "payments", keyed_messages(40, 4)).await.unwrap();
+
+    // The other three keys finish while key-0 is stuck on its first message.
+    wait_for("other keys delivered", WAIT, || async {
+        let ok = s.receiver.successes().iter().filter(|d| d.key() != Some("key-0")).count();
+        (ok == 30).then_some(())
+    })
+    .await
+    .unwrap();
+    let mut sets = MessageSetServiceClient::new(s.cp.channel().await.unwrap());
+    let blocked = wait_for("key-0 blocked", WAIT, || {
+        let mut sets = sets.clone();
+        let trigger_id = trigger_id.clone();
+        async move {
+            let list = sets
+                .list_message_sets(ListMessageSetsRequest {
+                    trigger_id,
+                    state: MessageSetState::Blocked.into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            list.message_sets.into_iter().next()
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(blocked.key.as_deref(), Some(&b"key-0"[..]));
+    assert_eq!(blocked.attempts, 2);
+    assert!(blocked.last_error.contains("500"), "{}", blocked.last_error);
+    assert_eq!(blocked.stored_messages, 10);
+    let attempts_before = s.receiver.deliveries().iter().filter(|d| d.key() == Some("key-0")).count();
+    assert_eq!(attempts_before, 2, "exactly max_attempts tries, then blocked");
+    assert_eq!(count(&s.pool, "SELECT count(*) FROM events WHERE kind = 'set_blocked'").await, 1);
+
+    // The operator fixes the target and retries: key-0 drains in order.
+    s.receiver.script(|_| Reply::OK);
+    sets.retry_message_set(RetryMessageSetRequest { id: blocked.id.clone() }).await.unwrap();
+    wait_for("key-0 delivered after retry", WAIT, || async {
+        let ok = s.receiver.successes().iter().filter(|d| d.key() == Some("key-0")).count();
+        (ok == 10).then_some(())
+    })
+    .await
+    .unwrap();
+    assert_ordered_once(&s.receiver.successes());
+    assert_eq!(count(&s.pool, "SELECT count(*) FROM work_orders").await, 40);
+}
+
+#[tokio::test]
+async fn test_retry_after_is_honoured_and_accepted_work_orders_wait_for_completion() {
+    let s = stack("async", 1).await;
+    // First message: 429 with Retry-After 1 s, then 202 (an asynchronous runner).
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let c = calls.clone();
+    s.receiver.script(move |_| match c.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
+        0 => Reply { status: 429, retry_after: Some(1), delay: None },
+        1 => Reply::status(202),
+        _ => Reply::OK,
+    });
+    create_trigger(&s, "async", fast_retry(5)).await;
+    let msgs = vec![TestMessage::new(r#"{"n":1}"#).key("k"), TestMessage::new("not json").key("k")];
+    produce_to(&s.kafka.bootstrap_servers(), "async", msgs).await.unwrap();
+
+    s.receiver.wait_for_deliveries(2, WAIT).await.unwrap();
+    let d = s.receiver.deliveries();
+    let gap = d[1].received_at - d[0].received_at;
+    assert!(gap >= Duration::from_millis(950), "retried after {gap:?}, before Retry-After");
+
+    // 202: running until CompleteWorkOrder; the second message waits.
+    let wo_id = d[1].work_order_id.clone();
+    let mut wos = WorkOrderServiceClient::new(s.cp.channel().await.unwrap());
+    let wo = wait_for("work order running", WAIT, || {
+        let mut wos = wos.clone();
+        let id = wo_id.clone();
+        async move {
+            let wo = wos.get_work_order(GetWorkOrderRequest { id }).await.ok()?.into_inner();
+            (wo.state == WorkOrderState::Running as i32).then_some(wo)
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(wo.attempts, 2);
+    assert_eq!(s.receiver.deliveries().len(), 2, "the next message waits behind the running one");
+
+    wos.complete_work_order(CompleteWorkOrderRequest { id: wo_id, success: true, error: String::new() }).await.unwrap();
+    s.receiver.wait_for_deliveries(3, WAIT).await.unwrap();
+    let last = &s.receiver.deliveries()[2];
+    assert_eq!(last.body["encoding"], "base64", "non-JSON values arrive base64: {}", last.body);
+    assert_eq!(last.body["data"], "bm90IGpzb24=");
+}
