@@ -247,7 +247,8 @@ async fn test_api_token_is_required_when_configured() {
 #[tokio::test]
 async fn test_pending_services_answer_unimplemented() {
     let (_db, cp) = setup(ControlPlaneOptions::default()).await;
-    let mut sets = message_set_service_client::MessageSetServiceClient::new(cp.channel().await.unwrap());
-    let status = sets.list_message_sets(ListMessageSetsRequest::default()).await.unwrap_err();
+    let mut events = event_service_client::EventServiceClient::new(cp.channel().await.unwrap());
+    let status = events.stream_events(StreamEventsRequest::default()).await.unwrap_err();
     assert_eq!(status.code(), Code::Unimplemented);
+    assert!(status.message().contains("StreamEvents"));
 }
