@@ -90,6 +90,9 @@ pub struct ControlPlaneOptions {
     /// Defaults to [`TEST_ENCRYPTION_KEY`]; `Some("")` means no key.
     pub encryption_key: Option<String>,
     pub heartbeat: Option<Duration>,
+    /// Where to listen; a free port when `None`. A restarted control plane
+    /// passes its predecessor's address so nodes find it again.
+    pub listen: Option<SocketAddr>,
 }
 
 /// A control plane running in this process on a free port.
@@ -103,7 +106,7 @@ impl TestControlPlane {
     pub async fn start(db: &TestDb, opts: ControlPlaneOptions) -> anyhow::Result<Self> {
         let key = opts.encryption_key.unwrap_or_else(|| TEST_ENCRYPTION_KEY.into());
         let config = kt_control_plane::Config {
-            grpc_listen: "127.0.0.1:0".parse()?,
+            grpc_listen: opts.listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
             api_token: opts.api_token.map(Secret::new),
             node_token: opts.node_token.map(Secret::new),
             keys: Keyring::from_base64([key.as_str()])?,
