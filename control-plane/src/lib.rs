@@ -35,6 +35,8 @@ pub struct Config {
     /// How often sessions exchange heartbeats with nodes.
     pub heartbeat: Duration,
     pub max_db_connections: u32,
+    /// How long events are kept for replay.
+    pub event_retention: Duration,
 }
 
 impl Config {
@@ -48,6 +50,7 @@ impl Config {
             keys: Keyring::default(),
             heartbeat: Duration::from_secs(5),
             max_db_connections: 10,
+            event_retention: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -59,6 +62,7 @@ pub struct AppState {
     pub triggers: triggers::TriggerService,
     pub registry: nodes::NodeRegistry,
     pub scheduler: scheduler::Scheduler,
+    pub events: events::stream::EventHub,
 }
 
 /// A started control plane.
@@ -90,7 +94,10 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let scheduler = scheduler::Scheduler::start(pool.clone(), triggers.clone(), shutdown.clone())
         .await
         .context("failed to start the candidate-set scheduler")?;
-    let state = AppState { triggers, registry: nodes::NodeRegistry::default(), scheduler, pool };
+    let events = events::stream::EventHub::start(pool.clone(), config.event_retention, shutdown.clone())
+        .await
+        .context("failed to start the event stream")?;
+    let state = AppState { triggers, registry: nodes::NodeRegistry::default(), scheduler, events, pool };
     let auth = grpc::AuthLayer::new(config.api_token.clone(), config.node_token.clone());
     tracing::info!(%addr, "control plane listening");
     let task = tokio::spawn(grpc::serve(state, auth, listener, config.heartbeat, shutdown));

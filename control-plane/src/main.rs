@@ -49,6 +49,10 @@ struct Cli {
     #[arg(long, env = "KT_HEARTBEAT_SECONDS", default_value_t = 5)]
     heartbeat_seconds: u64,
 
+    /// Hours events are kept for replay by StreamEvents.
+    #[arg(long, env = "KT_EVENT_RETENTION_HOURS", default_value_t = 168)]
+    event_retention_hours: u64,
+
     /// Log format: text or json.
     #[arg(long, env = "KT_LOG_FORMAT", default_value = "text")]
     log_format: LogFormat,
@@ -94,6 +98,7 @@ async fn main() -> anyhow::Result<()> {
         node_token: non_empty(cli.node_token),
         keys,
         heartbeat: Duration::from_secs(cli.heartbeat_seconds.max(1)),
+        event_retention: Duration::from_secs(cli.event_retention_hours * 3600),
         ..kt_control_plane::Config::new(database_url)
     };
     kt_control_plane::run(config, telemetry::shutdown_on_signal()).await

@@ -60,11 +60,17 @@ impl Reply {
 
 type Script = dyn Fn(&Value) -> Reply + Send + Sync;
 
+/// Keys the target answers 500 for, switched over HTTP: `PUT /failing/KEY`
+/// adds one, `DELETE /failing/KEY` removes it (the stack demo's "make one
+/// fail"). Consulted before the script.
+type Failing = Mutex<std::collections::HashSet<String>>;
+
 pub struct WebhookReceiver {
     pub addr: SocketAddr,
     deliveries: Arc<Mutex<Vec<Delivery>>>,
     count: watch::Receiver<usize>,
     script: Arc<Mutex<Arc<Script>>>,
+    failing: Arc<Failing>,
     shutdown: CancellationToken,
 }
 
@@ -78,7 +84,8 @@ impl WebhookReceiver {
         let count_tx = Arc::new(count_tx);
         let script: Arc<Mutex<Arc<Script>>> = Arc::new(Mutex::new(Arc::new(|_: &Value| Reply::OK)));
         let shutdown = CancellationToken::new();
-        let (d, s, stop) = (deliveries.clone(), script.clone(), shutdown.clone());
+        let failing: Arc<Failing> = Arc::default();
+        let (d, s, stop, fail) = (deliveries.clone(), script.clone(), shutdown.clone(), failing.clone());
         tokio::spawn(async move {
             loop {
                 let (stream, _) = tokio::select! {
@@ -88,17 +95,17 @@ impl WebhookReceiver {
                         Err(_) => continue,
                     },
                 };
-                let (d, s, count_tx) = (d.clone(), s.clone(), count_tx.clone());
+                let (d, s, count_tx, fail) = (d.clone(), s.clone(), count_tx.clone(), fail.clone());
                 tokio::spawn(async move {
                     let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-                        let (d, s, count_tx) = (d.clone(), s.clone(), count_tx.clone());
-                        async move { Ok::<_, Infallible>(handle(req, &d, &s, &count_tx).await) }
+                        let (d, s, count_tx, fail) = (d.clone(), s.clone(), count_tx.clone(), fail.clone());
+                        async move { Ok::<_, Infallible>(handle(req, &d, &s, &fail, &count_tx).await) }
                     });
                     let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
                 });
             }
         });
-        Ok(Self { addr, deliveries, count, script, shutdown })
+        Ok(Self { addr, deliveries, count, script, failing, shutdown })
     }
 
     pub fn url(&self) -> String {
@@ -108,6 +115,21 @@ impl WebhookReceiver {
     /// Replaces what the target answers.
     pub fn script(&self, f: impl Fn(&Value) -> Reply + Send + Sync + 'static) {
         *self.script.lock().unwrap() = Arc::new(f);
+    }
+
+    /// Watches the number of deliveries received.
+    pub fn counter(&self) -> watch::Receiver<usize> {
+        self.count.clone()
+    }
+
+    /// Makes the target answer 500 for `key` (or stop doing so).
+    pub fn set_failing(&self, key: &str, failing: bool) {
+        let mut keys = self.failing.lock().unwrap();
+        if failing {
+            keys.insert(key.to_owned());
+        } else {
+            keys.remove(key);
+        }
     }
 
     pub fn deliveries(&self) -> Vec<Delivery> {
@@ -139,14 +161,37 @@ async fn handle(
     req: Request<hyper::body::Incoming>,
     deliveries: &Mutex<Vec<Delivery>>,
     script: &Mutex<Arc<Script>>,
+    failing: &Failing,
     count: &watch::Sender<usize>,
 ) -> Response<Full<Bytes>> {
+    if let Some(key) = req.uri().path().strip_prefix("/failing/") {
+        let key = key.to_owned();
+        let status = match *req.method() {
+            hyper::Method::PUT => {
+                failing.lock().unwrap().insert(key);
+                StatusCode::NO_CONTENT
+            }
+            hyper::Method::DELETE => {
+                failing.lock().unwrap().remove(&key);
+                StatusCode::NO_CONTENT
+            }
+            _ => StatusCode::METHOD_NOT_ALLOWED,
+        };
+        let mut resp = Response::new(Full::new(Bytes::new()));
+        *resp.status_mut() = status;
+        return resp;
+    }
     let work_order_id =
         req.headers().get("x-work-order-id").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
     let bytes = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-    let f = script.lock().unwrap().clone();
-    let reply = f(&body);
+    let key_fails = body["request"]["key"].as_str().is_some_and(|k| failing.lock().unwrap().contains(k));
+    let reply = if key_fails {
+        Reply::status(500)
+    } else {
+        let f = script.lock().unwrap().clone();
+        f(&body)
+    };
     if let Some(delay) = reply.delay {
         tokio::time::sleep(delay).await;
     }

@@ -1,5 +1,7 @@
 //! The event log: every change and operator action is appended to `events`
-//! in the transaction that made it.
+//! in the transaction that made it; [`stream`] serves it to subscribers.
+
+pub mod stream;
 
 use sqlx::types::Json;
 use sqlx::PgExecutor;

@@ -5,7 +5,7 @@ mod auth;
 mod convert;
 mod message_sets;
 mod nodes;
-mod pending;
+mod events;
 mod triggers;
 mod work;
 mod work_orders;
@@ -69,7 +69,7 @@ pub async fn serve(
         .add_service(WorkOrderServiceServer::new(work_orders::WorkOrderHandler {
             work_orders: WorkOrderService::new(state.pool.clone(), state.scheduler.clone()),
         }))
-        .add_service(EventServiceServer::new(pending::Pending))
+        .add_service(EventServiceServer::new(events::EventHandler { hub: state.events.clone() }))
         .add_service(NodeServiceServer::new(node_handler))
         .add_service(WorkServiceServer::new(work::WorkHandler { scheduler: state.scheduler.clone() }))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())

@@ -1,0 +1,219 @@
+//! The live event stream. One tail task reads committed events in
+//! (transaction id, id) order — see migration 0004 for why that order has no
+//! gaps — and broadcasts them; each subscriber first replays from its cursor
+//! in Postgres, then follows the broadcast, dropping what it already sent.
+//! A subscriber that falls behind the broadcast buffer is cut off with a
+//! clear status instead of slowing anyone down.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::postgres::PgListener;
+use sqlx::PgPool;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// Events buffered for live subscribers; one this far behind is cut off.
+pub const BROADCAST_CAPACITY: usize = 8_192;
+/// Rows read per query, when tailing and when replaying.
+pub const PAGE: i64 = 1_000;
+/// The tail also looks without a notification this often: events become
+/// readable when older transactions finish, which notifies nobody.
+const TAIL_TICK: Duration = Duration::from_millis(250);
+const NOTIFY_CHANNEL: &str = "kt_events";
+
+/// Position in the stream: after (transaction id, event id).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Cursor {
+    pub tx: u64,
+    pub id: i64,
+}
+
+impl fmt::Display for Cursor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.tx, self.id)
+    }
+}
+
+impl FromStr for Cursor {
+    type Err = ();
+
+    fn from_str(s: &str) -> Result<Self, ()> {
+        let (tx, id) = s.split_once('-').ok_or(())?;
+        Ok(Cursor { tx: tx.parse().map_err(|_| ())?, id: id.parse().map_err(|_| ())? })
+    }
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct EventRow {
+    pub tx: i64,
+    pub id: i64,
+    pub kind: String,
+    pub trigger_id: Option<Uuid>,
+    pub node_id: Option<String>,
+    pub details: String,
+    pub created_at: DateTime<Utc>,
+}
+
+impl EventRow {
+    pub fn cursor(&self) -> Cursor {
+        Cursor { tx: self.tx as u64, id: self.id }
+    }
+}
+
+/// Committed events after `after` that no running transaction can precede.
+pub async fn read_after(pool: &PgPool, after: Cursor, limit: i64) -> Result<Vec<EventRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT tx_id::text::bigint AS tx, id, kind, trigger_id, node_id, details::text AS details, created_at
+           FROM events
+          WHERE (tx_id, id) > ($1::text::xid8, $2)
+            AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
+          ORDER BY tx_id, id
+          LIMIT $3",
+    )
+    .bind(after.tx.to_string())
+    .bind(after.id)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// The position a live-only subscriber starts from: everything older is past.
+pub async fn current(pool: &PgPool) -> Result<Cursor, sqlx::Error> {
+    let tx: i64 = sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint").fetch_one(pool).await?;
+    Ok(Cursor { tx: (tx as u64).saturating_sub(1), id: i64::MAX })
+}
+
+/// Deletes events older than `retention`, in bounded chunks.
+pub async fn cleanup(pool: &PgPool, retention: Duration) -> Result<u64, sqlx::Error> {
+    let mut total = 0;
+    loop {
+        let n = sqlx::query(
+            "DELETE FROM events WHERE id IN (
+                SELECT id FROM events WHERE created_at < now() - make_interval(secs => $1) LIMIT 10000)",
+        )
+        .bind(retention.as_secs_f64())
+        .execute(pool)
+        .await?
+        .rows_affected();
+        total += n;
+        if n < 10_000 {
+            return Ok(total);
+        }
+    }
+}
+
+/// Shares committed events with every subscriber.
+#[derive(Clone)]
+pub struct EventHub {
+    pool: PgPool,
+    tx: broadcast::Sender<Arc<EventRow>>,
+}
+
+impl EventHub {
+    /// Starts the tail (and the retention cleanup) until `shutdown`.
+    pub async fn start(pool: PgPool, retention: Duration, shutdown: CancellationToken) -> Result<Self, sqlx::Error> {
+        let (tx, _) = broadcast::channel(BROADCAST_CAPACITY);
+        let hub = EventHub { pool: pool.clone(), tx };
+        let start = current(&pool).await?;
+        tokio::spawn(hub.clone().tail(start, shutdown.clone()));
+        tokio::spawn(retain(pool, retention, shutdown));
+        Ok(hub)
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<EventRow>> {
+        self.tx.subscribe()
+    }
+
+    pub fn subscribers(&self) -> usize {
+        self.tx.receiver_count()
+    }
+
+    async fn tail(self, mut cursor: Cursor, shutdown: CancellationToken) {
+        let mut listener = connect_listener(&self.pool).await;
+        let mut tick = tokio::time::interval(TAIL_TICK);
+        loop {
+            // Read everything readable, then wait for a reason to look again.
+            loop {
+                match read_after(&self.pool, cursor, PAGE).await {
+                    Ok(rows) => {
+                        let full = rows.len() as i64 == PAGE;
+                        for row in rows {
+                            cursor = row.cursor();
+                            // No subscriber is not an error.
+                            let _ = self.tx.send(Arc::new(row));
+                        }
+                        if !full {
+                            break;
+                        }
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "event tail cannot read events");
+                        break;
+                    }
+                }
+            }
+            let notified = async {
+                match listener.as_mut() {
+                    Some(l) => l.recv().await.map(|_| ()),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {
+                    if listener.is_none() {
+                        listener = connect_listener(&self.pool).await;
+                    }
+                }
+                result = notified => if let Err(error) = result {
+                    tracing::warn!(%error, "event listener failed; reconnecting");
+                    listener = None;
+                },
+            }
+        }
+    }
+}
+
+async fn connect_listener(pool: &PgPool) -> Option<PgListener> {
+    let mut listener = PgListener::connect_with(pool).await.ok()?;
+    listener.listen(NOTIFY_CHANNEL).await.ok()?;
+    Some(listener)
+}
+
+async fn retain(pool: PgPool, retention: Duration, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(600));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => match cleanup(&pool, retention).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(deleted = n, "old events removed"),
+                Err(error) => tracing::warn!(%error, "event retention cleanup failed"),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_cursors_round_trip_and_order() {
+        let c = Cursor { tx: 42, id: 7 };
+        assert_eq!(c.to_string().parse::<Cursor>(), Ok(c));
+        assert!(Cursor { tx: 41, id: 100 } < Cursor { tx: 42, id: 1 });
+        for bad in ["", "42", "a-b", "42-", "-1-2"] {
+            assert!(bad.parse::<Cursor>().is_err(), "{bad}");
+        }
+    }
+}
