@@ -8,6 +8,7 @@ pub mod events;
 pub mod grpc;
 pub mod nodes;
 pub mod scheduler;
+pub mod status;
 pub mod sets;
 pub mod triggers;
 pub mod work_orders;

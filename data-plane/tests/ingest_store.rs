@@ -257,7 +257,7 @@ async fn test_persist_gives_up_only_when_cancelled() {
 #[tokio::test]
 async fn test_dedup_cleanup_deletes_expired_records_in_chunks() {
     let (db, trigger_id) = setup().await;
-    let n = CLEANUP_CHUNK_ROWS as i64 * 2 + 10;
+    let n = CLEANUP_CHUNK_ROWS * 2 + 10;
     let batch: Vec<_> = (0..n).map(|o| message(0, o, b"x")).collect();
     for chunk in batch.chunks(2_000) {
         store(&db, trigger_id, chunk).await;

@@ -144,7 +144,7 @@ async fn test_crashed_pipeline_restarts_with_backoff() {
     kafka.ssl_ca_cert = "-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----".into();
     n.supervisor.apply(vec![spec(&broken)]).await.unwrap();
     let report = wait_for("a third failure in a row", T, || async {
-        n.board.get(&id.to_string()).filter(|r| r.error.contains("failure #3")).map(|r| r)
+        n.board.get(&id.to_string()).filter(|r| r.error.contains("failure #3"))
     })
     .await;
     assert_eq!(report.state(), PipelineState::Failed);

@@ -3,6 +3,7 @@
 //! helpers that wait on conditions with a timeout instead of sleeping.
 
 pub mod bench;
+pub mod process;
 pub mod readme;
 pub mod webhook;
 

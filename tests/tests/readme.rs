@@ -42,3 +42,57 @@ async fn test_readme_trigger_walkthrough_runs_as_written() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[tokio::test]
+async fn test_readme_stack_walkthrough_runs_as_written() {
+    let grpcurl = grpcurl().unwrap();
+    let db = TestDb::create().await.unwrap();
+    let dir = std::env::temp_dir().join(format!("kt-stack-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = std::fs::File::create(dir.join("stack.log")).unwrap();
+    let mut stack = tokio::process::Command::new(kt_tests::workspace_binary("stack").unwrap())
+        .args(["--grpc-listen", "127.0.0.1:0", "--webhook-listen", "127.0.0.1:0"])
+        .current_dir(&dir)
+        .env("DATABASE_URL", &db.url)
+        .env("RUST_LOG", "warn")
+        .env_remove("KT_BROKERS")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let env_file = dir.join(".stack/env");
+    kt_tests::wait_for("the stack to write .stack/env", std::time::Duration::from_secs(60), || {
+        let ready = std::fs::read_to_string(&env_file).is_ok_and(|t| t.contains("KT_TRIGGER_ID="));
+        async move { ready.then_some(()) }
+    })
+    .await
+    .unwrap();
+
+    let readme = std::fs::read_to_string(readme_path()).unwrap();
+    let mut walkthrough = blocks(&readme, "stack").unwrap();
+    for block in &mut walkthrough {
+        block.code = format!("cd '{}'\n{}", dir.display(), block.code);
+    }
+    let grpcurl_dir = std::path::Path::new(&grpcurl).parent().unwrap().display().to_string();
+    let env = BTreeMap::from([
+        ("PATH".to_owned(), format!("{grpcurl_dir}:{}", std::env::var("PATH").unwrap_or_default())),
+        ("HOME".to_owned(), dir.display().to_string()),
+    ]);
+    let outputs = tokio::time::timeout(std::time::Duration::from_secs(120), run_blocks(&walkthrough, &env))
+        .await
+        .expect("the walkthrough finishes in time")
+        .unwrap();
+    assert!(outputs[1].contains("EVENT_KIND_WORK_ORDER_SUCCEEDED"), "{}", outputs[1]);
+    assert!(outputs[2].contains("MESSAGE_SET_STATE_BLOCKED"), "{}", outputs[2]);
+
+    // The stack printed user-7's deliveries: failures, then both in order.
+    let printed = std::fs::read_to_string(dir.join("stack.log")).unwrap();
+    let user7: Vec<&str> = printed.lines().filter(|l| l.contains("key=user-7")).collect();
+    assert!(user7.len() >= 5, "{printed}");
+    let ok: Vec<&str> = user7.iter().copied().filter(|l| l.starts_with("webhook <- 200")).collect();
+    assert_eq!(ok.len(), 2, "{printed}");
+    assert!(ok[0].contains(r#"{"n":4}"#) && ok[1].contains(r#"{"n":5}"#), "{printed}");
+    stack.kill().await.unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -23,6 +23,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 pub use auth::AuthLayer;
+pub use convert::timestamp;
 
 use crate::sets::SetService;
 use crate::work_orders::WorkOrderService;
@@ -62,7 +63,7 @@ pub async fn serve(
         .add_service(health)
         .add_service(reflection)
         .add_service(reflection_v1alpha)
-        .add_service(TriggerServiceServer::new(triggers::TriggerHandler { triggers: state.triggers.clone() }))
+        .add_service(TriggerServiceServer::new(triggers::TriggerHandler { state: state.clone() }))
         .add_service(MessageSetServiceServer::new(message_sets::MessageSetHandler {
             sets: SetService::new(state.pool.clone(), state.scheduler.clone()),
         }))

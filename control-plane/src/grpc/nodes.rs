@@ -104,6 +104,7 @@ type Outbound = mpsc::Sender<Result<ControlMessage, Status>>;
 impl Session {
     async fn run(self, mut inbound: Streaming<NodeMessage>, tx: Outbound) {
         self.registry.joined(&self.node_id, self.id);
+        metrics::gauge!("kt_node_sessions").increment(1.0);
         tracing::info!(node_id = %self.node_id, "node joined");
         self.event(EventKind::NodeJoined, None, json!({})).await;
 
@@ -152,6 +153,7 @@ impl Session {
                 },
             }
         };
+        metrics::gauge!("kt_node_sessions").decrement(1.0);
         if self.registry.left(&self.node_id, self.id) {
             tracing::info!(node_id = %self.node_id, reason, "node left");
             self.event(EventKind::NodeLeft, None, json!({"reason": reason})).await;

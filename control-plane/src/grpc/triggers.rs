@@ -5,28 +5,28 @@ use kt_proto::v1::*;
 use tonic::{Request, Response, Status};
 
 use super::convert::{parse_id, required, trigger_to_proto};
-use crate::triggers::TriggerService;
+use crate::AppState;
 
 pub struct TriggerHandler {
-    pub triggers: TriggerService,
+    pub state: AppState,
 }
 
 #[tonic::async_trait]
 impl TriggerApi for TriggerHandler {
     async fn create_trigger(&self, req: Request<CreateTriggerRequest>) -> Result<Response<Trigger>, Status> {
         let trigger = required("trigger", req.into_inner().trigger)?;
-        let row = self.triggers.create(&trigger).await?;
+        let row = self.state.triggers.create(&trigger).await?;
         Ok(Response::new(trigger_to_proto(&row)))
     }
 
     async fn get_trigger(&self, req: Request<GetTriggerRequest>) -> Result<Response<Trigger>, Status> {
         let id = parse_id("id", &req.get_ref().id)?;
-        Ok(Response::new(trigger_to_proto(&self.triggers.get(id).await?)))
+        Ok(Response::new(trigger_to_proto(&self.state.triggers.get(id).await?)))
     }
 
     async fn list_triggers(&self, req: Request<ListTriggersRequest>) -> Result<Response<ListTriggersResponse>, Status> {
         let req = req.into_inner();
-        let (rows, next_page_token) = self.triggers.list(req.page_size, &req.page_token).await?;
+        let (rows, next_page_token) = self.state.triggers.list(req.page_size, &req.page_token).await?;
         Ok(Response::new(ListTriggersResponse { triggers: rows.iter().map(trigger_to_proto).collect(), next_page_token }))
     }
 
@@ -35,27 +35,29 @@ impl TriggerApi for TriggerHandler {
         let trigger = required("trigger", req.trigger)?;
         let id = parse_id("trigger.id", &trigger.id)?;
         let paths = req.update_mask.map(|m| m.paths).unwrap_or_default();
-        let row = self.triggers.update(id, &trigger, &paths).await?;
+        let row = self.state.triggers.update(id, &trigger, &paths).await?;
         Ok(Response::new(trigger_to_proto(&row)))
     }
 
     async fn delete_trigger(&self, req: Request<DeleteTriggerRequest>) -> Result<Response<DeleteTriggerResponse>, Status> {
         let id = parse_id("id", &req.get_ref().id)?;
-        self.triggers.delete(id).await?;
+        self.state.triggers.delete(id).await?;
         Ok(Response::new(DeleteTriggerResponse {}))
     }
 
     async fn enable_trigger(&self, req: Request<EnableTriggerRequest>) -> Result<Response<Trigger>, Status> {
         let id = parse_id("id", &req.get_ref().id)?;
-        Ok(Response::new(trigger_to_proto(&self.triggers.set_enabled(id, true).await?)))
+        Ok(Response::new(trigger_to_proto(&self.state.triggers.set_enabled(id, true).await?)))
     }
 
     async fn disable_trigger(&self, req: Request<DisableTriggerRequest>) -> Result<Response<Trigger>, Status> {
         let id = parse_id("id", &req.get_ref().id)?;
-        Ok(Response::new(trigger_to_proto(&self.triggers.set_enabled(id, false).await?)))
+        Ok(Response::new(trigger_to_proto(&self.state.triggers.set_enabled(id, false).await?)))
     }
 
-    async fn get_trigger_status(&self, _req: Request<GetTriggerStatusRequest>) -> Result<Response<TriggerStatus>, Status> {
-        Err(Status::unimplemented("GetTriggerStatus is not implemented yet"))
+    async fn get_trigger_status(&self, req: Request<GetTriggerStatusRequest>) -> Result<Response<TriggerStatus>, Status> {
+        let id = parse_id("id", &req.get_ref().id)?;
+        let status = crate::status::trigger_status(&self.state.pool, &self.state.registry, id).await?;
+        Ok(Response::new(status))
     }
 }

@@ -270,6 +270,7 @@ async fn feed(pool: PgPool, scheduler: Scheduler, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
             _ = sweep.tick() => {
                 take(&pool, &scheduler, None).await;
+                publish_gauges(&pool, &scheduler).await;
                 match store::release_expired_claims(&pool).await {
                     Ok(sets) if !sets.is_empty() => {
                         tracing::warn!(count = sets.len(), "released expired set claims");
@@ -296,6 +297,25 @@ async fn feed(pool: PgPool, scheduler: Scheduler, shutdown: CancellationToken) {
                 }
             },
         }
+    }
+}
+
+/// Scheduler and blocked-set gauges for `/metrics`.
+async fn publish_gauges(pool: &PgPool, scheduler: &Scheduler) {
+    let stats = scheduler.stats().await;
+    metrics::gauge!("kt_sets_ready").set(stats.ready as f64);
+    metrics::gauge!("kt_sets_in_flight").set(stats.in_flight as f64);
+    metrics::gauge!("kt_sets_waiting_retry").set(stats.delayed as f64);
+    metrics::gauge!("kt_worker_sessions").set(stats.sessions as f64);
+    let blocked: Result<(i64, Option<f64>), _> = sqlx::query_as(
+        "SELECT count(*), extract(epoch FROM now() - min(blocked_since))::float8
+           FROM message_sets WHERE state = 'blocked'",
+    )
+    .fetch_one(pool)
+    .await;
+    if let Ok((count, oldest)) = blocked {
+        metrics::gauge!("kt_sets_blocked").set(count as f64);
+        metrics::gauge!("kt_oldest_blocked_age_seconds").set(oldest.unwrap_or(0.0));
     }
 }
 

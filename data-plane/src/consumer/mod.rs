@@ -30,9 +30,10 @@ pub use rate::RateLimiter;
 
 use crate::store::PersistSettings;
 
-/// Batches handed to the persister and not yet acknowledged. Two keep the
-/// database busy while the next batch fills; more would only add memory.
-pub const MAX_BATCHES_IN_FLIGHT: usize = 2;
+/// Batches handed to the persister and not yet acknowledged: enough for
+/// its parallel writes plus one queued, so the database stays busy while
+/// the next batch fills; more would only add memory.
+pub const MAX_BATCHES_IN_FLIGHT: usize = persister::PARALLEL_WRITES + 1;
 
 /// Tunables of every pipeline on a node (per-trigger ones are in the
 /// trigger's spec). Durations are injected so tests can shrink them.
@@ -42,6 +43,9 @@ pub struct IngestSettings {
     pub batch_max_messages: usize,
     /// ...or when its first message has waited this long.
     pub batch_linger: Duration,
+    /// How long intake may be held back (persister saturated, rate limit)
+    /// before the partitions are paused.
+    pub pause_after: Duration,
     /// librdkafka's auto.commit.interval.ms: how often stored offsets are
     /// committed.
     pub commit_interval: Duration,
@@ -73,6 +77,7 @@ impl Default for IngestSettings {
         Self {
             batch_max_messages: 1000,
             batch_linger: Duration::from_millis(5),
+            pause_after: Duration::from_millis(500),
             commit_interval: Duration::from_secs(1),
             session_timeout: Duration::from_secs(30),
             heartbeat_interval: Duration::from_secs(3),

@@ -1,8 +1,10 @@
-//! The persister task of a pipeline: writes batches in the order they were
-//! read, each until it is stored, and acknowledges each to the consume loop,
-//! which then stores the batch's offsets.
+//! The persister task of a pipeline: writes batches (a couple at a time),
+//! each until it is stored, and acknowledges them to the consume loop in
+//! the order they were read; the loop then stores the batches' offsets.
 
 use std::time::Instant;
+
+use futures::stream::{FuturesOrdered, StreamExt};
 
 use kt_proto::ids::TriggerId;
 use sqlx::PgPool;
@@ -65,6 +67,12 @@ pub struct Ack {
     pub outcome: BatchOutcome,
 }
 
+/// Batches of one pipeline written at the same time, in separate
+/// transactions. They touch disjoint message rows; only the small checkpoint
+/// upsert at the end of each can wait on the other. Acknowledgements still
+/// go out strictly in the order the batches were read.
+pub const PARALLEL_WRITES: usize = 2;
+
 /// Stores batches until `batches` is closed (then drains it) or `abandon`
 /// fires (a batch still being retried is then left unstored and, since its
 /// offsets are never stored, redelivered later).
@@ -77,52 +85,78 @@ pub async fn run_persister(
     acks: mpsc::Sender<Ack>,
     abandon: CancellationToken,
 ) {
-    let label = trigger_id.to_string();
-    let mut failing = false;
-    while let Some(batch) = batches.recv().await {
-        let started = Instant::now();
-        let result = persist_batch(&pool, trigger_id.0, &batch.messages, &settings, &abandon, |err| {
-            failing = true;
-            metrics::counter!("kt_ingest_db_retries_total", "trigger_id" => label.clone()).increment(1);
-            status.set_error(Some(err.to_string()));
-        })
-        .await;
-        let outcome = match result {
-            Ok(outcome) => outcome,
-            Err(PersistError::Cancelled { .. }) => {
-                tracing::info!(%trigger_id, messages = batch.len(), "left a batch unstored at shutdown; it will be redelivered");
-                return;
-            }
-            Err(e) => {
-                // persist_batch retries everything else itself.
-                tracing::error!(%trigger_id, error = %e, "unexpected persist error");
-                return;
-            }
-        };
-        if failing {
-            failing = false;
-            status.set_error(None);
-        }
-        metrics::histogram!("kt_ingest_batch_seconds", "trigger_id" => label.clone())
-            .record(started.elapsed().as_secs_f64());
-        for (kind, n) in [("stored", outcome.stored), ("duplicate", outcome.duplicates), ("failed", outcome.failed)] {
-            if n > 0 {
-                metrics::counter!("kt_ingest_messages_total", "trigger_id" => label.clone(), "outcome" => kind)
-                    .increment(n);
-            }
-        }
-        tracing::debug!(
-            %trigger_id,
-            stored = outcome.stored,
-            duplicates = outcome.duplicates,
-            failed = outcome.failed,
-            "batch stored"
-        );
-        if acks.send(Ack { marks: batch.marks, outcome }).await.is_err() {
-            // The consume loop is gone; nothing left to acknowledge to.
-            return;
+    let mut writing = FuturesOrdered::new();
+    let mut closed = false;
+    loop {
+        tokio::select! {
+            batch = batches.recv(), if !closed && writing.len() < PARALLEL_WRITES => match batch {
+                Some(batch) => writing.push_back(write(pool.clone(), trigger_id, settings, status.clone(), batch, abandon.clone())),
+                None => closed = true,
+            },
+            Some(written) = writing.next() => match written {
+                Some(ack) => {
+                    if acks.send(ack).await.is_err() {
+                        // The consume loop is gone; nothing left to acknowledge to.
+                        return;
+                    }
+                }
+                // Abandoned at shutdown: later batches must not be
+                // acknowledged past it.
+                None => return,
+            },
+            else => return,
         }
     }
+}
+
+/// Writes one batch until it is stored (`Some`) or abandoned (`None`).
+async fn write(
+    pool: PgPool,
+    trigger_id: TriggerId,
+    settings: PersistSettings,
+    status: PipelineStatus,
+    batch: Batch,
+    abandon: CancellationToken,
+) -> Option<Ack> {
+    let label = trigger_id.to_string();
+    let started = Instant::now();
+    let mut failing = false;
+    let result = persist_batch(&pool, trigger_id.0, &batch.messages, &settings, &abandon, |err| {
+        failing = true;
+        metrics::counter!("kt_ingest_db_retries_total", "trigger_id" => label.clone()).increment(1);
+        status.set_error(Some(err.to_string()));
+    })
+    .await;
+    let outcome = match result {
+        Ok(outcome) => outcome,
+        Err(PersistError::Cancelled { .. }) => {
+            tracing::info!(%trigger_id, messages = batch.len(), "left a batch unstored at shutdown; it will be redelivered");
+            return None;
+        }
+        Err(e) => {
+            // persist_batch retries everything else itself.
+            tracing::error!(%trigger_id, error = %e, "unexpected persist error");
+            return None;
+        }
+    };
+    if failing {
+        status.set_error(None);
+    }
+    metrics::histogram!("kt_ingest_batch_seconds", "trigger_id" => label.clone())
+        .record(started.elapsed().as_secs_f64());
+    for (kind, n) in [("stored", outcome.stored), ("duplicate", outcome.duplicates), ("failed", outcome.failed)] {
+        if n > 0 {
+            metrics::counter!("kt_ingest_messages_total", "trigger_id" => label.clone(), "outcome" => kind).increment(n);
+        }
+    }
+    tracing::debug!(
+        %trigger_id,
+        stored = outcome.stored,
+        duplicates = outcome.duplicates,
+        failed = outcome.failed,
+        "batch stored"
+    );
+    Some(Ack { marks: batch.marks, outcome })
 }
 
 #[cfg(test)]

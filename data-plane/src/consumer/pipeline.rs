@@ -108,6 +108,7 @@ pub async fn run_pipeline(
         batch_started: None,
         in_flight: 0,
         paused: false,
+        holding_since: None,
         throttle_until: None,
         stored: HashMap::new(),
         stored_generation: 0,
@@ -132,6 +133,9 @@ struct ConsumeLoop {
     /// Batches handed to the persister and not acknowledged yet.
     in_flight: usize,
     paused: bool,
+    /// Since when no more messages are taken (persister saturated or rate
+    /// limit reached).
+    holding_since: Option<Instant>,
     limiter: Option<RateLimiter>,
     throttle_until: Option<Instant>,
     /// Offsets stored per partition in `stored_generation` (next to read).
@@ -158,6 +162,10 @@ impl ConsumeLoop {
         loop {
             let linger_at = self.batch_started.map(|t| t + self.settings().batch_linger);
             let can_flush = self.in_flight < MAX_BATCHES_IN_FLIGHT;
+            let pause_at = self.holding_since.filter(|_| !self.paused).map(|t| t + self.settings().pause_after);
+            // While holding, messages stay in librdkafka's (bounded) local
+            // queue; once paused, polling resumes to serve the callbacks.
+            let take_messages = self.holding_since.is_none() || self.paused;
             let consumer = self.consumer.clone();
             tokio::select! {
                 biased;
@@ -171,10 +179,10 @@ impl ConsumeLoop {
                 _ = sleep_until(self.throttle_until.unwrap_or_else(far)), if self.throttle_until.is_some() => {
                     self.throttle_until = None;
                 }
+                _ = sleep_until(pause_at.unwrap_or_else(far)), if pause_at.is_some() => self.set_paused(true),
                 _ = progress.tick() => self.publish_progress(),
-                // Polled even while paused: it also serves the rebalance,
-                // commit and statistics callbacks.
-                received = consumer.recv() => match received {
+                // Also serves the rebalance, commit and statistics callbacks.
+                received = consumer.recv(), if take_messages => match received {
                     Ok(m) => {
                         let message = to_ingest_message(&m);
                         drop(m);
@@ -187,7 +195,7 @@ impl ConsumeLoop {
             if self.batch.len() >= self.settings().batch_max_messages {
                 self.flush();
             }
-            self.update_pause();
+            self.update_flow();
         }
     }
 
@@ -269,16 +277,32 @@ impl ConsumeLoop {
         }
     }
 
-    /// Pauses every assigned partition while the persister is saturated or
-    /// the rate limit is reached; resumes when neither holds. Paused
-    /// partitions resume exactly after the last message handed to us.
-    fn update_pause(&mut self) {
+    /// Flow control, never dropping a message: while the persister is
+    /// saturated or the rate limit is reached, stop taking messages; if that
+    /// lasts longer than `pause_after` (a slow or unavailable database),
+    /// pause the partitions so the loop can keep serving the group's
+    /// callbacks. Short holds do not pause: librdkafka refetches paused
+    /// partitions from the broker on resume, which costs far more than a
+    /// brief wait.
+    fn update_flow(&mut self) {
         let saturated =
             self.batch.len() >= self.settings().batch_max_messages && self.in_flight >= MAX_BATCHES_IN_FLIGHT;
-        let want = saturated || self.throttle_until.is_some();
-        if want == self.paused {
-            return;
+        let hold = saturated || self.throttle_until.is_some();
+        match (hold, self.holding_since) {
+            (true, None) => self.holding_since = Some(Instant::now()),
+            (false, Some(_)) => {
+                self.holding_since = None;
+                if self.paused {
+                    self.set_paused(false);
+                }
+            }
+            _ => {}
         }
+    }
+
+    /// Pauses or resumes every assigned partition. Paused partitions resume
+    /// exactly after the last message handed to us.
+    fn set_paused(&mut self, pause: bool) {
         let assignment = match self.consumer.assignment() {
             Ok(a) => a,
             Err(e) => {
@@ -286,11 +310,11 @@ impl ConsumeLoop {
                 return;
             }
         };
-        let result = if want { self.consumer.pause(&assignment) } else { self.consumer.resume(&assignment) };
+        let result = if pause { self.consumer.pause(&assignment) } else { self.consumer.resume(&assignment) };
         match result {
             Ok(()) => {
-                tracing::debug!(trigger_id = %self.trigger_id(), paused = want, saturated, "consumption flow changed");
-                self.paused = want;
+                tracing::debug!(trigger_id = %self.trigger_id(), paused = pause, "consumption paused or resumed");
+                self.paused = pause;
             }
             Err(e) => tracing::warn!(trigger_id = %self.trigger_id(), error = %e, "cannot pause or resume"),
         }
@@ -431,9 +455,19 @@ impl ConsumeLoop {
                 let progress = ctx.progress(&tp);
                 let committed = progress.map(|p| p.committed_offset).filter(|o| *o >= 0);
                 let committed = committed.or_else(|| self.stored.get(&tp).copied()).unwrap_or(-1);
+                let high_watermark = progress.map_or(-1, |p| p.high_watermark);
+                if committed >= 0 && high_watermark >= 0 {
+                    metrics::gauge!(
+                        "kt_consumer_lag",
+                        "trigger_id" => self.trigger_id().to_string(),
+                        "topic" => tp.0.clone(),
+                        "partition" => tp.1.to_string()
+                    )
+                    .set((high_watermark - committed).max(0) as f64);
+                }
                 PartitionReport {
                     committed_offset: committed,
-                    high_watermark: progress.map_or(-1, |p| p.high_watermark),
+                    high_watermark,
                     topic: tp.0,
                     partition: tp.1,
                 }

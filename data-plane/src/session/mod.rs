@@ -29,6 +29,10 @@ use crate::status::{Reports, StatusBoard};
 /// the status board, so the queue only ever holds a burst of them.
 pub const OUTBOUND_CAPACITY: usize = 64;
 
+/// At shutdown, how long the control plane gets to end the session after
+/// the node ended its side.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
 #[derive(Debug, Clone)]
 pub struct SessionSettings {
     pub control_plane_url: String,
@@ -176,6 +180,13 @@ async fn session_once(
                 let current = board.snapshot();
                 send_report_changes(&current, &mut sent, &outbound).await?;
                 tracing::info!("closing the control plane session");
+                // Half-close: ending our stream flushes what is queued; then
+                // give the control plane a moment to end its side. Dropping
+                // the response stream first would reset the HTTP/2 stream
+                // and could lose the final reports.
+                drop(outbound);
+                let drain = async { while let Ok(Some(_)) = inbound.message().await {} };
+                let _ = tokio::time::timeout(CLOSE_GRACE.min(settings.peer_timeout), drain).await;
                 return Ok(());
             }
             message = inbound.message() => {

@@ -33,11 +33,19 @@ pub async fn write_batch(
     let mut outcome = BatchOutcome { duplicates: repeated, ..Default::default() };
     let (readable, unreadable): (Vec<&IngestMessage>, Vec<&IngestMessage>) =
         rows.into_iter().partition(|m| m.headers.is_some());
-    let (fresh, stored) = insert_new_messages(&mut **tx, trigger_id, &readable).await?;
+    let (fresh, stored) = insert_new_messages(tx, trigger_id, &readable).await?;
     outcome.stored += stored;
     outcome.duplicates += readable.len() as u64 - stored;
     debug_assert!(fresh >= stored);
     for message in unreadable {
+        tracing::error!(
+            %trigger_id,
+            topic = %message.topic,
+            partition = message.partition,
+            offset = message.offset,
+            error = UNREADABLE_HEADERS,
+            "message cannot be stored; recording it as an ingest failure"
+        );
         if record_failure(&mut **tx, trigger_id, message, UNREADABLE_HEADERS).await? {
             outcome.failed += 1;
         } else {
@@ -66,7 +74,7 @@ pub async fn write_rows_isolated(
             None => UNREADABLE_HEADERS.to_owned(),
             Some(_) => {
                 let mut savepoint = tx.begin().await?;
-                match insert_new_messages(&mut *savepoint, trigger_id, &[message]).await {
+                match insert_new_messages(&mut savepoint, trigger_id, &[message]).await {
                     Ok((_, stored)) => {
                         savepoint.commit().await?;
                         outcome.stored += stored;
@@ -81,7 +89,8 @@ pub async fn write_rows_isolated(
                 }
             }
         };
-        tracing::warn!(
+        // Error level: reported to Sentry (when configured) with these ids.
+        tracing::error!(
             %trigger_id,
             topic = %message.topic,
             partition = message.partition,
@@ -254,13 +263,9 @@ pub async fn record_failure<'e, E>(
 where
     E: Executor<'e, Database = Postgres>,
 {
-    let (names, values): (Option<Vec<&str>>, Option<Vec<Option<&[u8]>>>) = match &message.headers {
-        Some(headers) => (
-            Some(headers.iter().map(|h| h.name.as_str()).collect()),
-            Some(headers.iter().map(|h| h.value.as_deref()).collect()),
-        ),
-        None => (None, None),
-    };
+    let names: Option<Vec<&str>> = message.headers.as_ref().map(|hs| hs.iter().map(|h| h.name.as_str()).collect());
+    let values: Option<Vec<Option<&[u8]>>> =
+        message.headers.as_ref().map(|hs| hs.iter().map(|h| h.value.as_deref()).collect());
     let id: Option<i64> = sqlx::query_scalar(
         r#"
         WITH fresh AS (
@@ -269,10 +274,18 @@ where
             ON CONFLICT DO NOTHING
             RETURNING 1
         )
-        INSERT INTO ingest_failures
-            (trigger_id, topic, partition, "offset", key, value, header_names, header_values, ts, error)
-        SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10 FROM fresh
-        RETURNING id
+        , failure AS (
+            INSERT INTO ingest_failures
+                (trigger_id, topic, partition, "offset", key, value, header_names, header_values, ts, error)
+            SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10 FROM fresh
+            RETURNING id
+        ), event AS (
+            INSERT INTO events (kind, trigger_id, details)
+            SELECT 'persistence_failed', $1,
+                   jsonb_build_object('failure_id', id, 'topic', $2, 'partition', $3, 'offset', $4, 'error', $10)
+              FROM failure
+        )
+        SELECT id FROM failure
         "#,
     )
     .bind(trigger_id)
@@ -293,7 +306,8 @@ where
 /// The highest offset and timestamp per partition of `batch`, sorted by
 /// partition (a stable lock order for the upsert).
 pub(crate) fn checkpoints_of(batch: &[IngestMessage]) -> Vec<Checkpoint> {
-    let mut by_partition: BTreeMap<(&str, i32), (i64, Option<DateTime<Utc>>)> = BTreeMap::new();
+    type Last = (i64, Option<DateTime<Utc>>);
+    let mut by_partition: BTreeMap<(&str, i32), Last> = BTreeMap::new();
     for m in batch {
         let entry = by_partition.entry((m.topic.as_str(), m.partition)).or_insert((m.offset, m.timestamp));
         entry.0 = entry.0.max(m.offset);

@@ -107,7 +107,10 @@ async fn process(ctx: &Context, set_id: i64, trigger: &TriggerConfig) -> Result<
             (None, _) => {
                 let body = build_body(&body_input(&set, &head, partition, offset));
                 match store::create_work_order(&ctx.pool, set_id, lock, &set, partition, offset, &body).await? {
-                    Some(wo) => deliver(ctx, trigger, set_id, lock, wo, body, 0, None).await?,
+                    Some(wo) => {
+                        metrics::counter!("kt_work_orders_created_total").increment(1);
+                        deliver(ctx, trigger, set_id, lock, wo, body, 0, None).await?
+                    }
                     None if still_claimed(ctx, set_id, lock).await? => Step::Continue,
                     None => Step::Lost,
                 }
@@ -211,7 +214,9 @@ async fn deliver(
     };
     if after == AfterAttempt::Failed {
         metrics::counter!("kt_work_orders_failed_total").increment(1);
-        tracing::warn!(trigger_id = %trigger.id, set_id, work_order_id = %wo, attempts, error = error.as_deref().unwrap_or(""), "work order failed for good; set blocked");
+        // Error level: a newly blocked set is reported to Sentry (when
+        // configured) with these ids; the error text never holds secrets.
+        tracing::error!(trigger_id = %trigger.id, set_id, work_order_id = %wo, attempts, error = error.as_deref().unwrap_or(""), "work order failed for good; set blocked");
     } else if let Some(error) = &error {
         tracing::info!(trigger_id = %trigger.id, set_id, work_order_id = %wo, attempts, %error, "delivery failed; will retry");
     }

@@ -245,6 +245,7 @@ pub fn fast_settings() -> IngestSettings {
     IngestSettings {
         batch_max_messages: 100,
         batch_linger: Duration::from_millis(5),
+        pause_after: Duration::from_millis(300),
         commit_interval: Duration::from_millis(100),
         session_timeout: Duration::from_secs(6),
         heartbeat_interval: Duration::from_millis(500),

@@ -52,7 +52,14 @@ pub async fn run(opts: &Options) -> anyhow::Result<Value> {
 
 /// A fresh stack with `backlog` stored messages over `keys` keys; the time
 /// per work order of the first `sample` work orders after the announcement.
-async fn measure(opts: &Options, broker: &Broker, topic: &str, backlog: usize, keys: usize, sample: usize) -> anyhow::Result<Sampled> {
+async fn measure(
+    opts: &Options,
+    broker: &Broker,
+    topic: &str,
+    backlog: usize,
+    keys: usize,
+    sample: usize,
+) -> anyhow::Result<Sampled> {
     let mut stack = Stack::start(opts, opts.workers).await?;
     let receiver = WebhookReceiver::start("127.0.0.1:0".parse()?).await?;
     let name = format!("bench-backlog-{backlog}");

@@ -55,10 +55,14 @@ impl Broker {
     pub async fn create_topic(&self, prefix: &str, partitions: i32) -> anyhow::Result<String> {
         let name = format!("bench-{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
         match self {
-            Broker::Mock(m) => m.create_topic(&name, partitions).with_context(|| format!("failed to create topic {name}"))?,
+            Broker::Mock(m) => {
+                m.create_topic(&name, partitions).with_context(|| format!("failed to create topic {name}"))?
+            }
             Broker::External(b) => {
-                let admin: AdminClient<DefaultClientContext> =
-                    ClientConfig::new().set("bootstrap.servers", b).create().context("failed to create admin client")?;
+                let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+                    .set("bootstrap.servers", b)
+                    .create()
+                    .context("failed to create admin client")?;
                 let topic = NewTopic::new(&name, partitions, TopicReplication::Fixed(1));
                 let results = admin
                     .create_topics([&topic], &AdminOptions::new().operation_timeout(Some(REQUEST_TIMEOUT)))

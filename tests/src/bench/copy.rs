@@ -232,6 +232,9 @@ mod tests {
             }
         }
         let keyless: Vec<Row> = synthetic_rows(4, 0, 2, 5).collect();
-        assert_eq!(keyless.iter().map(|r| (r.partition, r.offset)).collect::<Vec<_>>(), [(0, 5), (1, 5), (0, 6), (1, 6)]);
+        assert_eq!(
+            keyless.iter().map(|r| (r.partition, r.offset)).collect::<Vec<_>>(),
+            [(0, 5), (1, 5), (0, 6), (1, 6)]
+        );
     }
 }

@@ -44,7 +44,10 @@ pub async fn run(opts: &Options) -> anyhow::Result<Value> {
     anyhow::ensure!(high.values().sum::<i64>() == n as i64, "the topic holds {high:?}, expected {n} messages");
 
     let (consume, consume_steady) = limit_consume(opts, &broker, &topic, n).await?;
-    progress!(SCENARIO, "limit: bare consumer read {n} messages at {consume:.0}/s ({consume_steady:.0}/s after the first)");
+    progress!(
+        SCENARIO,
+        "limit: bare consumer read {n} messages at {consume:.0}/s ({consume_steady:.0}/s after the first)"
+    );
     let copy = limit_copy(&topic, &produced, keys).await?;
     progress!(SCENARIO, "limit: COPY stored {n} rows at {copy:.0}/s");
 
@@ -53,7 +56,11 @@ pub async fn run(opts: &Options) -> anyhow::Result<Value> {
     let limit = consume.min(copy);
     let ingest_steady = per_second(measured.steady_messages, measured.steady);
     let limit_steady = consume_steady.min(copy);
-    progress!(SCENARIO, "ingest: {n} messages stored and committed in {:.2}s ({ingest:.0}/s)", measured.elapsed.as_secs_f64());
+    progress!(
+        SCENARIO,
+        "ingest: {n} messages stored and committed in {:.2}s ({ingest:.0}/s)",
+        measured.elapsed.as_secs_f64()
+    );
 
     let mut o = Map::new();
     o.insert("scenario".into(), SCENARIO.into());
@@ -120,7 +127,8 @@ async fn limit_consume(opts: &Options, broker: &Broker, topic: &str, n: usize) -
     };
     let v = kt_common::trigger::validate_trigger(&t, "", None)
         .map_err(|violations| anyhow::anyhow!("invalid limit trigger: {violations:?}"))?;
-    let config = KafkaConfig::for_trigger(&v.spec, &v.secrets, &stack::ingest_settings(&opts.kafka_config), "kt-bench-limit");
+    let config =
+        KafkaConfig::for_trigger(&v.spec, &v.secrets, &stack::ingest_settings(&opts.kafka_config), "kt-bench-limit");
     let consumer: StreamConsumer = config.client_config().create().context("failed to create the bare consumer")?;
     let started = Instant::now();
     consumer.subscribe(&[topic])?;
@@ -175,8 +183,10 @@ async fn limit_copy(topic: &str, produced: &[Produced], keys: usize) -> anyhow::
     };
     let started = Instant::now();
     let mut tx = pool.begin().await?;
-    copy::copy_rows(&mut *tx, Table::Messages, trigger, topic, rows()).await.context("COPY messages failed")?;
-    copy::copy_rows(&mut *tx, Table::MessageRecords, trigger, topic, rows()).await.context("COPY message_records failed")?;
+    copy::copy_rows(&mut tx, Table::Messages, trigger, topic, rows()).await.context("COPY messages failed")?;
+    copy::copy_rows(&mut tx, Table::MessageRecords, trigger, topic, rows())
+        .await
+        .context("COPY message_records failed")?;
     tx.commit().await?;
     let elapsed = started.elapsed();
     pool.close().await;
@@ -210,7 +220,12 @@ async fn measure_ingest(
 ) -> anyhow::Result<Measured> {
     let mut stack = Stack::start(opts, Some(0)).await?;
     let receiver = WebhookReceiver::start("127.0.0.1:0".parse()?).await?;
-    progress!(SCENARIO, "stack up (database {}, node workers {}); creating the trigger", stack.database_name(), stack.workers);
+    progress!(
+        SCENARIO,
+        "stack up (database {}, node workers {}); creating the trigger",
+        stack.database_name(),
+        stack.workers
+    );
     let total: i64 = high.values().sum();
     let started = Instant::now();
     let (trigger, group) = stack.create_trigger("bench-ingest", broker.hosts(), topic, &receiver.url()).await?;
@@ -256,8 +271,10 @@ async fn measure_ingest(
         }
         tokio::time::sleep(POLL).await;
     };
-    let work_orders: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM work_orders WHERE trigger_id = $1").bind(trigger).fetch_one(&stack.pool).await?;
+    let work_orders: i64 = sqlx::query_scalar("SELECT count(*) FROM work_orders WHERE trigger_id = $1")
+        .bind(trigger)
+        .fetch_one(&stack.pool)
+        .await?;
     let workers = stack.workers;
     stack.stop().await;
     let (elapsed, stored, first_seen) = result?;

@@ -4,7 +4,7 @@
 //! to the producer (`sent_at_us`, microseconds on this process's monotonic
 //! clock); the target stamps its arrival on the same clock.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -15,7 +15,7 @@ use serde_json::{Map, Value};
 
 use super::broker::Broker;
 use super::copy::{key_of, value_of};
-use super::report::{micros_at, percentile, per_second, round, with_memory};
+use super::report::{micros_at, per_second, percentile, round, unix_micros, with_memory};
 use super::stack::Stack;
 use super::Options;
 use crate::progress;
@@ -35,6 +35,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Value> {
 
     let broker = Broker::start(opts.brokers.as_deref())?;
     let topic = broker.create_topic("latency", opts.partitions).await?;
+    let opts = &mock_compensation(opts, &broker);
     let mut stack = Stack::start(opts, opts.workers).await?;
     let receiver = WebhookReceiver::start("127.0.0.1:0".parse()?).await?;
     let workers = stack.workers;
@@ -60,6 +61,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Value> {
     let waited = receiver.wait_for_deliveries(WARM_UP_MESSAGES + total, opts.timeout).await;
     let mut latencies = latencies_ms(&receiver);
     let trigger_successes = super::stack::successes(&stack.pool, trigger).await.unwrap_or(-1);
+    let stages = stages(&stack.pool, trigger, &receiver).await;
     stack.stop().await;
     waited.with_context(|| format!("{} of {total} measured messages delivered", latencies.len()))?;
     anyhow::ensure!(latencies.len() == total, "{} of {total} measured messages delivered", latencies.len());
@@ -76,6 +78,10 @@ pub async fn run(opts: &Options) -> anyhow::Result<Value> {
     o.insert("p99_ms".into(), round(percentile(&latencies, 99.0), 2).into());
     o.insert("max_ms".into(), round(latencies.last().copied().unwrap_or(f64::NAN), 2).into());
     o.insert("mean_ms".into(), round(latencies.iter().sum::<f64>() / latencies.len() as f64, 2).into());
+    match stages {
+        Ok(stages) => o.insert("stages_ms".into(), stages),
+        Err(e) => o.insert("stages_ms".into(), format!("unavailable: {e:#}").into()),
+    };
     o.insert("achieved_rate".into(), per_second(total, produce.elapsed).into());
     o.insert("producer_behind_max_ms".into(), round(produce.behind_max.as_secs_f64() * 1e3, 2).into());
     o.insert("work_orders_succeeded".into(), trigger_successes.into());
@@ -86,9 +92,28 @@ pub async fn run(opts: &Options) -> anyhow::Result<Value> {
             .into(),
     );
     o.insert("node_workers".into(), workers.into());
+    o.insert(
+        "kafka_config".into(),
+        opts.kafka_config.iter().map(|(k, v)| (k.clone(), Value::from(v.as_str()))).collect::<Map<_, _>>().into(),
+    );
     o.insert("partitions".into(), opts.partitions.into());
     o.insert("broker".into(), broker.describe().into());
     Ok(with_memory(o))
+}
+
+/// librdkafka's mock broker answers a fetch that found no data only after
+/// the full `fetch.wait.max.ms` (500 ms by default), even when messages
+/// arrive meanwhile (rdkafka_mock_handlers.c: "This isn't strictly correct
+/// since we should cut the wait short..."); a real broker answers as soon as
+/// data arrives. On the mock, the node's consumer therefore waits at most
+/// 10 ms per fetch, unless `--kafka-config` sets it.
+fn mock_compensation(opts: &Options, broker: &Broker) -> Options {
+    let mut opts = opts.clone();
+    let set = opts.kafka_config.iter().any(|(k, _)| k == "fetch.wait.max.ms");
+    if matches!(broker, Broker::Mock(_)) && !set {
+        opts.kafka_config.push(("fetch.wait.max.ms".into(), "10".into()));
+    }
+    opts
 }
 
 struct Produced {
@@ -100,7 +125,13 @@ struct Produced {
 /// Sends message `i` at `start + i / rate` (absolute schedule: no drift),
 /// stamping `sent_at_us` just before the hand-over; then waits for every
 /// acknowledgement.
-async fn steady_produce(producer: &FutureProducer, topic: &str, rate: u32, total: usize, keys: usize) -> anyhow::Result<Produced> {
+async fn steady_produce(
+    producer: &FutureProducer,
+    topic: &str,
+    rate: u32,
+    total: usize,
+    keys: usize,
+) -> anyhow::Result<Produced> {
     let start = tokio::time::Instant::now();
     let mut pending: Vec<DeliveryFuture> = Vec::with_capacity(total);
     let mut behind_max = Duration::ZERO;
@@ -158,4 +189,46 @@ fn latencies_ms(receiver: &WebhookReceiver) -> Vec<f64> {
             seen.insert(seq).then(|| (micros_at(d.received_at) as f64 - sent as f64) / 1e3)
         })
         .collect()
+}
+
+/// Where the time goes, cumulative from the hand-over to the producer, at
+/// p50/p99: `stored` (the ingest transaction that wrote the message's dedup
+/// record began), `work_order_created` (a worker claimed its set and wrote
+/// the work order), `delivered` (the target received the POST). Database
+/// timestamps are `now()` of their transaction on the same machine's clock.
+async fn stages(pool: &sqlx::PgPool, trigger: uuid::Uuid, receiver: &WebhookReceiver) -> anyhow::Result<Value> {
+    let mut sent: HashMap<(i32, i64), (i64, f64)> = HashMap::new();
+    for d in receiver.deliveries() {
+        if let Some(us) = d.body["data"]["sent_at_us"].as_u64() {
+            let delivered = (micros_at(d.received_at) as f64 - us as f64) / 1e3;
+            sent.entry((d.partition(), d.offset())).or_insert((unix_micros(us), delivered));
+        }
+    }
+    let rows: Vec<(i32, i64, f64, f64)> = sqlx::query_as(
+        "SELECT w.partition, w.\"offset\",
+                extract(epoch FROM r.created_at)::float8 * 1e6, extract(epoch FROM w.created_at)::float8 * 1e6
+           FROM work_orders w
+           JOIN message_records r USING (trigger_id, topic, partition, \"offset\")
+          WHERE w.trigger_id = $1",
+    )
+    .bind(trigger)
+    .fetch_all(pool)
+    .await?;
+    let (mut stored, mut created, mut delivered) = (Vec::new(), Vec::new(), Vec::new());
+    for (p, o, stored_us, created_us) in rows {
+        if let Some((sent_us, d)) = sent.get(&(p, o)) {
+            stored.push((stored_us - *sent_us as f64) / 1e3);
+            created.push((created_us - *sent_us as f64) / 1e3);
+            delivered.push(*d);
+        }
+    }
+    let summary = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        serde_json::json!({"p50": round(percentile(&v, 50.0), 2), "p99": round(percentile(&v, 99.0), 2)})
+    };
+    Ok(serde_json::json!({
+        "stored": summary(stored),
+        "work_order_created": summary(created),
+        "delivered": summary(delivered),
+    }))
 }

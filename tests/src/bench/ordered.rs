@@ -94,7 +94,13 @@ async fn run_once(
     let warm = stack::warm_up(&stack.pool, trigger, topic, WARM_UP_TIMEOUT).await?;
     progress!(SCENARIO, "{label}: workers ready (warm-up {:.2}s); storing {n} messages", warm.as_secs_f64());
     let backlog = stack::store_messages(&stack.pool, trigger, topic, n, keys, opts.partitions).await?;
-    progress!(SCENARIO, "{label}: stored {} messages in {} sets in {:.2}s; announcing", backlog.messages, backlog.sets, backlog.load_time.as_secs_f64());
+    progress!(
+        SCENARIO,
+        "{label}: stored {} messages in {} sets in {:.2}s; announcing",
+        backlog.messages,
+        backlog.sets,
+        backlog.load_time.as_secs_f64()
+    );
     let started = stack::announce_sets(&stack.pool, trigger, topic, keys > 0).await?;
     let done = stack::wait_successes(SCENARIO, &stack.pool, trigger, n as i64 + 1, POLL, opts.timeout).await?;
     let elapsed = done - started;

@@ -2,19 +2,28 @@
 //! resident memory, the clock all latencies are measured on, and rounding.
 
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Map, Value};
 
 /// Everything runs in the bench process, so its peak RSS covers all of it.
-pub const RSS_SCOPE: &str = "bench process (control plane + node + broker + webhook target + load generator in process)";
+pub const RSS_SCOPE: &str =
+    "bench process (control plane + node + broker + webhook target + load generator in process)";
 
-static START: OnceLock<Instant> = OnceLock::new();
+static START: OnceLock<(Instant, SystemTime)> = OnceLock::new();
 
 /// The process-wide reference instant: produce timestamps embedded in
 /// messages and delivery times are both measured from it.
 pub fn start() -> Instant {
-    *START.get_or_init(Instant::now)
+    START.get_or_init(|| (Instant::now(), SystemTime::now())).0
+}
+
+/// Unix microseconds (wall clock) of `micros` after [`start`]: to compare
+/// with timestamps Postgres wrote on the same machine.
+pub fn unix_micros(micros: u64) -> i64 {
+    start();
+    let base = START.get().map_or(0, |(_, wall)| wall.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64));
+    base + micros as i64
 }
 
 pub fn since_start() -> Duration {
@@ -33,6 +42,11 @@ pub fn peak_rss_mb() -> Option<f64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(round(kb / 1024.0, 1))
+}
+
+/// The 1-minute load average (/proc/loadavg).
+pub fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg").ok()?.split_whitespace().next()?.parse().ok()
 }
 
 /// Resets the peak so each scenario of `all` reports its own (Linux: writing
@@ -55,6 +69,8 @@ pub fn per_second(count: usize, elapsed: Duration) -> f64 {
 pub fn with_memory(mut object: Map<String, Value>) -> Value {
     object.insert("peak_rss_mb".into(), peak_rss_mb().map_or(Value::Null, Value::from));
     object.insert("rss_scope".into(), RSS_SCOPE.into());
+    // Other work on the machine skews every number: say how busy it was.
+    object.insert("loadavg_1m".into(), load_average().map_or(Value::Null, Value::from));
     Value::Object(object)
 }
 

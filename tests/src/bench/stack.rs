@@ -13,12 +13,12 @@ use sqlx::PgPool;
 use tonic::transport::Channel;
 use uuid::Uuid;
 
+use kt_control_plane::scheduler::NOTIFY_CHANNEL;
+
 use super::copy::{self, Row, Table};
 use super::Options;
 use crate::{ControlPlaneOptions, TestControlPlane, TestDb, TestNode};
 
-/// Postgres channel the control plane listens on for ready sets.
-pub const NOTIFY_CHANNEL: &str = "kt_sets";
 /// How often progress is polled.
 pub const POLL: Duration = Duration::from_millis(100);
 
@@ -123,7 +123,10 @@ impl Stack {
     }
 
     pub async fn delete_trigger(&mut self, id: Uuid) -> anyhow::Result<()> {
-        self.triggers.delete_trigger(DeleteTriggerRequest { id: id.to_string() }).await.context("DeleteTrigger failed")?;
+        self.triggers
+            .delete_trigger(DeleteTriggerRequest { id: id.to_string() })
+            .await
+            .context("DeleteTrigger failed")?;
         Ok(())
     }
 
@@ -221,10 +224,10 @@ pub async fn store_messages(
 ) -> anyhow::Result<Backlog> {
     let started = Instant::now();
     let mut tx = pool.begin().await?;
-    copy::copy_rows(&mut *tx, Table::Messages, trigger, topic, copy::synthetic_rows(n, keys, partitions, 0))
+    copy::copy_rows(&mut tx, Table::Messages, trigger, topic, copy::synthetic_rows(n, keys, partitions, 0))
         .await
         .context("COPY messages failed")?;
-    copy::copy_rows(&mut *tx, Table::MessageRecords, trigger, topic, copy::synthetic_rows(n, keys, partitions, 0))
+    copy::copy_rows(&mut tx, Table::MessageRecords, trigger, topic, copy::synthetic_rows(n, keys, partitions, 0))
         .await
         .context("COPY message_records failed")?;
     tx.commit().await?;
@@ -241,15 +244,18 @@ pub async fn store_messages(
 pub async fn announce_sets(pool: &PgPool, trigger: Uuid, topic: &str, keyed: bool) -> anyhow::Result<Instant> {
     let mut tx = pool.begin().await?;
     let sql = if keyed {
-        "INSERT INTO message_sets (trigger_id, topic, key, state, queued)
-         SELECT $1, $2, key, 'ready', false FROM messages
+        "INSERT INTO message_sets (trigger_id, topic, key)
+         SELECT $1, $2, key FROM messages
           WHERE trigger_id = $1 AND topic = $2 AND key IS NOT NULL
           GROUP BY key ORDER BY min(partition), min(\"offset\")
-         ON CONFLICT (trigger_id, topic, key) WHERE key IS NOT NULL
-         DO UPDATE SET state = 'ready', ingest_seq = message_sets.ingest_seq + 1, updated_at = now()"
+         ON CONFLICT (trigger_id, topic, key) WHERE key IS NOT NULL DO UPDATE
+            SET ingest_seq = message_sets.ingest_seq + 1,
+                state = CASE WHEN message_sets.state = 'idle' THEN 'ready' ELSE message_sets.state END,
+                queued = CASE WHEN message_sets.state = 'idle' THEN false ELSE message_sets.queued END,
+                updated_at = now()"
     } else {
-        "INSERT INTO message_sets (trigger_id, topic, partition, \"offset\", state, queued)
-         SELECT $1, $2, partition, \"offset\", 'ready', false FROM messages
+        "INSERT INTO message_sets (trigger_id, topic, partition, \"offset\")
+         SELECT $1, $2, partition, \"offset\" FROM messages
           WHERE trigger_id = $1 AND topic = $2 AND key IS NULL
           ORDER BY partition, \"offset\"
          ON CONFLICT DO NOTHING"
@@ -274,7 +280,7 @@ pub async fn warm_up(pool: &PgPool, trigger: Uuid, topic: &str, timeout: Duratio
         value: br#"{"warm_up":true}"#.to_vec(),
         ts: chrono::Utc::now(),
     };
-    copy::copy_rows(&mut *tx, Table::Messages, trigger, topic, [row]).await?;
+    copy::copy_rows(&mut tx, Table::Messages, trigger, topic, [row]).await?;
     tx.commit().await?;
     announce_sets(pool, trigger, topic, true).await?;
     let pool = pool.clone();
@@ -299,12 +305,14 @@ mod tests {
 
     async fn trigger_row(pool: &PgPool) -> Uuid {
         let id = Uuid::now_v7();
-        sqlx::query("INSERT INTO triggers (id, name, enabled, generation, group_id, spec) VALUES ($1, $2, true, 1, $2, '{}')")
-            .bind(id)
-            .bind(format!("t-{id}"))
-            .execute(pool)
-            .await
-            .unwrap();
+        sqlx::query(
+            "INSERT INTO triggers (id, name, enabled, generation, group_id, spec) VALUES ($1, $2, true, 1, $2, '{}')",
+        )
+        .bind(id)
+        .bind(format!("t-{id}"))
+        .execute(pool)
+        .await
+        .unwrap();
         id
     }
 
@@ -340,7 +348,8 @@ mod tests {
         store_messages(&pool, keyless, "t", 500, 0, 3).await.unwrap();
         announce_sets(&pool, keyless, "t", false).await.unwrap();
         assert_eq!(count(&pool, ready, keyless).await, 500);
-        let one_each = "SELECT count(*) FROM message_sets s JOIN messages m USING (trigger_id, topic, partition, \"offset\")
+        let one_each =
+            "SELECT count(*) FROM message_sets s JOIN messages m USING (trigger_id, topic, partition, \"offset\")
                          WHERE s.trigger_id = $1 AND s.key IS NULL";
         assert_eq!(count(&pool, one_each, keyless).await, 500);
     }
