@@ -6,6 +6,7 @@
 
 pub mod events;
 pub mod grpc;
+pub mod leader;
 pub mod nodes;
 pub mod scheduler;
 pub mod status;
@@ -105,8 +106,24 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     Ok(Running { addr, task })
 }
 
-/// Runs until `shutdown` is cancelled.
+/// Runs until `shutdown` is cancelled: stands by while another replica is
+/// active, then serves as long as it holds the leader lock. Losing the lock
+/// is an error, so a supervisor restarts the process (as a standby).
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let running = start(config, shutdown).await?;
-    running.task.await.context("server task panicked")?
+    let Some(leadership) = leader::acquire(&config.database_url, &shutdown).await? else {
+        return Ok(());
+    };
+    let serving = shutdown.child_token();
+    let stop = serving.clone();
+    let lost = leadership.lost.clone();
+    tokio::spawn(async move {
+        lost.cancelled().await;
+        stop.cancel();
+    });
+    let running = start(config, serving).await?;
+    running.task.await.context("server task panicked")??;
+    if leadership.lost.is_cancelled() {
+        anyhow::bail!("lost the leader lock; stopped serving so another replica can take over");
+    }
+    Ok(())
 }

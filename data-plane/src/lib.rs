@@ -80,6 +80,17 @@ impl Config {
     }
 }
 
+/// `--control-plane-url` may list several control-plane replicas,
+/// comma-separated; connection attempt `n` goes to the `n`-th of them (in a
+/// cycle), so a node finds the active one after a failover.
+pub fn control_plane_url(list: &str, attempt: usize) -> String {
+    let urls: Vec<&str> = list.split(',').map(str::trim).filter(|u| !u.is_empty()).collect();
+    match urls.len() {
+        0 => list.trim().to_owned(),
+        n => urls[attempt % n].to_owned(),
+    }
+}
+
 /// A fresh node id: time-ordered, so node lists sort by start.
 pub fn generate_node_id() -> String {
     format!("node-{}", uuid::Uuid::now_v7())
@@ -169,4 +180,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     pool.close().await;
     tracing::info!("data plane stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_control_plane_urls_rotate_per_attempt() {
+        let list = "http://a:1, http://b:2,";
+        assert_eq!(control_plane_url(list, 0), "http://a:1");
+        assert_eq!(control_plane_url(list, 1), "http://b:2");
+        assert_eq!(control_plane_url(list, 2), "http://a:1");
+        assert_eq!(control_plane_url("http://only:1", 7), "http://only:1");
+    }
 }

@@ -17,7 +17,8 @@ use kt_data_plane::{run, Config};
 #[derive(Debug, Parser)]
 #[command(name = "data-plane", version)]
 struct Args {
-    /// gRPC URL of the control plane.
+    /// gRPC URL of the control plane; several replicas comma-separated
+    /// (the node connects to whichever is active).
     #[arg(long, env = "KT_CONTROL_PLANE_URL", default_value = "http://127.0.0.1:50051")]
     control_plane_url: String,
 

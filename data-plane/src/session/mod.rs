@@ -104,9 +104,15 @@ pub async fn run_session(
     cancel: CancellationToken,
 ) {
     let mut attempt: u32 = 0;
+    let mut tries: usize = 0;
     loop {
         let started = Instant::now();
-        match session_once(&settings, &supervisor, &board, &cancel).await {
+        // With several control-plane replicas listed, each attempt tries the
+        // next one: only the active replica accepts connections.
+        let mut current = settings.clone();
+        current.control_plane_url = crate::control_plane_url(&settings.control_plane_url, tries);
+        tries = tries.wrapping_add(1);
+        match session_once(&current, &supervisor, &board, &cancel).await {
             Ok(()) => return,
             Err(SessionError::SupervisorGone) => return,
             Err(e) => {

@@ -94,8 +94,11 @@ pub struct WorkerConfig {
 pub async fn run(config: WorkerConfig, pool: PgPool, triggers: TriggerDirectory, shutdown: CancellationToken) -> anyhow::Result<()> {
     let ctx = Arc::new(Context { pool, webhook: WebhookClient::new()? });
     let mut failures = 0;
+    let mut tries = 0;
     while !shutdown.is_cancelled() {
-        match session(&config, &ctx, &triggers, &shutdown).await {
+        let url = crate::control_plane_url(&config.control_plane_url, tries);
+        tries = tries.wrapping_add(1);
+        match session(&config, &url, &ctx, &triggers, &shutdown).await {
             Ok(()) => failures = 0,
             Err(error) => {
                 failures += 1;
@@ -110,8 +113,14 @@ pub async fn run(config: WorkerConfig, pool: PgPool, triggers: TriggerDirectory,
     Ok(())
 }
 
-async fn session(config: &WorkerConfig, ctx: &Arc<Context>, triggers: &TriggerDirectory, shutdown: &CancellationToken) -> anyhow::Result<()> {
-    let channel = tonic::transport::Endpoint::from_shared(config.control_plane_url.clone())?
+async fn session(
+    config: &WorkerConfig,
+    url: &str,
+    ctx: &Arc<Context>,
+    triggers: &TriggerDirectory,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())?
         .connect_timeout(Duration::from_secs(5))
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(20))
