@@ -34,6 +34,11 @@ pub struct Model {
     /// Every set the model holds (ready or in flight), to drop duplicates.
     known: HashSet<SetId>,
     in_flight: HashMap<SetId, (SessionId, TriggerId)>,
+    /// In-flight sets announced ready again (ingest woke them, a completion
+    /// made them ready): their worker's outcome may predate the news (it
+    /// found the set empty just before a message arrived), so they are
+    /// queued again when it comes back, whatever it says.
+    rewake: HashSet<SetId>,
     in_flight_per_trigger: HashMap<TriggerId, u32>,
     limits: HashMap<TriggerId, u32>,
     default_limit: u32,
@@ -47,6 +52,7 @@ impl Model {
             rotation: VecDeque::new(),
             known: HashSet::new(),
             in_flight: HashMap::new(),
+            rewake: HashSet::new(),
             in_flight_per_trigger: HashMap::new(),
             limits: HashMap::new(),
             default_limit,
@@ -60,8 +66,13 @@ impl Model {
         self.limits.insert(trigger, limit);
     }
 
-    /// Queues a set unless the model already holds it. Returns whether it was added.
+    /// Queues a set unless the model already holds it. Returns whether it
+    /// was added; a set in flight is remembered and queued after its outcome.
     pub fn push_ready(&mut self, set_id: SetId, trigger: TriggerId) -> bool {
+        if self.in_flight.contains_key(&set_id) {
+            self.rewake.insert(set_id);
+            return false;
+        }
         if !self.known.insert(set_id) {
             return false;
         }
@@ -108,7 +119,14 @@ impl Model {
     pub fn complete(&mut self, session: SessionId, set_id: SetId) -> Option<TriggerId> {
         self.add_credits(session, 1);
         match self.in_flight.get(&set_id) {
-            Some((holder, _)) if *holder == session => self.finish(set_id),
+            Some((holder, _)) if *holder == session => {
+                let rewake = self.rewake.contains(&set_id);
+                let trigger = self.finish(set_id)?;
+                if rewake {
+                    self.push_ready(set_id, trigger);
+                }
+                Some(trigger)
+            }
             _ => None,
         }
     }
@@ -132,6 +150,7 @@ impl Model {
     fn finish(&mut self, set_id: SetId) -> Option<TriggerId> {
         let (_, trigger) = self.in_flight.remove(&set_id)?;
         self.known.remove(&set_id);
+        self.rewake.remove(&set_id);
         if let Some(n) = self.in_flight_per_trigger.get_mut(&trigger) {
             *n = n.saturating_sub(1);
         }
@@ -209,7 +228,13 @@ mod tests {
         let grants = m.dispatch();
         assert_eq!(grants, [Grant { session: s, set_id: 10, trigger_id: t(1) }]);
         assert!(!m.push_ready(10, t(1)), "an in-flight set is not queued again");
+        assert_eq!(m.ready_len(), 0);
         assert_eq!(m.complete(s, 10), Some(t(1)));
+        assert_eq!(m.ready_len(), 1, "announced while in flight: queued again after its outcome");
+        assert!(!m.push_ready(10, t(1)), "a queued set is not queued twice");
+        assert_eq!(m.dispatch().len(), 1);
+        assert_eq!(m.complete(s, 10), Some(t(1)));
+        assert_eq!(m.ready_len(), 0, "not announced while in flight: not queued again");
         assert!(m.push_ready(10, t(1)), "after its outcome it can be queued again");
     }
 

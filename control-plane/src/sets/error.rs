@@ -1,7 +1,6 @@
 //! Errors of message-set operations, and their one mapping to gRPC status.
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use kt_common::db::{classify, DbErrorKind};
 use kt_proto::status::{self, ErrorCode, FieldViolation};
 
 use super::SetState;
@@ -39,16 +38,7 @@ impl From<SetError> for tonic::Status {
             | SetError::NotSkippable { .. }
             | SetError::NothingToSkip { .. }
             | SetError::Claimed { .. } => status::status(ErrorCode::FailedPrecondition, err.to_string()),
-            SetError::Database(db) => match classify(db) {
-                DbErrorKind::Unavailable | DbErrorKind::Retryable => {
-                    tracing::warn!(error = %db, "database unavailable");
-                    status::status(ErrorCode::Unavailable, "database unavailable, try again")
-                }
-                _ => {
-                    tracing::error!(error = %db, "database error");
-                    status::status(ErrorCode::Internal, "internal database error")
-                }
-            },
+            SetError::Database(db) => kt_common::db::status(db),
         }
     }
 }

@@ -48,16 +48,7 @@ impl From<TriggerError> for tonic::Status {
                 tracing::error!(error = %err, "credential encryption failed");
                 status::status(ErrorCode::Internal, "credential encryption failed")
             }
-            TriggerError::Database(db) => match classify(db) {
-                DbErrorKind::Unavailable | DbErrorKind::Retryable => {
-                    tracing::warn!(error = %db, "database unavailable");
-                    status::status(ErrorCode::Unavailable, "database unavailable, try again")
-                }
-                _ => {
-                    tracing::error!(error = %db, "database error");
-                    status::status(ErrorCode::Internal, "internal database error")
-                }
-            },
+            TriggerError::Database(db) => kt_common::db::status(db),
         }
     }
 }

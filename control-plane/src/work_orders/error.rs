@@ -1,6 +1,5 @@
 //! Errors of work-order operations, and their one mapping to gRPC status.
 
-use kt_common::db::{classify, DbErrorKind};
 use kt_proto::status::{self, ErrorCode, FieldViolation};
 use uuid::Uuid;
 
@@ -33,16 +32,7 @@ impl From<WorkOrderError> for tonic::Status {
             WorkOrderError::NotFound(_) => status::status(ErrorCode::NotFound, err.to_string()),
             WorkOrderError::NotRunning { .. } => status::status(ErrorCode::FailedPrecondition, err.to_string()),
             WorkOrderError::InDelivery { .. } => status::status(ErrorCode::Unavailable, err.to_string()),
-            WorkOrderError::Database(db) => match classify(db) {
-                DbErrorKind::Unavailable | DbErrorKind::Retryable => {
-                    tracing::warn!(error = %db, "database unavailable");
-                    status::status(ErrorCode::Unavailable, "database unavailable, try again")
-                }
-                _ => {
-                    tracing::error!(error = %db, "database error");
-                    status::status(ErrorCode::Internal, "internal database error")
-                }
-            },
+            WorkOrderError::Database(db) => kt_common::db::status(db),
         }
     }
 }
