@@ -1,0 +1,110 @@
+//! The command-line contract of both binaries (DESIGN §8): `migrate`, help
+//! for every flag with its environment variable, JSON logs, a clean stop on
+//! SIGTERM, and a node refusing a database at another schema version.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use kt_tests::{workspace_binary, TestDb};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+
+#[tokio::test]
+async fn test_migrate_subcommand_applies_every_migration() {
+    let db = TestDb::create().await.unwrap();
+    let out = Command::new(workspace_binary("control-plane").unwrap())
+        .arg("migrate")
+        .env("DATABASE_URL", &db.url)
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let pool = db.pool().await.unwrap();
+    assert_eq!(kt_common::db::applied_schema_version(&pool).await.unwrap(), kt_common::db::expected_schema_version());
+}
+
+#[tokio::test]
+async fn test_help_explains_every_flag_and_its_environment_variable() {
+    let contract = [
+        ("control-plane", &["--database-url", "DATABASE_URL", "--grpc-listen", "KT_GRPC_LISTEN", "--metrics-listen",
+            "KT_METRICS_LISTEN", "--api-token", "KT_API_TOKEN", "--node-token", "KT_NODE_TOKEN", "--encryption-key",
+            "KT_ENCRYPTION_KEY", "KT_LOG_FORMAT", "SENTRY_DSN", "migrate"][..]),
+        ("data-plane", &["--control-plane-url", "KT_CONTROL_PLANE_URL", "--database-url", "DATABASE_URL", "--node-token",
+            "KT_NODE_TOKEN", "--node-id", "KT_NODE_ID", "--workers", "KT_WORKERS", "--metrics-listen", "KT_METRICS_LISTEN",
+            "KT_LOG_FORMAT", "SENTRY_DSN"][..]),
+    ];
+    for (binary, names) in contract {
+        let out = Command::new(workspace_binary(binary).unwrap())
+            .arg("--help")
+            .env("KT_API_TOKEN", "must-not-be-printed")
+            .env("KT_NODE_TOKEN", "must-not-be-printed")
+            .output()
+            .await
+            .unwrap();
+        let help = String::from_utf8_lossy(&out.stdout);
+        for name in names {
+            assert!(help.contains(name), "{binary} --help does not mention {name}:\n{help}");
+        }
+        assert!(!help.contains("must-not-be-printed"), "{binary} --help shows a token from the environment");
+    }
+}
+
+#[tokio::test]
+async fn test_control_plane_logs_json_and_stops_cleanly_on_sigterm() {
+    let db = TestDb::create().await.unwrap();
+    let mut child = Command::new(workspace_binary("control-plane").unwrap())
+        .env("DATABASE_URL", &db.url)
+        .env("KT_GRPC_LISTEN", "127.0.0.1:0")
+        .env("KT_LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let listening = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let json: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|_| panic!("not JSON: {line}"));
+            assert!(json["level"].is_string(), "{line}");
+            if json["message"] == "control plane listening" {
+                return json;
+            }
+        }
+        panic!("the control plane exited before listening");
+    })
+    .await
+    .unwrap();
+    assert!(listening["addr"].as_str().is_some_and(|a| a.starts_with("127.0.0.1:")), "{listening}");
+
+    let pid = child.id().unwrap().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().await.unwrap().success());
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait()).await.expect("stops in time").unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test]
+async fn test_data_plane_refuses_a_database_at_another_schema_version() {
+    let db = TestDb::create().await.unwrap();
+    let pool = db.pool().await.unwrap();
+    kt_common::db::migrate(&pool).await.unwrap();
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+         VALUES (9999, 'from the future', true, '\\x00', 0)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        Command::new(workspace_binary("data-plane").unwrap())
+            .env("DATABASE_URL", &db.url)
+            .env("KT_CONTROL_PLANE_URL", "http://127.0.0.1:9")
+            .output(),
+    )
+    .await
+    .expect("exits in time")
+    .unwrap();
+    assert!(!out.status.success());
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("schema") && text.contains("9999"), "{text}");
+}
