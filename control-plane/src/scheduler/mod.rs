@@ -270,6 +270,11 @@ async fn feed(pool: PgPool, scheduler: Scheduler, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
             _ = sweep.tick() => {
                 take(&pool, &scheduler, None).await;
+                match store::overdue_retries(&pool).await {
+                    Ok(sets) if !sets.is_empty() => scheduler.send(Command::Ready { sets }).await,
+                    Ok(_) => {}
+                    Err(error) => tracing::warn!(%error, "cannot look for overdue retries"),
+                }
                 publish_gauges(&pool, &scheduler).await;
                 match store::release_expired_claims(&pool).await {
                     Ok(sets) if !sets.is_empty() => {

@@ -49,6 +49,19 @@ pub async fn waiting_retries(db: impl PgExecutor<'_>) -> Result<Vec<(SetId, Uuid
     .await
 }
 
+/// Unclaimed sets whose retry time passed a while ago: normally a timer of
+/// the scheduler grants them; this catches one that no timer knows about
+/// (its attempt was recorded while this control plane was starting).
+pub async fn overdue_retries(db: impl PgExecutor<'_>) -> Result<Vec<(SetId, Uuid)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, trigger_id FROM message_sets
+          WHERE state = 'waiting' AND retry_at < now() - interval '5 seconds' AND lock_id IS NULL
+          LIMIT 10000",
+    )
+    .fetch_all(db)
+    .await
+}
+
 /// Releases claims whose lease ran out (their worker died or hung) and
 /// returns the sets so they are queued again. The lock id changes with the
 /// release, so a late write of the old claim is fenced off.
