@@ -12,7 +12,7 @@ use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use support::*;
 use uuid::Uuid;
 
-const T: Duration = Duration::from_secs(40);
+const T: Duration = Duration::from_secs(60);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_offsets_are_not_committed_while_postgres_is_down() {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use kt_data_plane::store::{
-    cleanup_dedup_records, earliest_checkpoint_ts, persist_batch, write_batch, BatchOutcome, Header, IngestMessage,
+    cleanup_dedup_records, load_checkpoints, persist_batch, write_batch, BatchOutcome, Header, IngestMessage,
     PersistSettings, CLEANUP_CHUNK_ROWS,
 };
 use kt_common::backoff::Backoff;
@@ -183,7 +183,7 @@ async fn test_unreadable_headers_are_recorded_as_failures() {
 #[tokio::test]
 async fn test_checkpoints_only_move_forward() {
     let (db, trigger_id) = setup().await;
-    assert!(earliest_checkpoint_ts(&db.pool, trigger_id).await.unwrap().is_empty());
+    assert!(load_checkpoints(&db.pool, trigger_id).await.unwrap().is_empty());
     store(&db, trigger_id, &[message(0, 10, b"x"), message(1, 4, b"x")]).await;
     // A late, older batch (e.g. replayed) must not move them back.
     store(&db, trigger_id, &[message(0, 3, b"x")]).await;
@@ -197,13 +197,9 @@ async fn test_checkpoints_only_move_forward() {
     assert_eq!(rows[0].1, 10);
     assert_eq!(rows[0].2, DateTime::from_timestamp_millis(1_700_000_000_010));
     assert_eq!(rows[1].1, 4);
-    // The earliest partition timestamp of the trigger, per topic.
-    let mut other = message(0, 2, b"x");
-    other.topic = "other".into();
-    store(&db, trigger_id, &[other]).await;
-    let earliest = earliest_checkpoint_ts(&db.pool, trigger_id).await.unwrap();
-    assert_eq!(earliest.get("orders").copied(), DateTime::from_timestamp_millis(1_700_000_000_004));
-    assert_eq!(earliest.get("other").copied(), DateTime::from_timestamp_millis(1_700_000_000_002));
+    let loaded = load_checkpoints(&db.pool, trigger_id).await.unwrap();
+    let got: Vec<_> = loaded.iter().map(|c| (c.partition, c.last_offset)).collect();
+    assert_eq!(got, [(0, 10), (1, 4)]);
     db.drop().await;
 }
 
@@ -291,5 +287,26 @@ async fn test_dedup_cleanup_deletes_expired_records_in_chunks() {
     assert_eq!(left, [0, 1, 2, 3, 4]);
     assert_eq!(count(&db.pool, "SELECT count(*) FROM message_records WHERE trigger_id = $1", trigger_id).await, 105);
     assert_eq!(cleanup_dedup_records(&db.pool, Duration::from_secs(86_400)).await.unwrap(), 0);
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn test_a_key_too_large_for_the_set_index_is_recorded_not_retried_forever() {
+    let (db, trigger_id) = setup().await;
+    // Incompressible and larger than a btree entry may be (SQLSTATE 54000).
+    let huge_key: Vec<u8> = (0..10_000).map(|_| rand::random::<u8>()).collect();
+    let mut batch: Vec<_> = (0..5).map(|o| message(0, o, b"ok")).collect();
+    batch[2].key = Some(huge_key.clone());
+    let cancel = CancellationToken::new();
+    let outcome = persist_batch(&db.pool, trigger_id, &batch, &quick_retry(), &cancel, |_| {}).await.unwrap();
+    assert_eq!(outcome, BatchOutcome { stored: 4, duplicates: 0, failed: 1 });
+    let (key, error): (Option<Vec<u8>>, String) =
+        sqlx::query_as("SELECT key, error FROM ingest_failures WHERE trigger_id = $1")
+            .bind(trigger_id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(key, Some(huge_key), "the failure keeps the key byte for byte");
+    assert!(error.contains("54000"), "{error}");
     db.drop().await;
 }

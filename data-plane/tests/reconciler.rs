@@ -14,7 +14,7 @@ use support::*;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-const T: Duration = Duration::from_secs(30);
+const T: Duration = Duration::from_secs(60);
 
 fn spec(trigger: &v1::Trigger) -> PipelineSpec {
     PipelineSpec { trigger: Some(trigger.clone()) }

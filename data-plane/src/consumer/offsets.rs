@@ -1,8 +1,8 @@
 //! Offset arithmetic and start positions. Kafka commits the offset of the
 //! *next* message to read, so the "+1" lives here, in one tested place; and
 //! where a newly assigned partition starts is decided here: its committed
-//! offset, else the trigger's partition checkpoints of that topic (a group
-//! that lost its offsets), else the trigger's initial policy.
+//! offset, else the trigger's partition checkpoints (a group that lost its
+//! offsets), else the trigger's initial policy.
 
 use std::collections::HashMap;
 
@@ -29,6 +29,9 @@ pub fn last_consumed(committed: i64) -> Option<i64> {
 pub enum StartPosition {
     /// The group's committed offset (the next message to read).
     Committed(i64),
+    /// One past the last message the trigger stored from the partition
+    /// (its checkpoint), for a group that lost its committed offset.
+    AfterCheckpoint(i64),
     Beginning,
     End,
     /// The first message at or after this unix-millisecond timestamp.
@@ -41,7 +44,7 @@ impl StartPosition {
     /// timestamp after the last message resolves to the end.
     pub fn to_offset(self, by_time: Option<Offset>) -> Offset {
         match self {
-            StartPosition::Committed(o) => Offset::Offset(o),
+            StartPosition::Committed(o) | StartPosition::AfterCheckpoint(o) => Offset::Offset(o),
             StartPosition::Beginning => Offset::Beginning,
             StartPosition::End => Offset::End,
             StartPosition::AtTimestamp(_) => match by_time {
@@ -52,31 +55,68 @@ impl StartPosition {
     }
 }
 
-/// The start of a partition. `committed` is the group's committed offset
-/// (`None`: the group never committed one, or it expired);
-/// `earliest_checkpoint_ms` the earliest last-seen timestamp among the
-/// trigger's partition checkpoints, if it has any.
+/// What the trigger's partition checkpoints say: the last offset it stored
+/// of each partition, and per topic the earliest last-seen timestamp.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Checkpoints {
+    last_offsets: HashMap<TopicPartition, i64>,
+    earliest_ms: HashMap<String, i64>,
+}
+
+impl Checkpoints {
+    /// From checkpoint rows: (topic, partition), last offset, last-seen
+    /// timestamp.
+    pub fn new(rows: impl IntoIterator<Item = (TopicPartition, i64, Option<i64>)>) -> Self {
+        let mut c = Self::default();
+        for (tp, last_offset, ts) in rows {
+            if let Some(ts) = ts {
+                let e = c.earliest_ms.entry(tp.0.clone()).or_insert(ts);
+                *e = (*e).min(ts);
+            }
+            c.last_offsets.insert(tp, last_offset);
+        }
+        c
+    }
+
+    pub fn last_offset(&self, tp: &TopicPartition) -> Option<i64> {
+        self.last_offsets.get(tp).copied()
+    }
+
+    pub fn earliest_ms(&self, topic: &str) -> Option<i64> {
+        self.earliest_ms.get(topic).copied()
+    }
+}
+
+/// The start of a partition: its committed offset, or where to start when
+/// the group has none (`committed`: `None`).
 ///
-/// A group without a committed offset whose trigger has checkpoints has been
-/// consuming before and lost its offsets (e.g. disabled for longer than the
-/// broker's offset retention): it resumes from the checkpoints rather than
-/// applying the initial policy again, which could skip ("latest") or replay
-/// ("earliest") a whole topic. Re-reading from the earliest checkpoint may
-/// redeliver messages; dedup records absorb them.
+/// A partition the trigger already stored messages of resumes right after
+/// its checkpoint: the group lost its offsets (the trigger was disabled
+/// longer than the broker's offset retention, or its first owner died before
+/// committing), and applying the initial policy again would skip ("latest")
+/// or replay ("earliest") the partition. Everything up to the checkpoint is
+/// stored; if the log no longer reaches that offset (truncated, topic
+/// recreated), librdkafka's reset to the earliest offset applies.
+///
+/// A partition the trigger never stored anything of follows the initial
+/// policy, except "latest" when the trigger has already consumed the topic:
+/// it starts at the topic's earliest last-seen timestamp, so what arrived
+/// since the trigger was consuming the topic is not skipped.
 pub fn start_position(
     committed: Option<i64>,
     policy: OffsetPolicy,
-    earliest_checkpoint_ms: Option<i64>,
+    checkpoint_last_offset: Option<i64>,
+    topic_earliest_ms: Option<i64>,
 ) -> StartPosition {
     if let Some(offset) = committed.filter(|o| *o >= 0) {
         return StartPosition::Committed(offset);
     }
-    if let Some(ts) = earliest_checkpoint_ms {
-        return StartPosition::AtTimestamp(ts);
+    if let Some(last) = checkpoint_last_offset {
+        return StartPosition::AfterCheckpoint(next_offset(last));
     }
     match policy {
         OffsetPolicy::Earliest => StartPosition::Beginning,
-        OffsetPolicy::Latest => StartPosition::End,
+        OffsetPolicy::Latest => topic_earliest_ms.map_or(StartPosition::End, StartPosition::AtTimestamp),
         OffsetPolicy::Timestamp(ms) => StartPosition::AtTimestamp(ms),
     }
 }
@@ -88,20 +128,23 @@ pub fn any_uncommitted(partitions: &[TopicPartition], committed: &HashMap<TopicP
 }
 
 /// Start positions for `partitions`, given the committed offsets found for
-/// them and, per topic, the earliest checkpoint timestamp of the trigger.
-/// A topic without checkpoints was never consumed by the trigger (e.g. just
-/// added to it): its partitions follow the initial policy.
+/// them and the trigger's checkpoints.
 pub fn plan_starts(
     partitions: &[TopicPartition],
     committed: &HashMap<TopicPartition, i64>,
     policy: OffsetPolicy,
-    earliest_checkpoint_ms: &HashMap<String, i64>,
+    checkpoints: &Checkpoints,
 ) -> Vec<(TopicPartition, StartPosition)> {
     partitions
         .iter()
         .map(|tp| {
-            let checkpoint = earliest_checkpoint_ms.get(&tp.0).copied();
-            (tp.clone(), start_position(committed.get(tp).copied(), policy, checkpoint))
+            let pos = start_position(
+                committed.get(tp).copied(),
+                policy,
+                checkpoints.last_offset(tp),
+                checkpoints.earliest_ms(&tp.0),
+            );
+            (tp.clone(), pos)
         })
         .collect()
 }
@@ -121,62 +164,83 @@ mod tests {
     #[test]
     fn test_committed_offset_wins_over_everything() {
         for policy in [OffsetPolicy::Earliest, OffsetPolicy::Latest, OffsetPolicy::Timestamp(1_700_000_000_000)] {
-            assert_eq!(start_position(Some(17), policy, Some(5)), StartPosition::Committed(17));
+            assert_eq!(start_position(Some(17), policy, Some(30), Some(5)), StartPosition::Committed(17));
         }
     }
 
     #[test]
     fn test_initial_policy_applies_to_a_new_group() {
-        assert_eq!(start_position(None, OffsetPolicy::Earliest, None), StartPosition::Beginning);
-        assert_eq!(start_position(None, OffsetPolicy::Latest, None), StartPosition::End);
+        assert_eq!(start_position(None, OffsetPolicy::Earliest, None, None), StartPosition::Beginning);
+        assert_eq!(start_position(None, OffsetPolicy::Latest, None, None), StartPosition::End);
         assert_eq!(
-            start_position(None, OffsetPolicy::Timestamp(1_700_000_000_000), None),
+            start_position(None, OffsetPolicy::Timestamp(1_700_000_000_000), None, None),
             StartPosition::AtTimestamp(1_700_000_000_000)
         );
         // A negative (logical) committed offset means "none".
-        assert_eq!(start_position(Some(-1001), OffsetPolicy::Latest, None), StartPosition::End);
+        assert_eq!(start_position(Some(-1001), OffsetPolicy::Latest, None, None), StartPosition::End);
     }
 
     #[test]
     fn test_timestamp_policy_resolves_through_offsets_for_times() {
-        let pos = start_position(None, OffsetPolicy::Timestamp(1_700_000_000_000), None);
+        let pos = start_position(None, OffsetPolicy::Timestamp(1_700_000_000_000), None, None);
         assert_eq!(pos.to_offset(Some(Offset::Offset(120))), Offset::Offset(120));
         // No message at or after the timestamp: start at the end, like Kafka.
         assert_eq!(pos.to_offset(Some(Offset::End)), Offset::End);
         assert_eq!(pos.to_offset(None), Offset::End);
         assert_eq!(StartPosition::Committed(9).to_offset(None), Offset::Offset(9));
+        assert_eq!(StartPosition::AfterCheckpoint(9).to_offset(None), Offset::Offset(9));
         assert_eq!(StartPosition::Beginning.to_offset(None), Offset::Beginning);
     }
 
     #[test]
-    fn test_lost_group_offsets_resume_from_the_earliest_checkpoint() {
+    fn test_lost_group_offsets_resume_right_after_the_checkpoint() {
         for policy in [OffsetPolicy::Earliest, OffsetPolicy::Latest, OffsetPolicy::Timestamp(1)] {
-            assert_eq!(start_position(None, policy, Some(1_234)), StartPosition::AtTimestamp(1_234));
+            assert_eq!(start_position(None, policy, Some(41), Some(1_234)), StartPosition::AfterCheckpoint(42));
         }
     }
 
     #[test]
-    fn test_checkpoints_matter_only_when_an_offset_is_missing() {
-        let parts: Vec<TopicPartition> = vec![("t".into(), 0), ("t".into(), 1), ("new".into(), 0)];
-        let checkpoints: HashMap<String, i64> = [("t".to_owned(), 77)].into();
-        let all: HashMap<_, _> = parts.iter().map(|tp| (tp.clone(), 5)).collect();
-        assert!(!any_uncommitted(&parts, &all));
-        let plan = plan_starts(&parts, &all, OffsetPolicy::Latest, &checkpoints);
-        assert!(plan.iter().all(|(_, pos)| *pos == StartPosition::Committed(5)));
+    fn test_partition_never_stored_keeps_the_policy_unless_latest() {
+        // "earliest" must not skip what the trigger never read.
+        assert_eq!(start_position(None, OffsetPolicy::Earliest, None, Some(1_234)), StartPosition::Beginning);
+        // "latest" resumes where the trigger was already consuming the topic.
+        assert_eq!(start_position(None, OffsetPolicy::Latest, None, Some(1_234)), StartPosition::AtTimestamp(1_234));
+        assert_eq!(start_position(None, OffsetPolicy::Timestamp(7), None, Some(1_234)), StartPosition::AtTimestamp(7));
+    }
 
-        let some: HashMap<_, _> = [(parts[0].clone(), 5)].into();
-        assert!(any_uncommitted(&parts, &some));
-        let plan = plan_starts(&parts, &some, OffsetPolicy::Latest, &checkpoints);
+    #[test]
+    fn test_plan_uses_each_partitions_own_checkpoint() {
+        let p = |t: &str, n: i32| (t.to_owned(), n);
+        let checkpoints = Checkpoints::new([(p("t", 0), 99, Some(500)), (p("t", 1), 7, Some(300)), (p("u", 0), 3, None)]);
+        assert_eq!(checkpoints.earliest_ms("t"), Some(300));
+        assert_eq!(checkpoints.earliest_ms("u"), None);
+        let parts = vec![p("t", 0), p("t", 1), p("t", 2), p("u", 1), p("new", 0)];
+        let committed: HashMap<_, _> = [(p("t", 1), 42)].into();
+        assert!(any_uncommitted(&parts, &committed));
+        assert!(!any_uncommitted(&parts[1..2], &committed));
+        let starts = |policy| -> Vec<StartPosition> {
+            plan_starts(&parts, &committed, policy, &checkpoints).into_iter().map(|(_, s)| s).collect()
+        };
         assert_eq!(
-            plan,
-            vec![
-                (parts[0].clone(), StartPosition::Committed(5)),
-                (parts[1].clone(), StartPosition::AtTimestamp(77)),
-                // A topic the trigger never consumed follows the policy.
-                (parts[2].clone(), StartPosition::End),
+            starts(OffsetPolicy::Earliest),
+            [
+                StartPosition::AfterCheckpoint(100),
+                StartPosition::Committed(42),
+                StartPosition::Beginning,
+                StartPosition::Beginning,
+                StartPosition::Beginning,
             ]
         );
-        let plan = plan_starts(&parts, &some, OffsetPolicy::Earliest, &HashMap::new());
-        assert_eq!(plan[1].1, StartPosition::Beginning);
+        assert_eq!(
+            starts(OffsetPolicy::Latest),
+            [
+                StartPosition::AfterCheckpoint(100),
+                StartPosition::Committed(42),
+                StartPosition::AtTimestamp(300),
+                // No timestamps to go by: the policy.
+                StartPosition::End,
+                StartPosition::End,
+            ]
+        );
     }
 }

@@ -24,12 +24,12 @@ use tokio_util::sync::CancellationToken;
 
 use super::context::IngestContext;
 use super::message::to_ingest_message;
-use super::offsets::{any_uncommitted, next_offset, plan_starts, StartPosition, TopicPartition};
+use super::offsets::{any_uncommitted, next_offset, plan_starts, Checkpoints, StartPosition, TopicPartition};
 use super::persister::{run_persister, Ack, Batch};
 use super::rate::RateLimiter;
 use super::{scrub, IngestSettings, KafkaConfig, PipelineDef, MAX_BATCHES_IN_FLIGHT};
 use crate::status::PipelineStatus;
-use crate::store::{earliest_checkpoint_ts, BatchOutcome, IngestMessage};
+use crate::store::{load_checkpoints, BatchOutcome, IngestMessage};
 
 type IngestConsumer = StreamConsumer<IngestContext>;
 
@@ -394,18 +394,19 @@ impl ConsumeLoop {
                 committed.insert((e.topic().to_owned(), e.partition()), o);
             }
         }
-        let checkpoint_ms: HashMap<String, i64> = if any_uncommitted(partitions, &committed) {
-            earliest_checkpoint_ts(&self.env.pool, self.trigger_id().0)
+        let checkpoints = if any_uncommitted(partitions, &committed) {
+            let rows = load_checkpoints(&self.env.pool, self.trigger_id().0)
                 .await
-                .map_err(|e| format!("cannot read partition checkpoints: {e}"))?
-                .into_iter()
-                .map(|(topic, ts)| (topic, ts.timestamp_millis()))
-                .collect()
+                .map_err(|e| format!("cannot read partition checkpoints: {e}"))?;
+            Checkpoints::new(
+                rows.into_iter()
+                    .map(|c| ((c.topic, c.partition), c.last_offset, c.last_ts.map(|ts| ts.timestamp_millis()))),
+            )
         } else {
-            HashMap::new()
+            Checkpoints::default()
         };
         let policy = self.def.spec.kafka.initial_offset_reset_policy;
-        let plan = plan_starts(partitions, &committed, policy, &checkpoint_ms);
+        let plan = plan_starts(partitions, &committed, policy, &checkpoints);
         let mut by_time_query = TopicPartitionList::new();
         for ((topic, partition), pos) in &plan {
             if let StartPosition::AtTimestamp(ts) = pos {
@@ -426,14 +427,13 @@ impl ConsumeLoop {
         }
         let from_checkpoints: Vec<&TopicPartition> = plan
             .iter()
-            .filter(|(tp, pos)| !committed.contains_key(tp) && checkpoint_ms.contains_key(&tp.0) && matches!(pos, StartPosition::AtTimestamp(_)))
+            .filter(|(_, pos)| matches!(pos, StartPosition::AfterCheckpoint(_)))
             .map(|(tp, _)| tp)
             .collect();
         if !from_checkpoints.is_empty() {
             tracing::info!(
                 trigger_id = %self.trigger_id(),
                 partitions = ?from_checkpoints,
-                checkpoints = ?checkpoint_ms,
                 "group has no committed offset; resuming from the partition checkpoints"
             );
         }

@@ -364,24 +364,23 @@ where
     Ok(())
 }
 
-/// Per topic, the earliest last-seen timestamp over the partitions of
-/// `trigger_id`: where a consumer group that lost its committed offsets
-/// starts again. Topics without a timestamped checkpoint are absent.
-pub async fn earliest_checkpoint_ts<'e, E>(
-    executor: E,
-    trigger_id: Uuid,
-) -> Result<BTreeMap<String, DateTime<Utc>>, sqlx::Error>
+/// The partition checkpoints of `trigger_id`: where a consumer group that
+/// lost its committed offsets starts again.
+pub async fn load_checkpoints<'e, E>(executor: E, trigger_id: Uuid) -> Result<Vec<Checkpoint>, sqlx::Error>
 where
     E: Executor<'e, Database = Postgres>,
 {
-    let rows: Vec<(String, DateTime<Utc>)> = sqlx::query_as(
-        "SELECT topic, min(last_ts) FROM partition_checkpoints \
-         WHERE trigger_id = $1 AND last_ts IS NOT NULL GROUP BY topic",
+    let rows: Vec<(String, i32, i64, Option<DateTime<Utc>>)> = sqlx::query_as(
+        "SELECT topic, partition, last_offset, last_ts FROM partition_checkpoints \
+         WHERE trigger_id = $1 ORDER BY topic, partition",
     )
     .bind(trigger_id)
     .fetch_all(executor)
     .await?;
-    Ok(rows.into_iter().collect())
+    Ok(rows
+        .into_iter()
+        .map(|(topic, partition, last_offset, last_ts)| Checkpoint { topic, partition, last_offset, last_ts })
+        .collect())
 }
 
 #[cfg(test)]
