@@ -83,30 +83,38 @@ pub async fn claim(pool: &PgPool, set_id: i64, lock: Uuid, lease_secs: f64) -> R
 }
 
 const HEAD_COLUMNS: &str = "s.ingest_seq, h.partition, h.\"offset\", h.key, h.value, h.header_names, h.header_values, h.ts,
-    h.wo_id, h.wo_state, h.wo_attempts, h.wo_first_attempt_at, h.wo_body";
+    w.id AS wo_id, w.state AS wo_state, w.attempts AS wo_attempts,
+    w.first_attempt_at AS wo_first_attempt_at, w.body AS wo_body";
 
-const HEAD_MESSAGE: &str = "SELECT m.partition, m.\"offset\", m.key, m.value, m.header_names, m.header_values, m.ts,
-           w.id AS wo_id, w.state AS wo_state, w.attempts AS wo_attempts,
-           w.first_attempt_at AS wo_first_attempt_at, w.body AS wo_body
-      FROM messages m
-      LEFT JOIN work_orders w
-        ON w.trigger_id = m.trigger_id AND w.topic = m.topic AND w.partition = m.partition AND w.\"offset\" = m.\"offset\"";
+/// The head's work order, by the unique key: one index probe whatever the
+/// trigger's history (a join the planner may turn into a scan of every work
+/// order of the trigger when statistics are stale).
+const HEAD_WORK_ORDER: &str = "LEFT JOIN LATERAL (
+        SELECT w.id, w.state, w.attempts, w.first_attempt_at, w.body FROM work_orders w
+         WHERE w.trigger_id = s.trigger_id AND w.topic = s.topic
+           AND w.partition = h.partition AND w.\"offset\" = h.\"offset\") w ON true";
 
 /// The candidate of a set (`None` fields when the set has no messages).
 pub async fn head(pool: &PgPool, set_id: i64, set: &ClaimedSet) -> Result<Option<Head>, sqlx::Error> {
     let sql = match set.key {
         Some(_) => format!(
-            "SELECT {HEAD_COLUMNS} FROM message_sets s LEFT JOIN LATERAL (
-                {HEAD_MESSAGE}
-                 WHERE m.trigger_id = s.trigger_id AND m.topic = s.topic AND m.key = s.key
-                 ORDER BY m.partition, m.\"offset\" LIMIT 1) h ON true
+            "SELECT {HEAD_COLUMNS} FROM message_sets s
+               LEFT JOIN LATERAL (
+                 SELECT m.partition, m.\"offset\", m.key, m.value, m.header_names, m.header_values, m.ts
+                   FROM messages m
+                  WHERE m.trigger_id = s.trigger_id AND m.topic = s.topic AND m.key = s.key
+                  ORDER BY m.partition, m.\"offset\" LIMIT 1) h ON true
+               {HEAD_WORK_ORDER}
               WHERE s.id = $1"
         ),
         None => format!(
-            "SELECT {HEAD_COLUMNS} FROM message_sets s LEFT JOIN LATERAL (
-                {HEAD_MESSAGE}
-                 WHERE m.trigger_id = s.trigger_id AND m.topic = s.topic
-                   AND m.partition = s.partition AND m.\"offset\" = s.\"offset\") h ON true
+            "SELECT {HEAD_COLUMNS} FROM message_sets s
+               LEFT JOIN LATERAL (
+                 SELECT m.partition, m.\"offset\", m.key, m.value, m.header_names, m.header_values, m.ts
+                   FROM messages m
+                  WHERE m.trigger_id = s.trigger_id AND m.topic = s.topic
+                    AND m.partition = s.partition AND m.\"offset\" = s.\"offset\") h ON true
+               {HEAD_WORK_ORDER}
               WHERE s.id = $1"
         ),
     };

@@ -34,6 +34,8 @@ pub struct Options {
     pub small: usize,
     pub large: usize,
     pub sample: usize,
+    /// `backlog`: stored messages per key, the same for both sizes.
+    pub depth: usize,
     /// Work-order workers of the node; `None`: the node's default.
     pub workers: Option<usize>,
     /// Bound of every wait.

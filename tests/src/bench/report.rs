@@ -11,6 +11,17 @@ pub const RSS_SCOPE: &str =
     "bench process (control plane + node + broker + webhook target + load generator in process)";
 
 static START: OnceLock<(Instant, SystemTime)> = OnceLock::new();
+static POSTGRES: OnceLock<Value> = OnceLock::new();
+
+/// Server settings that change what the numbers mean, read once from the
+/// first database the bench creates.
+pub const POSTGRES_SETTINGS: &[&str] =
+    &["autovacuum", "fsync", "synchronous_commit", "shared_buffers", "server_version"];
+
+/// Records the Postgres settings reported with every scenario.
+pub fn set_postgres_settings(settings: Value) {
+    let _ = POSTGRES.set(settings);
+}
 
 /// The process-wide reference instant: produce timestamps embedded in
 /// messages and delivery times are both measured from it.
@@ -71,6 +82,9 @@ pub fn with_memory(mut object: Map<String, Value>) -> Value {
     object.insert("rss_scope".into(), RSS_SCOPE.into());
     // Other work on the machine skews every number: say how busy it was.
     object.insert("loadavg_1m".into(), load_average().map_or(Value::Null, Value::from));
+    if let Some(pg) = POSTGRES.get() {
+        object.insert("postgres".into(), pg.clone());
+    }
     Value::Object(object)
 }
 

@@ -6,6 +6,7 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use kt_control_plane::scheduler::NOTIFY_CHANNEL;
 use kt_data_plane::consumer::IngestSettings;
 use kt_proto::v1::trigger_service_client::TriggerServiceClient;
 use kt_proto::v1::{CreateTriggerRequest, DeleteTriggerRequest, KafkaSource, Trigger, WebhookTarget};
@@ -13,9 +14,8 @@ use sqlx::PgPool;
 use tonic::transport::Channel;
 use uuid::Uuid;
 
-use kt_control_plane::scheduler::NOTIFY_CHANNEL;
-
 use super::copy::{self, Row, Table};
+use super::report;
 use super::Options;
 use crate::{ControlPlaneOptions, TestControlPlane, TestDb, TestNode};
 
@@ -24,7 +24,8 @@ pub const POLL: Duration = Duration::from_millis(100);
 
 /// The ingest settings of the bench's node, also used by the bare-consumer
 /// limit so both read Kafka with the same client settings. Group timings are
-/// the sandbox's (a fresh group forms in about a second on the mock broker).
+/// the sandbox's (a fresh group forms in ~3 s, the broker's initial
+/// rebalance delay).
 /// `extra` (`--kafka-config`) is applied last, as the node applies
 /// `ingest.extra_kafka_config`.
 pub fn ingest_settings(extra: &[(String, String)]) -> IngestSettings {
@@ -58,6 +59,7 @@ impl Stack {
             .await
             .context("failed to start the control plane")?;
         let pool = kt_common::db::connect(&db.url, 5).await?;
+        record_postgres_settings(&pool).await?;
         let triggers = TriggerServiceClient::new(cp.channel().await?);
         let mut configured = 0;
         let node = TestNode::start(&db, &cp.url(), |c| {
@@ -141,6 +143,27 @@ impl Stack {
         }
         self.pool.close().await;
     }
+}
+
+/// Reads the server settings reported with the results, once; warns when
+/// autovacuum is off (nothing then refreshes planner statistics or removes
+/// dead rows, which a production server does).
+async fn record_postgres_settings(pool: &PgPool) -> anyhow::Result<()> {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    let rows: Vec<(String, String)> = sqlx::query_as("SELECT name, setting FROM pg_settings WHERE name = ANY($1)")
+        .bind(report::POSTGRES_SETTINGS)
+        .fetch_all(pool)
+        .await?;
+    if rows.iter().any(|(k, v)| k == "autovacuum" && v == "off") {
+        WARNED.call_once(|| {
+            eprintln!(
+                "warning: autovacuum is off on this Postgres server: statistics go stale and dead rows pile \
+                 up during long runs, unlike on a production server"
+            )
+        });
+    }
+    report::set_postgres_settings(rows.into_iter().map(|(k, v)| (k, serde_json::Value::from(v))).collect());
+    Ok(())
 }
 
 /// Polls `check` every [`POLL`] until it yields a value; fails after

@@ -31,7 +31,13 @@ enum Scenario {
 }
 
 #[derive(Debug, Parser)]
-#[command(name = "bench", about = "Kafka triggers benchmark: one JSON summary per scenario on stdout")]
+#[command(
+    name = "bench",
+    about = "Kafka triggers benchmark: one JSON summary per scenario on stdout",
+    after_help = "Needs a Postgres server where it may create databases (--database-url / DATABASE_URL; \
+                  `source scripts/lib.sh && kt_ensure_postgres` provides one). Everything else (broker, \
+                  control plane, node, webhook target) runs in this process."
+)]
 struct Cli {
     scenario: Scenario,
     /// Real Kafka brokers (host:port,...) instead of the in-process mock;
@@ -42,7 +48,7 @@ struct Cli {
     #[arg(long)]
     messages: Option<usize>,
     /// Key counts, comma-separated: ordered runs each (default 1,100,10000);
-    /// ingest, latency and backlog use the first (default 1000).
+    /// ingest and latency use the first (default 1000).
     #[arg(long, value_delimiter = ',')]
     keys: Option<Vec<usize>>,
     /// Partitions of the topics the bench creates.
@@ -63,6 +69,10 @@ struct Cli {
     /// backlog: work orders timed from each backlog.
     #[arg(long, default_value_t = 5_000)]
     sample: usize,
+    /// backlog: stored messages per key (keys = backlog / depth), the same
+    /// for both sizes so that only the stored volume differs.
+    #[arg(long, default_value_t = 10)]
+    depth: usize,
     /// Work-order workers of the node (default: the node's default). The
     /// ingest scenario always runs the node with 0.
     #[arg(long)]
@@ -105,6 +115,7 @@ fn main() -> ExitCode {
         small: cli.small,
         large: cli.large,
         sample: cli.sample,
+        depth: cli.depth,
         workers: cli.workers,
         timeout: Duration::from_secs(cli.timeout_secs),
         kafka_config: cli.kafka_config,
