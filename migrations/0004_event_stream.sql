@@ -9,13 +9,6 @@ ALTER TABLE events ADD COLUMN tx_id xid8 NOT NULL DEFAULT pg_current_xact_id();
 
 CREATE INDEX events_stream_idx ON events (tx_id, id);
 
--- Wakes the control plane's event tail when events commit.
-CREATE FUNCTION kt_events_notify() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM pg_notify('kt_events', '');
-    RETURN NULL;
-END
-$$;
-
-CREATE TRIGGER events_notify AFTER INSERT ON events
-    FOR EACH STATEMENT EXECUTE FUNCTION kt_events_notify();
+-- No NOTIFY trigger on purpose: a transaction that notifies takes a global
+-- lock at commit, which would serialize every worker that records an event.
+-- The control plane's tail reads the table on a short tick instead.

@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
@@ -21,10 +20,10 @@ use uuid::Uuid;
 pub const BROADCAST_CAPACITY: usize = 8_192;
 /// Rows read per query, when tailing and when replaying.
 pub const PAGE: i64 = 1_000;
-/// The tail also looks without a notification this often: events become
-/// readable when older transactions finish, which notifies nobody.
-const TAIL_TICK: Duration = Duration::from_millis(250);
-const NOTIFY_CHANNEL: &str = "kt_events";
+/// How often the tail reads new events. Not a NOTIFY: a notifying
+/// transaction takes a global lock at commit, and events are written by every
+/// worker transaction (see migration 0004). One indexed read per tick.
+const TAIL_TICK: Duration = Duration::from_millis(100);
 
 /// Position in the stream: after (transaction id, event id).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
@@ -138,10 +137,14 @@ impl EventHub {
     }
 
     async fn tail(self, mut cursor: Cursor, shutdown: CancellationToken) {
-        let mut listener = connect_listener(&self.pool).await;
         let mut tick = tokio::time::interval(TAIL_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            // Read everything readable, then wait for a reason to look again.
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            // Read everything readable, page by page.
             loop {
                 match read_after(&self.pool, cursor, PAGE).await {
                     Ok(rows) => {
@@ -161,32 +164,8 @@ impl EventHub {
                     }
                 }
             }
-            let notified = async {
-                match listener.as_mut() {
-                    Some(l) => l.recv().await.map(|_| ()),
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tick.tick() => {
-                    if listener.is_none() {
-                        listener = connect_listener(&self.pool).await;
-                    }
-                }
-                result = notified => if let Err(error) = result {
-                    tracing::warn!(%error, "event listener failed; reconnecting");
-                    listener = None;
-                },
-            }
         }
     }
-}
-
-async fn connect_listener(pool: &PgPool) -> Option<PgListener> {
-    let mut listener = PgListener::connect_with(pool).await.ok()?;
-    listener.listen(NOTIFY_CHANNEL).await.ok()?;
-    Some(listener)
 }
 
 async fn retain(pool: PgPool, retention: Duration, shutdown: CancellationToken) {
