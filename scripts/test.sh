@@ -34,8 +34,12 @@ export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
 if [[ $# -gt 0 ]]; then
     args=("$@")
 else
-    args=(--workspace --all-targets)
+    args=(--workspace --all-targets --no-fail-fast)
 fi
+# Whole-system tests run the real binaries (control-plane, data-plane, stack)
+# as processes; `cargo test` alone builds them only as test harnesses.
+kt_log "cargo build --workspace --bins"
+cargo build --workspace --bins
 kt_log "cargo test ${args[*]}"
 rc=0
 cargo test "${args[@]}" || rc=$?
