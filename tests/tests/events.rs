@@ -142,3 +142,57 @@ async fn test_bad_requests_and_slow_clients() {
     assert!(status.message().contains("after_cursor"), "{}", status.message());
     assert!(received < 40_000);
 }
+
+#[tokio::test]
+async fn test_data_path_events_reach_the_stream() {
+    use kt_kafka_testing::mock::MockKafka;
+    use kt_kafka_testing::produce::{produce_to, TestMessage};
+    use kt_tests::webhook::WebhookReceiver;
+    use rand::RngCore as _;
+
+    let db = TestDb::create().await.unwrap();
+    let kafka = MockKafka::new(1).unwrap();
+    kafka.create_topic("ev", 1).unwrap();
+    let cp = TestControlPlane::start(&db, ControlPlaneOptions::default()).await.unwrap();
+    let receiver = WebhookReceiver::start("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let _node = kt_tests::TestNode::start(&db, &cp.url(), |_| {}).await;
+    let mut events = EventServiceClient::new(cp.channel().await.unwrap());
+    let wanted = [
+        EventKind::TriggerUpdated,
+        EventKind::WorkOrderCreated,
+        EventKind::WorkOrderSucceeded,
+        EventKind::PersistenceFailed,
+    ];
+    let mut stream = events
+        .stream_events(StreamEventsRequest { kinds: wanted.iter().map(|k| *k as i32).collect(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+
+    let mut triggers = TriggerServiceClient::new(cp.channel().await.unwrap());
+    let mut t = sample_trigger("ev", &kafka.bootstrap_servers(), "ev");
+    t.webhook.as_mut().unwrap().url = receiver.url();
+    let created = triggers.create_trigger(CreateTriggerRequest { trigger: Some(t) }).await.unwrap().into_inner();
+    let mut renamed = created.clone();
+    renamed.name = "ev-renamed".into();
+    triggers.update_trigger(UpdateTriggerRequest { trigger: Some(renamed), update_mask: None }).await.unwrap();
+
+    // A key too large for the set index cannot be stored: recorded as a
+    // persistence failure, while the ordinary message flows.
+    let mut huge_key = vec![0u8; 8 * 1024];
+    rand::thread_rng().fill_bytes(&mut huge_key);
+    let messages = [TestMessage::new(r#"{"ok":true}"#).key("fine"), TestMessage::new("{}").key(huge_key)];
+    produce_to(&kafka.bootstrap_servers(), "ev", messages).await.unwrap();
+
+    let mut seen = std::collections::HashSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while seen.len() < wanted.len() {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let e = tokio::time::timeout(left, stream.message()).await.expect("every kind in time").unwrap().unwrap();
+        assert_eq!(e.trigger_id, created.id);
+        seen.insert(kind(&e));
+        if kind(&e) == EventKind::PersistenceFailed {
+            assert!(e.details.contains("\"offset\""), "{}", e.details);
+        }
+    }
+}
