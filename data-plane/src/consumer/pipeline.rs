@@ -113,6 +113,7 @@ pub async fn run_pipeline(
         stored: HashMap::new(),
         stored_generation: 0,
         last_error: None,
+        last_cause: None,
         totals: BatchOutcome::default(),
     };
     let result = lp.run(&cancel).await;
@@ -142,6 +143,8 @@ struct ConsumeLoop {
     stored: HashMap<TopicPartition, i64>,
     stored_generation: u64,
     last_error: Option<(String, Instant)>,
+    /// The last error that was not a generic "brokers down" consequence.
+    last_cause: Option<Instant>,
     /// What this pipeline stored, for the log at the end.
     totals: BatchOutcome,
 }
@@ -221,9 +224,19 @@ impl ConsumeLoop {
         }
         let text = scrub(&e.to_string(), &self.def.secrets);
         let repeated = self.last_error.as_ref().is_some_and(|(t, at)| *t == text && at.elapsed() < ERROR_LOG_INTERVAL);
+        // "All brokers down" follows the real cause (an authentication
+        // failure, a TLS error...) within milliseconds; the status keeps
+        // showing the cause while it is recent.
+        let generic = text.contains("AllBrokersDown") || text.contains("BrokerTransportFailure");
+        let cause_is_recent = self.last_cause.is_some_and(|at| at.elapsed() < ERROR_LOG_INTERVAL);
+        if !generic {
+            self.last_cause = Some(Instant::now());
+        }
         if !repeated {
             tracing::warn!(trigger_id = %self.trigger_id(), error = %text, "kafka consumer error");
-            self.env.status.set_error(Some(text.clone()));
+            if !(generic && cause_is_recent) {
+                self.env.status.set_error(Some(text.clone()));
+            }
             self.last_error = Some((text, Instant::now()));
         }
         Ok(())
