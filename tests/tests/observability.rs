@@ -95,6 +95,9 @@ async fn test_status_and_metrics_follow_the_flow() {
         .unwrap_err();
     assert_eq!(unknown.code(), tonic::Code::NotFound);
 
+    // An open event stream is counted.
+    let mut events = kt_proto::v1::event_service_client::EventServiceClient::new(cp.channel().await.unwrap());
+    let _stream = events.stream_events(StreamEventsRequest::default()).await.unwrap().into_inner();
     let text = wait_for("gauges published by the scheduler sweep", WAIT, || async {
         let text = scrape(metrics_addr).await;
         (sample(&text, "kt_sets_blocked") == Some(1.0)).then_some(text)
@@ -114,6 +117,8 @@ async fn test_status_and_metrics_follow_the_flow() {
         ("kt_consumer_lag", 0.0),
         ("kt_sets_ready", 0.0),
         ("kt_sets_in_flight", 0.0),
+        ("kt_sets_waiting_retry", 0.0),
+        ("kt_event_stream_subscribers", 1.0),
     ] {
         let value = sample(&text, name).unwrap_or_else(|| panic!("{name} missing from /metrics:\n{text}"));
         assert!(value >= at_least, "{name} = {value}, expected >= {at_least}");
