@@ -243,12 +243,3 @@ async fn test_api_token_is_required_when_configured() {
     let resp = health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.unwrap();
     assert_eq!(resp.into_inner().status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
 }
-
-#[tokio::test]
-async fn test_pending_services_answer_unimplemented() {
-    let (_db, cp) = setup(ControlPlaneOptions::default()).await;
-    let mut events = event_service_client::EventServiceClient::new(cp.channel().await.unwrap());
-    let status = events.stream_events(StreamEventsRequest::default()).await.unwrap_err();
-    assert_eq!(status.code(), Code::Unimplemented);
-    assert!(status.message().contains("StreamEvents"));
-}
