@@ -22,7 +22,7 @@ fn event_text(e: &sentry::protocol::Event<'static>) -> String {
 }
 
 #[tokio::test]
-async fn test_blocked_sets_are_reported_with_ids_and_without_secrets() {
+async fn test_blocked_sets_and_unstorable_messages_are_reported_without_secrets() {
     let transport = sentry::test::TestTransport::new();
     let factory = transport.clone();
     let _sentry = sentry::init(sentry::ClientOptions {
@@ -58,15 +58,29 @@ async fn test_blocked_sets_are_reported_with_ids_and_without_secrets() {
         ..Default::default()
     };
     let id = triggers.create_trigger(CreateTriggerRequest { trigger: Some(trigger) }).await.unwrap().into_inner().id;
-    produce_to(&kafka.bootstrap_servers(), "alerts", [TestMessage::new("{}").key("k1")]).await.unwrap();
+    // One message that fails delivery (blocked set), one whose key is too
+    // large for the set index (cannot be stored: a persistence failure).
+    let mut huge_key = vec![0u8; 8 * 1024];
+    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut huge_key);
+    let messages = [TestMessage::new("{}").key("k1"), TestMessage::new("{}").key(huge_key)];
+    produce_to(&kafka.bootstrap_servers(), "alerts", messages).await.unwrap();
 
-    let events = wait_for("a Sentry event for the blocked set", Duration::from_secs(60), || {
-        let events = transport.fetch_and_clear_events();
-        let found = events.iter().any(|e| e.message.as_deref().is_some_and(|m| m.contains("set blocked")));
-        async move { found.then_some(events) }
+    let mut events = Vec::new();
+    let has = |events: &[sentry::protocol::Event<'static>], text: &str| {
+        events.iter().any(|e| e.message.as_deref().is_some_and(|m| m.contains(text)))
+    };
+    wait_for("Sentry events for the blocked set and the unstorable message", Duration::from_secs(60), || {
+        events.extend(transport.fetch_and_clear_events());
+        let found = has(&events, "set blocked") && has(&events, "cannot be stored");
+        async move { found.then_some(()) }
     })
     .await
     .unwrap();
+    let unstorable = events.iter().find(|e| e.message.as_deref().is_some_and(|m| m.contains("cannot be stored"))).unwrap();
+    let text = event_text(unstorable);
+    for field in ["trigger_id", "topic", "partition", "offset"] {
+        assert!(text.contains(field), "the persistence failure carries {field}: {text}");
+    }
     let blocked = events.iter().find(|e| e.message.as_deref().is_some_and(|m| m.contains("set blocked"))).unwrap();
     let text = event_text(blocked);
     assert!(text.contains(&id), "the event names the trigger: {text}");
