@@ -28,6 +28,21 @@ fn sample(text: &str, name: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
+fn trigger_template(kafka: &MockKafka, receiver: &WebhookReceiver) -> Trigger {
+    Trigger {
+        name: "obs".into(),
+        kafka: Some(KafkaSource {
+            hosts: vec![kafka.bootstrap_servers()],
+            topics: vec!["obs".into()],
+            initial_offset_reset_policy: "earliest".into(),
+            ..Default::default()
+        }),
+        webhook: Some(WebhookTarget { url: receiver.url(), ..Default::default() }),
+        retry: Some(RetryPolicy { max_attempts: Some(1), ..Default::default() }),
+        ..Default::default()
+    }
+}
+
 #[tokio::test]
 async fn test_status_and_metrics_follow_the_flow() {
     let metrics_addr: std::net::SocketAddr = {
@@ -45,18 +60,7 @@ async fn test_status_and_metrics_follow_the_flow() {
     let node = TestNode::start(&db, &cp.url(), |c| c.ingest.progress_interval = Duration::from_millis(300)).await;
 
     let mut triggers = TriggerServiceClient::new(cp.channel().await.unwrap());
-    let trigger = Trigger {
-        name: "obs".into(),
-        kafka: Some(KafkaSource {
-            hosts: vec![kafka.bootstrap_servers()],
-            topics: vec!["obs".into()],
-            initial_offset_reset_policy: "earliest".into(),
-            ..Default::default()
-        }),
-        webhook: Some(WebhookTarget { url: receiver.url(), ..Default::default() }),
-        retry: Some(RetryPolicy { max_attempts: Some(1), ..Default::default() }),
-        ..Default::default()
-    };
+    let trigger = trigger_template(&kafka, &receiver);
     let id = triggers.create_trigger(CreateTriggerRequest { trigger: Some(trigger) }).await.unwrap().into_inner().id;
     produce_to(&kafka.bootstrap_servers(), "obs", keyed_messages(40, 4)).await.unwrap();
 
@@ -95,6 +99,25 @@ async fn test_status_and_metrics_follow_the_flow() {
         .unwrap_err();
     assert_eq!(unknown.code(), tonic::Code::NotFound);
 
+    // A trigger whose TLS CA cannot be loaded: its pipeline fails and is
+    // restarted with backoff; the failure shows in its status and metrics.
+    let mut broken = Trigger { name: "obs-broken".into(), ..trigger_template(&kafka, &receiver) };
+    let k = broken.kafka.as_mut().unwrap();
+    k.ssl = true;
+    k.ssl_ca_cert = "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n".into();
+    let broken_id = triggers.create_trigger(CreateTriggerRequest { trigger: Some(broken) }).await.unwrap().into_inner().id;
+    let failed = wait_for("the broken pipeline reported failed", WAIT, || {
+        let mut triggers = triggers.clone();
+        let id = broken_id.clone();
+        async move {
+            let s = triggers.get_trigger_status(GetTriggerStatusRequest { id }).await.ok()?.into_inner();
+            s.nodes.iter().any(|n| n.state == "PIPELINE_STATE_FAILED" && !n.last_error.is_empty()).then_some(s)
+        }
+    })
+    .await
+    .unwrap();
+    assert!(!failed.last_error.is_empty() && failed.last_error_time.is_some(), "{failed:?}");
+
     // An open event stream is counted.
     let mut events = kt_proto::v1::event_service_client::EventServiceClient::new(cp.channel().await.unwrap());
     let _stream = events.stream_events(StreamEventsRequest::default()).await.unwrap().into_inner();
@@ -119,6 +142,7 @@ async fn test_status_and_metrics_follow_the_flow() {
         ("kt_sets_in_flight", 0.0),
         ("kt_sets_waiting_retry", 0.0),
         ("kt_event_stream_subscribers", 1.0),
+        ("kt_pipeline_failures_total", 1.0),
     ] {
         let value = sample(&text, name).unwrap_or_else(|| panic!("{name} missing from /metrics:\n{text}"));
         assert!(value >= at_least, "{name} = {value}, expected >= {at_least}");
