@@ -57,7 +57,14 @@ async fn test_status_and_metrics_follow_the_flow() {
     let cp = TestControlPlane::start(&db, ControlPlaneOptions::default()).await.unwrap();
     let receiver = WebhookReceiver::start("127.0.0.1:0".parse().unwrap()).await.unwrap();
     receiver.script(|b| if b["request"]["key"] == "key-0" { Reply::status(503) } else { Reply::OK });
-    let node = TestNode::start(&db, &cp.url(), |c| c.ingest.progress_interval = Duration::from_millis(300)).await;
+    let node = TestNode::start(&db, &cp.url(), |c| {
+        c.ingest.progress_interval = Duration::from_millis(300);
+        // Dedup records of delivered messages are cleaned up at once here, so
+        // the cleanup's counter moves within the test.
+        c.dedup.retention = Duration::ZERO;
+        c.dedup.interval = Duration::from_millis(300);
+    })
+    .await;
 
     let mut triggers = TriggerServiceClient::new(cp.channel().await.unwrap());
     let trigger = trigger_template(&kafka, &receiver);
@@ -123,7 +130,10 @@ async fn test_status_and_metrics_follow_the_flow() {
     let _stream = events.stream_events(StreamEventsRequest::default()).await.unwrap().into_inner();
     let text = wait_for("gauges published by the scheduler sweep", WAIT, || async {
         let text = scrape(metrics_addr).await;
-        (sample(&text, "kt_sets_blocked") == Some(1.0)).then_some(text)
+        let ready = sample(&text, "kt_sets_blocked") == Some(1.0)
+            && sample(&text, "kt_dedup_records_deleted_total").is_some_and(|v| v >= 1.0)
+            && sample(&text, "kt_pipeline_failures_total").is_some_and(|v| v >= 1.0);
+        ready.then_some(text)
     })
     .await
     .unwrap();
@@ -143,6 +153,7 @@ async fn test_status_and_metrics_follow_the_flow() {
         ("kt_sets_waiting_retry", 0.0),
         ("kt_event_stream_subscribers", 1.0),
         ("kt_pipeline_failures_total", 1.0),
+        ("kt_dedup_records_deleted_total", 1.0),
     ] {
         let value = sample(&text, name).unwrap_or_else(|| panic!("{name} missing from /metrics:\n{text}"));
         assert!(value >= at_least, "{name} = {value}, expected >= {at_least}");
