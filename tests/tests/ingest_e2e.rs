@@ -619,6 +619,9 @@ async fn test_postgres_outage_pauses_ingest_without_loss() {
     use sqlx::{Connection as _, PgConnection};
 
     const TOPIC: &str = "outage";
+    // This binary's only metrics recorder: the retries must be counted.
+    let metrics_addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    kt_common::telemetry::install_metrics(metrics_addr).unwrap();
     let s = sandbox(&[(TOPIC, 4)]).await;
     let node = s
         .ingest_node(|c| {
@@ -686,6 +689,19 @@ async fn test_postgres_outage_pauses_ingest_without_loss() {
     offsets.wait_committed(&end_offsets(&expected), WAIT).await;
     offsets.assert_all_stored(&s.pool, id).await;
     assert!(!node.task.is_finished());
+    let scraped = tokio::process::Command::new("curl")
+        .args(["-s", &format!("http://{metrics_addr}/metrics")])
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&scraped.stdout);
+    let retries: f64 = text
+        .lines()
+        .find(|l| l.starts_with("kt_ingest_db_retries_total"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("kt_ingest_db_retries_total missing:\n{text}"));
+    assert!(retries >= 1.0, "the outage's retries are counted");
     node.stop().await.unwrap();
 }
 
