@@ -1,4 +1,5 @@
-//! Sentry: a newly blocked set and a message that cannot be stored are
+//! Sentry: a newly blocked set, a message that cannot be stored and a
+//! pipeline that fails are
 //! reported with their ids, and no secret reaches the report. The test
 //! transport captures what would be sent. This binary owns the global Sentry
 //! client and log subscriber, so it stands alone.
@@ -22,7 +23,7 @@ fn event_text(e: &sentry::protocol::Event<'static>) -> String {
 }
 
 #[tokio::test]
-async fn test_blocked_sets_and_unstorable_messages_are_reported_without_secrets() {
+async fn test_blocked_sets_persistence_failures_and_pipeline_crashes_are_reported() {
     let transport = sentry::test::TestTransport::new();
     let factory = transport.clone();
     let _sentry = sentry::init(sentry::ClientOptions {
@@ -65,17 +66,34 @@ async fn test_blocked_sets_and_unstorable_messages_are_reported_without_secrets(
     let messages = [TestMessage::new("{}").key("k1"), TestMessage::new("{}").key(huge_key)];
     produce_to(&kafka.bootstrap_servers(), "alerts", messages).await.unwrap();
 
+    // A trigger whose pipeline cannot start (a CA that does not load).
+    let broken = Trigger {
+        name: "alerts-broken".into(),
+        kafka: Some(KafkaSource {
+            hosts: vec![kafka.bootstrap_servers()],
+            topics: vec!["alerts".into()],
+            ssl: true,
+            ssl_ca_cert: "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n".into(),
+            ..Default::default()
+        }),
+        webhook: Some(WebhookTarget { url: receiver.url(), ..Default::default() }),
+        ..Default::default()
+    };
+    let broken_id = triggers.create_trigger(CreateTriggerRequest { trigger: Some(broken) }).await.unwrap().into_inner().id;
+
     let mut events = Vec::new();
     let has = |events: &[sentry::protocol::Event<'static>], text: &str| {
         events.iter().any(|e| e.message.as_deref().is_some_and(|m| m.contains(text)))
     };
-    wait_for("Sentry events for the blocked set and the unstorable message", Duration::from_secs(60), || {
+    wait_for("Sentry events for the blocked set, the unstorable message and the failed pipeline", Duration::from_secs(60), || {
         events.extend(transport.fetch_and_clear_events());
-        let found = has(&events, "set blocked") && has(&events, "cannot be stored");
+        let found = has(&events, "set blocked") && has(&events, "cannot be stored") && has(&events, "pipeline failed");
         async move { found.then_some(()) }
     })
     .await
     .unwrap();
+    let crashed = events.iter().find(|e| e.message.as_deref().is_some_and(|m| m.contains("pipeline failed"))).unwrap();
+    assert!(event_text(crashed).contains(&broken_id), "the pipeline failure names its trigger");
     let unstorable = events.iter().find(|e| e.message.as_deref().is_some_and(|m| m.contains("cannot be stored"))).unwrap();
     let text = event_text(unstorable);
     for field in ["trigger_id", "topic", "partition", "offset"] {
