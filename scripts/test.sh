@@ -15,18 +15,7 @@ cd "$ROOT"
 source "$ROOT/scripts/lib.sh"
 
 # rustup puts cargo in ~/.cargo/bin, which a non-login shell may not have on PATH.
-if ! command -v cargo >/dev/null 2>&1 && [[ -f "${HOME:-/root}/.cargo/env" ]]; then
-    # shellcheck disable=SC1091
-    source "${HOME:-/root}/.cargo/env"
-fi
-command -v cargo >/dev/null 2>&1 || kt_die "cargo not found (install Rust with rustup)"
-
-kt_log "installing system packages (if missing)"
-kt_install_deps
-kt_log "installing Python tools (grpcurl, tansu)"
-kt_install_py_tools
-kt_log "finding Postgres"
-kt_ensure_postgres
+kt_prepare
 
 export DATABASE_URL GRPCURL TANSU_BIN
 export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
