@@ -249,6 +249,10 @@ async fn test_group_without_offsets_resumes_from_partition_checkpoints() {
     let again = trigger_proto(f.trigger_id, 2, &f.bootstrap, &["orders"], "g2");
     let p = RunningPipeline::start(&f.db.pool, pipeline_def(&again), fast_settings_arc());
     p.wait_assigned(T).await;
+    // Nothing new to read, yet the resume position is committed: the group
+    // does not report lag it does not have, and the next owner of the
+    // partition starts from a committed offset.
+    wait_committed(&f.bootstrap, "g2", "orders", 1, T).await;
     produce_until_stored(&f, "orders").await;
     let replayed: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM messages WHERE trigger_id = $1 AND convert_from(value, 'UTF8') LIKE 'before-%'",

@@ -277,7 +277,6 @@ async fn test_two_nodes_share_partitions_and_a_leaving_node_hands_over() {
 /// new config" on every node, without restarting the node; a configuration
 /// that cannot work is visible, and reverting it heals the pipeline.
 #[tokio::test]
-#[ignore = "flaky, pins a bug: a partition handed to a node that resumes from its checkpoint and has nothing new to read never gets its offset committed (1 failure in 3 full runs); run with --ignored"]
 async fn test_config_change_restarts_pipeline_on_every_node() {
     let s = sandbox(&[("alpha", 3), ("beta", 3)]).await;
     let n1 = s.ingest_node(|_| {}).await;

@@ -370,9 +370,15 @@ impl ConsumeLoop {
             return Ok(());
         }
         let mut tpl = TopicPartitionList::new();
-        for ((topic, partition), offset) in &starts {
+        let mut resumed = TopicPartitionList::new();
+        for ((topic, partition), position, offset) in &starts {
             tpl.add_partition_offset(topic, *partition, *offset)
                 .map_err(|e| PipelineError::StartOffsets { trigger_id, message: e.to_string() })?;
+            if let StartPosition::AfterCheckpoint(next) = position {
+                resumed
+                    .add_partition_offset(topic, *partition, Offset::Offset(*next))
+                    .map_err(|e| PipelineError::StartOffsets { trigger_id, message: e.to_string() })?;
+            }
         }
         self.consumer.assign(&tpl).map_err(|e| PipelineError::Fatal { trigger_id, message: e.to_string() })?;
         if self.paused {
@@ -380,15 +386,46 @@ impl ConsumeLoop {
                 tracing::warn!(%trigger_id, error = %e, "cannot pause new partitions");
             }
         }
+        self.store_resume_positions(&resumed, generation);
         tracing::info!(%trigger_id, starts = ?starts, "partitions assigned");
         self.consumer.context().state().assigned = partitions;
         self.publish_progress();
         Ok(())
     }
 
+    /// A partition resumed from its checkpoint has no committed offset, but
+    /// everything before its start is durable: store the start as its offset
+    /// at once. Otherwise a partition with nothing new to read would never
+    /// be committed, and its group would report lag it does not have (and
+    /// fall back to the checkpoints again on every hand-over).
+    fn store_resume_positions(&mut self, resumed: &TopicPartitionList, generation: u64) {
+        if resumed.count() == 0 {
+            return;
+        }
+        if let Err(e) = self.consumer.store_offsets(resumed) {
+            // Harmless: the first stored batch of the partition stores a
+            // later offset anyway.
+            tracing::warn!(trigger_id = %self.trigger_id(), error = %e, "cannot store the resume positions");
+            return;
+        }
+        if generation != self.stored_generation {
+            self.stored.clear();
+            self.stored_generation = generation;
+        }
+        for e in resumed.elements() {
+            if let Offset::Offset(next) = e.offset() {
+                self.stored.insert((e.topic().to_owned(), e.partition()), next);
+            }
+        }
+    }
+
     /// Committed offsets of `partitions`, and for those without one, where
-    /// the trigger's checkpoints or initial policy say to start.
-    async fn resolve_starts(&self, partitions: &[TopicPartition]) -> Result<Vec<(TopicPartition, Offset)>, String> {
+    /// the trigger's checkpoints or initial policy say to start: each
+    /// partition's start position and the librdkafka offset it resolves to.
+    async fn resolve_starts(
+        &self,
+        partitions: &[TopicPartition],
+    ) -> Result<Vec<(TopicPartition, StartPosition, Offset)>, String> {
         let timeout = self.settings().offset_lookup_timeout;
         let mut query = TopicPartitionList::new();
         for (topic, partition) in partitions {
@@ -454,7 +491,7 @@ impl ConsumeLoop {
             .into_iter()
             .map(|(tp, pos)| {
                 let offset = pos.to_offset(by_time.get(&tp).copied());
-                (tp, offset)
+                (tp, pos, offset)
             })
             .collect())
     }
