@@ -48,9 +48,8 @@ impl Keyring {
     pub fn from_base64<'a>(keys: impl IntoIterator<Item = &'a str>) -> Result<Self, CryptoError> {
         let mut ring = Keyring::default();
         for encoded in keys.into_iter().map(str::trim).filter(|k| !k.is_empty()) {
-            let raw = base64::engine::general_purpose::STANDARD
-                .decode(encoded)
-                .map_err(|_| CryptoError::KeyNotBase64)?;
+            let raw =
+                base64::engine::general_purpose::STANDARD.decode(encoded).map_err(|_| CryptoError::KeyNotBase64)?;
             if raw.len() != 32 {
                 return Err(CryptoError::KeyLength(raw.len()));
             }
@@ -70,9 +69,8 @@ impl Keyring {
         let id = self.primary.as_ref().ok_or(CryptoError::NoKey)?;
         let cipher = Aes256Gcm::new(&self.keys[id]);
         let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
-        let sealed = cipher
-            .encrypt(&nonce, Payload { msg: plaintext, aad: context })
-            .map_err(|_| CryptoError::Decrypt)?;
+        let sealed =
+            cipher.encrypt(&nonce, Payload { msg: plaintext, aad: context }).map_err(|_| CryptoError::Decrypt)?;
         let mut out = Vec::with_capacity(NONCE_LEN + sealed.len());
         out.extend_from_slice(&nonce);
         out.extend_from_slice(&sealed);

@@ -39,7 +39,8 @@ pub async fn acquire(database_url: &str, shutdown: &CancellationToken) -> anyhow
     let mut announced = false;
     loop {
         let attempt = async {
-            let mut conn = PgConnection::connect(database_url).await.context("failed to connect for the leader lock")?;
+            let mut conn =
+                PgConnection::connect(database_url).await.context("failed to connect for the leader lock")?;
             let held: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
                 .bind(LEADER_LOCK_KEY)
                 .fetch_one(&mut conn)

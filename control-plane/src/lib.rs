@@ -9,8 +9,8 @@ pub mod grpc;
 pub mod leader;
 pub mod nodes;
 pub mod scheduler;
-pub mod status;
 pub mod sets;
+pub mod status;
 pub mod triggers;
 pub mod work_orders;
 

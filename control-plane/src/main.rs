@@ -83,10 +83,9 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
 
-    let keys = Keyring::from_base64(
-        cli.encryption_key.iter().chain(cli.old_encryption_keys.iter()).map(String::as_str),
-    )
-    .context("invalid KT_ENCRYPTION_KEY / KT_OLD_ENCRYPTION_KEYS")?;
+    let keys =
+        Keyring::from_base64(cli.encryption_key.iter().chain(cli.old_encryption_keys.iter()).map(String::as_str))
+            .context("invalid KT_ENCRYPTION_KEY / KT_OLD_ENCRYPTION_KEYS")?;
     if let Some(addr) = cli.metrics_listen {
         telemetry::install_metrics(addr).context("failed to start the metrics endpoint")?;
     }

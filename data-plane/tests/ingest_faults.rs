@@ -154,13 +154,8 @@ async fn test_rebalance_between_two_nodes_loses_nothing() {
 
     wait_count(&db.pool, MESSAGES, trigger_id, 600, T).await;
     wait_committed(&bootstrap, "g1", "orders", 4, T).await;
-    let partitions: BTreeMap<i32, i64> = second
-        .report()
-        .unwrap()
-        .partitions
-        .iter()
-        .map(|p| (p.partition, p.committed_offset))
-        .collect();
+    let partitions: BTreeMap<i32, i64> =
+        second.report().unwrap().partitions.iter().map(|p| (p.partition, p.committed_offset)).collect();
     assert_eq!(partitions.len(), 4, "the remaining node owns every partition");
     second.stop().await;
     let hwm = high_watermarks(&bootstrap, "orders", 4).await;

@@ -7,11 +7,11 @@ mod support;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use kt_common::backoff::Backoff;
 use kt_data_plane::store::{
     cleanup_dedup_records, load_checkpoints, persist_batch, write_batch, BatchOutcome, Header, IngestMessage,
     PersistSettings, CLEANUP_CHUNK_ROWS,
 };
-use kt_common::backoff::Backoff;
 use support::{count, insert_trigger, TestDb};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -278,12 +278,13 @@ async fn test_dedup_cleanup_deletes_expired_records_in_chunks() {
     // Expired and without a stored message: everything except the 5 live
     // messages and the 100 recent records.
     assert_eq!(deleted as i64, n - 100 - 5);
-    let left: Vec<i64> =
-        sqlx::query_scalar(r#"SELECT "offset" FROM message_records WHERE trigger_id = $1 AND "offset" < 10 ORDER BY 1"#)
-            .bind(trigger_id)
-            .fetch_all(&db.pool)
-            .await
-            .unwrap();
+    let left: Vec<i64> = sqlx::query_scalar(
+        r#"SELECT "offset" FROM message_records WHERE trigger_id = $1 AND "offset" < 10 ORDER BY 1"#,
+    )
+    .bind(trigger_id)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
     assert_eq!(left, [0, 1, 2, 3, 4]);
     assert_eq!(count(&db.pool, "SELECT count(*) FROM message_records WHERE trigger_id = $1", trigger_id).await, 105);
     assert_eq!(cleanup_dedup_records(&db.pool, Duration::from_secs(86_400)).await.unwrap(), 0);

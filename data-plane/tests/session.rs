@@ -16,8 +16,7 @@ use kt_data_plane::{run, Config};
 use kt_proto::ids::TriggerId;
 use kt_proto::internal::node_service_server::{NodeService, NodeServiceServer};
 use kt_proto::internal::{
-    control_message, node_message, Assignment, ControlMessage, NodeMessage, PipelineReport, PipelineSpec,
-    PipelineState,
+    control_message, node_message, Assignment, ControlMessage, NodeMessage, PipelineReport, PipelineSpec, PipelineState,
 };
 use kt_proto::v1;
 use support::*;
@@ -48,8 +47,7 @@ impl NodeService for FakeControlPlane {
     type SessionStream = ReceiverStream<Result<ControlMessage, Status>>;
 
     async fn session(&self, request: Request<Streaming<NodeMessage>>) -> Result<Response<Self::SessionStream>, Status> {
-        let authorization =
-            request.metadata().get("authorization").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let authorization = request.metadata().get("authorization").and_then(|v| v.to_str().ok()).map(str::to_owned);
         if authorization.as_deref() != Some(&format!("Bearer {}", self.token)) {
             let _ = self.seen.send(Seen::Rejected).await;
             return Err(Status::unauthenticated("bad node token"));
@@ -76,9 +74,7 @@ async fn fake_control_plane(token: &str) -> (String, mpsc::Receiver<Seen>) {
     let url = format!("http://{}", listener.local_addr().unwrap());
     let service = NodeServiceServer::new(FakeControlPlane { seen, token: token.to_owned() });
     tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(TcpListenerStream::new(listener)),
+        tonic::transport::Server::builder().add_service(service).serve_with_incoming(TcpListenerStream::new(listener)),
     );
     (url, rx)
 }
@@ -241,7 +237,10 @@ async fn test_pipelines_keep_running_while_the_control_plane_is_away() {
         _ => None,
     })
     .await;
-    next_matching(&mut seen, |s| matches!(s, Seen::Message(NodeMessage { msg: Some(node_message::Msg::Hello(_)) })).then_some(())).await;
+    next_matching(&mut seen, |s| {
+        matches!(s, Seen::Message(NodeMessage { msg: Some(node_message::Msg::Hello(_)) })).then_some(())
+    })
+    .await;
     let report = next_matching(&mut seen, report_of).await;
     assert_eq!(report.state(), PipelineState::Running);
     assert_eq!(sup.running().await.unwrap(), [(TriggerId(id), 1)]);

@@ -28,27 +28,16 @@ pub fn consumer_config(bootstrap_servers: &str, group_id: &str) -> ClientConfig 
 }
 
 /// A `StreamConsumer` with [`consumer_config`], subscribed to `topics`.
-pub fn subscribed_consumer(
-    bootstrap_servers: &str,
-    group_id: &str,
-    topics: &[&str],
-) -> anyhow::Result<StreamConsumer> {
-    let consumer: StreamConsumer = consumer_config(bootstrap_servers, group_id)
-        .create()
-        .context("failed to create consumer")?;
-    consumer
-        .subscribe(topics)
-        .with_context(|| format!("failed to subscribe to {topics:?}"))?;
+pub fn subscribed_consumer(bootstrap_servers: &str, group_id: &str, topics: &[&str]) -> anyhow::Result<StreamConsumer> {
+    let consumer: StreamConsumer =
+        consumer_config(bootstrap_servers, group_id).create().context("failed to create consumer")?;
+    consumer.subscribe(topics).with_context(|| format!("failed to subscribe to {topics:?}"))?;
     Ok(consumer)
 }
 
 /// Receives `n` messages from `consumer`, failing if they have not all arrived within
 /// `timeout` (the error says how many did).
-pub async fn consume_n(
-    consumer: &StreamConsumer,
-    n: usize,
-    timeout: Duration,
-) -> anyhow::Result<Vec<OwnedMessage>> {
+pub async fn consume_n(consumer: &StreamConsumer, n: usize, timeout: Duration) -> anyhow::Result<Vec<OwnedMessage>> {
     let mut messages = Vec::with_capacity(n);
     let deadline = tokio::time::Instant::now() + timeout;
     while messages.len() < n {
@@ -59,10 +48,7 @@ pub async fn consume_n(
                 // the consumer recovers by itself, so keep reading until the deadline.
                 tracing::debug!(error = %err, "consumer error while reading test messages");
             }
-            Err(_) => anyhow::bail!(
-                "timed out after {timeout:?}: received {} of {n} messages",
-                messages.len()
-            ),
+            Err(_) => anyhow::bail!("timed out after {timeout:?}: received {} of {n} messages", messages.len()),
         }
     }
     Ok(messages)

@@ -14,8 +14,6 @@ mod wait;
 
 pub use consume::{consume_n, consumer_config, subscribed_consumer};
 pub use mock::MockKafka;
-pub use produce::{
-    keyed_messages, produce, produce_to, producer, producer_config, Produced, TestMessage,
-};
+pub use produce::{keyed_messages, produce, produce_to, producer, producer_config, Produced, TestMessage};
 pub use tansu::Tansu;
 pub use wait::wait_until;

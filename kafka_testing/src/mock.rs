@@ -64,15 +64,8 @@ impl MockKafka {
                 }
             })
             .map_err(|_| KafkaError::MockCluster(RDKafkaErrorCode::Fail))?;
-        let bootstrap_servers = ready_rx
-            .recv()
-            .map_err(|_| KafkaError::MockCluster(RDKafkaErrorCode::Fail))??;
-        Ok(Self {
-            jobs: Some(jobs_tx),
-            thread: Some(thread),
-            bootstrap_servers,
-            broker_count,
-        })
+        let bootstrap_servers = ready_rx.recv().map_err(|_| KafkaError::MockCluster(RDKafkaErrorCode::Fail))??;
+        Ok(Self { jobs: Some(jobs_tx), thread: Some(thread), bootstrap_servers, broker_count })
     }
 
     /// The `bootstrap.servers` list of the cluster (`127.0.0.1:PORT,...`).
@@ -166,12 +159,7 @@ impl MockKafka {
     }
 
     /// Moves the leadership of a partition to `broker_id` (`None`: no leader).
-    pub fn partition_leader(
-        &self,
-        topic: &str,
-        partition: i32,
-        broker_id: Option<i32>,
-    ) -> KafkaResult<()> {
+    pub fn partition_leader(&self, topic: &str, partition: i32, broker_id: Option<i32>) -> KafkaResult<()> {
         let topic = topic.to_owned();
         self.with_cluster(move |c| c.partition_leader(&topic, partition, broker_id))
     }

@@ -31,10 +31,7 @@ pub struct TestMessage {
 impl TestMessage {
     /// A message with this payload, no key, no headers.
     pub fn new(payload: impl Into<Vec<u8>>) -> Self {
-        Self {
-            payload: Some(payload.into()),
-            ..Self::default()
-        }
+        Self { payload: Some(payload.into()), ..Self::default() }
     }
 
     pub fn key(mut self, key: impl Into<Vec<u8>>) -> Self {
@@ -67,15 +64,10 @@ impl TestMessage {
         if self.headers.is_empty() {
             return None;
         }
-        let headers = self.headers.iter().fold(
-            OwnedHeaders::new_with_capacity(self.headers.len()),
-            |headers, (key, value)| {
-                headers.insert(Header {
-                    key: key.as_str(),
-                    value: value.as_deref(),
-                })
-            },
-        );
+        let headers =
+            self.headers.iter().fold(OwnedHeaders::new_with_capacity(self.headers.len()), |headers, (key, value)| {
+                headers.insert(Header { key: key.as_str(), value: value.as_deref() })
+            });
         Some(headers)
     }
 }
@@ -111,10 +103,7 @@ pub fn producer_config(bootstrap_servers: &str) -> ClientConfig {
         .set("bootstrap.servers", bootstrap_servers)
         .set("acks", "all")
         .set("linger.ms", "5")
-        .set(
-            "message.timeout.ms",
-            MESSAGE_TIMEOUT.as_millis().to_string(),
-        )
+        .set("message.timeout.ms", MESSAGE_TIMEOUT.as_millis().to_string())
         .set("reconnect.backoff.ms", "50")
         .set("reconnect.backoff.max.ms", "1000");
     config
@@ -165,9 +154,7 @@ pub async fn produce(
                         None => tokio::time::sleep(Duration::from_millis(10)).await,
                     }
                 }
-                Err((err, _)) => {
-                    return Err(anyhow!(err).context(format!("failed to queue message {index}")))
-                }
+                Err((err, _)) => return Err(anyhow!(err).context(format!("failed to queue message {index}"))),
             }
         }
     }
@@ -180,9 +167,7 @@ pub async fn produce(
 async fn await_delivery(index: usize, delivery: DeliveryFuture) -> anyhow::Result<Produced> {
     match delivery.await {
         Ok(Ok((partition, offset))) => Ok(Produced { partition, offset }),
-        Ok(Err((err, _))) => {
-            Err(anyhow!(err).context(format!("message {index} was not delivered")))
-        }
+        Ok(Err((err, _))) => Err(anyhow!(err).context(format!("message {index} was not delivered"))),
         Err(_) => Err(anyhow!("message {index}: producer dropped before delivery")),
     }
 }
@@ -196,9 +181,7 @@ pub async fn produce_to(
 ) -> anyhow::Result<Vec<Produced>> {
     let producer = producer(bootstrap_servers).context("failed to create producer")?;
     let produced = produce(&producer, topic, messages).await?;
-    producer
-        .flush(Timeout::After(MESSAGE_TIMEOUT))
-        .context("failed to flush producer")?;
+    producer.flush(Timeout::After(MESSAGE_TIMEOUT)).context("failed to flush producer")?;
     Ok(produced)
 }
 
@@ -212,13 +195,7 @@ mod tests {
         let keys: Vec<_> = messages.iter().map(|m| m.key.clone().unwrap()).collect();
         assert_eq!(
             keys,
-            [
-                b"key-0".to_vec(),
-                b"key-1".to_vec(),
-                b"key-0".to_vec(),
-                b"key-1".to_vec(),
-                b"key-0".to_vec()
-            ]
+            [b"key-0".to_vec(), b"key-1".to_vec(), b"key-0".to_vec(), b"key-1".to_vec(), b"key-0".to_vec()]
         );
         assert!(keyed_messages(3, 0).iter().all(|m| m.key.is_none()));
     }

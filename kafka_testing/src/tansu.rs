@@ -95,10 +95,8 @@ impl Tansu {
 
     fn start_once(bin: &Path) -> anyhow::Result<Self> {
         let port = free_port()?;
-        let dir = tempfile::Builder::new()
-            .prefix("kt-tansu-")
-            .tempdir()
-            .context("failed to create a temp dir for tansu")?;
+        let dir =
+            tempfile::Builder::new().prefix("kt-tansu-").tempdir().context("failed to create a temp dir for tansu")?;
         let log_path = dir.path().join("tansu.log");
         let log = File::create(&log_path).context("failed to create tansu log")?;
         let url = format!("tcp://127.0.0.1:{port}");
@@ -115,32 +113,16 @@ impl Tansu {
         for var in SCRUBBED_ENV {
             command.env_remove(var);
         }
-        let child = command
-            .spawn()
-            .with_context(|| format!("failed to run {}", bin.display()))?;
+        let child = command.spawn().with_context(|| format!("failed to run {}", bin.display()))?;
         // From here on, Drop kills the child whatever happens.
-        let mut tansu = Self {
-            child,
-            port,
-            bin: bin.to_owned(),
-            dir,
-        };
+        let mut tansu = Self { child, port, bin: bin.to_owned(), dir };
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-        let ready = wait_until(
-            "tansu to accept connections",
-            START_TIMEOUT,
-            Duration::from_millis(20),
-            || {
-                if let Some(status) = tansu.child.try_wait()? {
-                    bail!("tansu exited ({status}) before accepting connections");
-                }
-                Ok(
-                    TcpStream::connect_timeout(&addr, Duration::from_millis(200))
-                        .ok()
-                        .map(|_| ()),
-                )
-            },
-        );
+        let ready = wait_until("tansu to accept connections", START_TIMEOUT, Duration::from_millis(20), || {
+            if let Some(status) = tansu.child.try_wait()? {
+                bail!("tansu exited ({status}) before accepting connections");
+            }
+            Ok(TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok().map(|_| ()))
+        });
         if let Err(err) = ready {
             return Err(err.context(format!("tansu on port {port}; its log:\n{}", tansu.log())));
         }
@@ -208,21 +190,16 @@ impl Drop for Tansu {
 
 /// A port that was free a moment ago (the OS picks it; we release it for the broker).
 fn free_port() -> anyhow::Result<u16> {
-    let listener =
-        TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("failed to bind a free port")?;
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("failed to bind a free port")?;
     Ok(listener.local_addr()?.port())
 }
 
 fn find_on_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|candidate| is_executable(candidate))
+    std::env::split_paths(&path).map(|dir| dir.join(name)).find(|candidate| is_executable(candidate))
 }
 
 fn is_executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt as _;
-    path.metadata()
-        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        .unwrap_or(false)
+    path.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
 }

@@ -5,8 +5,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use kt_kafka_testing::{
-    consume_n, keyed_messages, produce, produce_to, producer_config, subscribed_consumer,
-    MockKafka, TestMessage,
+    consume_n, keyed_messages, produce, produce_to, producer_config, subscribed_consumer, MockKafka, TestMessage,
 };
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Headers as _;
@@ -30,39 +29,23 @@ async fn test_mock_round_trip_keeps_keys_payloads_headers_and_key_order() {
             .null_header("nothing")
             .header("empty", Vec::new()),
     );
-    messages.push(TestMessage {
-        key: Some(b"tombstone".to_vec()),
-        ..TestMessage::default()
-    });
-    let produced = produce_to(&kafka.bootstrap_servers(), "orders", messages.clone())
-        .await
-        .unwrap();
+    messages.push(TestMessage { key: Some(b"tombstone".to_vec()), ..TestMessage::default() });
+    let produced = produce_to(&kafka.bootstrap_servers(), "orders", messages.clone()).await.unwrap();
     assert_eq!(produced.len(), messages.len());
 
     let consumer = subscribed_consumer(&kafka.bootstrap_servers(), "g1", &["orders"]).unwrap();
-    let received = consume_n(&consumer, messages.len(), CONSUME_TIMEOUT)
-        .await
-        .unwrap();
+    let received = consume_n(&consumer, messages.len(), CONSUME_TIMEOUT).await.unwrap();
 
     // Every message arrived once, where the producer was told it landed.
-    let mut by_position: HashMap<(i32, i64), _> = received
-        .iter()
-        .map(|m| ((m.partition(), m.offset()), m))
-        .collect();
+    let mut by_position: HashMap<(i32, i64), _> = received.iter().map(|m| ((m.partition(), m.offset()), m)).collect();
     assert_eq!(by_position.len(), messages.len());
     for (sent, at) in messages.iter().zip(&produced) {
-        let got = by_position
-            .remove(&(at.partition, at.offset))
-            .expect("message missing");
+        let got = by_position.remove(&(at.partition, at.offset)).expect("message missing");
         assert_eq!(got.key().map(<[u8]>::to_vec), sent.key);
         assert_eq!(got.payload().map(<[u8]>::to_vec), sent.payload);
         let headers: Vec<(String, Option<Vec<u8>>)> = got
             .headers()
-            .map(|h| {
-                h.iter()
-                    .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
-                    .collect()
-            })
+            .map(|h| h.iter().map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec))).collect())
             .unwrap_or_default();
         assert_eq!(headers, sent.headers);
     }
@@ -98,20 +81,14 @@ async fn test_broker_down_holds_deliveries_until_broker_up() {
     kafka.create_topic("t", 1).unwrap();
     let producer = short_timeout_producer(&kafka, 30_000);
     // Connected and working first.
-    produce(&producer, "t", [TestMessage::new("before")])
-        .await
-        .unwrap();
+    produce(&producer, "t", [TestMessage::new("before")]).await.unwrap();
 
     kafka.broker_down(1).unwrap();
-    let delivery = producer
-        .send_result(FutureRecord::<(), _>::to("t").payload("while down"))
-        .map_err(|(e, _)| e)
-        .unwrap();
+    let delivery =
+        producer.send_result(FutureRecord::<(), _>::to("t").payload("while down")).map_err(|(e, _)| e).unwrap();
     let mut delivery = Box::pin(delivery);
     assert!(
-        tokio::time::timeout(Duration::from_millis(1500), &mut delivery)
-            .await
-            .is_err(),
+        tokio::time::timeout(Duration::from_millis(1500), &mut delivery).await.is_err(),
         "a message was acknowledged while its only broker was down"
     );
 
@@ -129,30 +106,17 @@ async fn test_broker_down_times_out_messages_then_recovers() {
     let kafka = MockKafka::new(1).unwrap();
     kafka.create_topic("t", 1).unwrap();
     let producer = short_timeout_producer(&kafka, 1_000);
-    produce(&producer, "t", [TestMessage::new("before")])
-        .await
-        .unwrap();
+    produce(&producer, "t", [TestMessage::new("before")]).await.unwrap();
 
     kafka.all_brokers_down().unwrap();
-    let err = produce(&producer, "t", [TestMessage::new("lost")])
-        .await
-        .unwrap_err();
+    let err = produce(&producer, "t", [TestMessage::new("lost")]).await.unwrap_err();
     let kafka_err = err.downcast_ref::<KafkaError>().expect("a Kafka error");
-    assert_eq!(
-        kafka_err.rdkafka_error_code(),
-        Some(RDKafkaErrorCode::MessageTimedOut),
-        "{err:#}"
-    );
+    assert_eq!(kafka_err.rdkafka_error_code(), Some(RDKafkaErrorCode::MessageTimedOut), "{err:#}");
 
     kafka.all_brokers_up().unwrap();
     let producer = short_timeout_producer(&kafka, 20_000);
-    let produced = produce(&producer, "t", [TestMessage::new("after")])
-        .await
-        .unwrap();
-    assert_eq!(
-        produced[0].offset, 1,
-        "the timed-out message must not have been stored"
-    );
+    let produced = produce(&producer, "t", [TestMessage::new("after")]).await.unwrap();
+    assert_eq!(produced[0].offset, 1, "the timed-out message must not have been stored");
 }
 
 #[tokio::test]
@@ -160,21 +124,13 @@ async fn test_request_errors_fail_or_are_retried() {
     let kafka = MockKafka::new(1).unwrap();
     kafka.create_topic("t", 1).unwrap();
     let producer = short_timeout_producer(&kafka, 10_000);
-    produce(&producer, "t", [TestMessage::new("warm up")])
-        .await
-        .unwrap();
+    produce(&producer, "t", [TestMessage::new("warm up")]).await.unwrap();
 
     // A permanent error fails the message.
-    kafka.request_errors(
-        RDKafkaApiKey::Produce,
-        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE],
-    );
-    let err = produce(&producer, "t", [TestMessage::new("refused")])
-        .await
-        .unwrap_err();
+    kafka.request_errors(RDKafkaApiKey::Produce, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE]);
+    let err = produce(&producer, "t", [TestMessage::new("refused")]).await.unwrap_err();
     assert_eq!(
-        err.downcast_ref::<KafkaError>()
-            .and_then(KafkaError::rdkafka_error_code),
+        err.downcast_ref::<KafkaError>().and_then(KafkaError::rdkafka_error_code),
         Some(RDKafkaErrorCode::MessageSizeTooLarge),
         "{err:#}"
     );
@@ -182,13 +138,8 @@ async fn test_request_errors_fail_or_are_retried() {
     // Retriable errors are retried by the producer: the message is stored once.
     kafka.request_errors(
         RDKafkaApiKey::Produce,
-        &[
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS,
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS,
-        ],
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS, RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS],
     );
-    let produced = produce(&producer, "t", [TestMessage::new("accepted")])
-        .await
-        .unwrap();
+    let produced = produce(&producer, "t", [TestMessage::new("accepted")]).await.unwrap();
     assert_eq!(produced[0].offset, 1);
 }

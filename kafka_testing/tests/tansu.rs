@@ -31,15 +31,9 @@ async fn test_tansu_round_trip_through_a_consumer_group() {
     let received = consume_n(&consumer, messages.len(), Duration::from_secs(60))
         .await
         .unwrap_or_else(|err| panic!("{err:#}\ntansu log:\n{}", tansu.log()));
-    eprintln!(
-        "tansu: 50 messages consumed through a group in {:?}",
-        started.elapsed()
-    );
+    eprintln!("tansu: 50 messages consumed through a group in {:?}", started.elapsed());
 
-    let mut payloads: Vec<Vec<u8>> = received
-        .iter()
-        .filter_map(|m| m.payload().map(<[u8]>::to_vec))
-        .collect();
+    let mut payloads: Vec<Vec<u8>> = received.iter().filter_map(|m| m.payload().map(<[u8]>::to_vec)).collect();
     let mut expected: Vec<Vec<u8>> = messages.iter().filter_map(|m| m.payload.clone()).collect();
     payloads.sort();
     expected.sort();
@@ -60,8 +54,5 @@ fn test_tansu_is_stopped_on_drop() {
     let port = tansu.port();
     assert!(TcpStream::connect(("127.0.0.1", port)).is_ok());
     drop(tansu);
-    assert!(
-        TcpStream::connect(("127.0.0.1", port)).is_err(),
-        "port {port} still answers"
-    );
+    assert!(TcpStream::connect(("127.0.0.1", port)).is_err(), "port {port} still answers");
 }

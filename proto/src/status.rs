@@ -60,11 +60,7 @@ pub fn status(code: ErrorCode, message: impl Into<String>) -> Status {
 /// `INVALID_ARGUMENT` carrying a `google.rpc.BadRequest` with one violation per
 /// bad field; the message lists them too, for clients that ignore details.
 pub fn invalid_argument(violations: &[FieldViolation]) -> Status {
-    let summary = violations
-        .iter()
-        .map(|v| format!("{}: {}", v.field, v.description))
-        .collect::<Vec<_>>()
-        .join("; ");
+    let summary = violations.iter().map(|v| format!("{}: {}", v.field, v.description)).collect::<Vec<_>>().join("; ");
     let mut details = ErrorDetails::new();
     for v in violations {
         details.add_bad_request_violation(v.field.clone(), v.description.clone());

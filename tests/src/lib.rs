@@ -41,9 +41,9 @@ impl TestDb {
     pub async fn create() -> anyhow::Result<Self> {
         let admin_url = admin_database_url();
         let name = format!("kt_test_{}", Uuid::new_v4().simple());
-        let mut admin = PgConnection::connect(&admin_url)
-            .await
-            .with_context(|| format!("cannot reach Postgres at {admin_url}; run scripts/test.sh or set DATABASE_URL"))?;
+        let mut admin = PgConnection::connect(&admin_url).await.with_context(|| {
+            format!("cannot reach Postgres at {admin_url}; run scripts/test.sh or set DATABASE_URL")
+        })?;
         sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut admin).await?;
         let url = replace_database(&admin_url, &name);
         Ok(Self { name, url, admin_url })

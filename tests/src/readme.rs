@@ -34,11 +34,8 @@ pub fn blocks(readme: &str, name: &str) -> anyhow::Result<Vec<Block>> {
         let body = &rest[i + 6..];
         let close = body.find("\n```").context("unclosed ```sh block")?;
         let code = body[..=close].to_owned();
-        let expect_failure = code
-            .lines()
-            .next()
-            .and_then(|l| l.strip_prefix("# expect-failure:"))
-            .map(|s| s.trim().to_owned());
+        let expect_failure =
+            code.lines().next().and_then(|l| l.strip_prefix("# expect-failure:")).map(|s| s.trim().to_owned());
         blocks.push(Block { code, expect_failure });
         rest = &body[close + 4..];
     }

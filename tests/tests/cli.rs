@@ -26,12 +26,45 @@ async fn test_migrate_subcommand_applies_every_migration() {
 #[tokio::test]
 async fn test_help_explains_every_flag_and_its_environment_variable() {
     let contract = [
-        ("control-plane", &["--database-url", "DATABASE_URL", "--grpc-listen", "KT_GRPC_LISTEN", "--metrics-listen",
-            "KT_METRICS_LISTEN", "--api-token", "KT_API_TOKEN", "--node-token", "KT_NODE_TOKEN", "--encryption-key",
-            "KT_ENCRYPTION_KEY", "KT_LOG_FORMAT", "SENTRY_DSN", "migrate"][..]),
-        ("data-plane", &["--control-plane-url", "KT_CONTROL_PLANE_URL", "--database-url", "DATABASE_URL", "--node-token",
-            "KT_NODE_TOKEN", "--node-id", "KT_NODE_ID", "--workers", "KT_WORKERS", "--metrics-listen", "KT_METRICS_LISTEN",
-            "KT_LOG_FORMAT", "SENTRY_DSN"][..]),
+        (
+            "control-plane",
+            &[
+                "--database-url",
+                "DATABASE_URL",
+                "--grpc-listen",
+                "KT_GRPC_LISTEN",
+                "--metrics-listen",
+                "KT_METRICS_LISTEN",
+                "--api-token",
+                "KT_API_TOKEN",
+                "--node-token",
+                "KT_NODE_TOKEN",
+                "--encryption-key",
+                "KT_ENCRYPTION_KEY",
+                "KT_LOG_FORMAT",
+                "SENTRY_DSN",
+                "migrate",
+            ][..],
+        ),
+        (
+            "data-plane",
+            &[
+                "--control-plane-url",
+                "KT_CONTROL_PLANE_URL",
+                "--database-url",
+                "DATABASE_URL",
+                "--node-token",
+                "KT_NODE_TOKEN",
+                "--node-id",
+                "KT_NODE_ID",
+                "--workers",
+                "KT_WORKERS",
+                "--metrics-listen",
+                "KT_METRICS_LISTEN",
+                "KT_LOG_FORMAT",
+                "SENTRY_DSN",
+            ][..],
+        ),
     ];
     for (binary, names) in contract {
         let out = Command::new(workspace_binary(binary).unwrap())

@@ -27,13 +27,21 @@ async fn test_live_replay_and_filters() {
     let mut events = EventServiceClient::new(cp.channel().await.unwrap());
 
     let mut live = events.stream_events(StreamEventsRequest::default()).await.unwrap().into_inner();
-    let a = triggers.create_trigger(CreateTriggerRequest { trigger: Some(sample_trigger("a", "b:1", "t")) }).await.unwrap().into_inner();
+    let a = triggers
+        .create_trigger(CreateTriggerRequest { trigger: Some(sample_trigger("a", "b:1", "t")) })
+        .await
+        .unwrap()
+        .into_inner();
     let first = next(&mut live).await;
     assert_eq!(kind(&first), EventKind::TriggerCreated);
     assert_eq!(first.trigger_id, a.id);
     assert!(first.details.contains("\"name\": \"a\"") || first.details.contains("\"name\":\"a\""), "{}", first.details);
 
-    let b = triggers.create_trigger(CreateTriggerRequest { trigger: Some(sample_trigger("b", "b:1", "t")) }).await.unwrap().into_inner();
+    let b = triggers
+        .create_trigger(CreateTriggerRequest { trigger: Some(sample_trigger("b", "b:1", "t")) })
+        .await
+        .unwrap()
+        .into_inner();
     triggers.disable_trigger(DisableTriggerRequest { id: a.id.clone() }).await.unwrap();
     triggers.delete_trigger(DeleteTriggerRequest { id: b.id.clone() }).await.unwrap();
     let mut seen = vec![first.clone()];
@@ -41,7 +49,10 @@ async fn test_live_replay_and_filters() {
         seen.push(next(&mut live).await);
     }
     let kinds: Vec<_> = seen.iter().map(kind).collect();
-    assert_eq!(kinds, [EventKind::TriggerCreated, EventKind::TriggerCreated, EventKind::TriggerDisabled, EventKind::TriggerDeleted]);
+    assert_eq!(
+        kinds,
+        [EventKind::TriggerCreated, EventKind::TriggerCreated, EventKind::TriggerDisabled, EventKind::TriggerDeleted]
+    );
 
     // Resume after the first event: the same three follow, in order, then live.
     let mut resumed = events
@@ -69,7 +80,10 @@ async fn test_live_replay_and_filters() {
         .into_inner();
     let only = next(&mut filtered).await;
     assert_eq!((kind(&only), only.trigger_id.as_str()), (EventKind::TriggerDeleted, b.id.as_str()));
-    assert!(tokio::time::timeout(Duration::from_millis(500), filtered.message()).await.is_err(), "nothing else matches");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), filtered.message()).await.is_err(),
+        "nothing else matches"
+    );
 }
 
 #[tokio::test]
@@ -82,8 +96,14 @@ async fn test_an_event_committed_late_is_not_skipped() {
 
     // Transaction A takes a lower event id but commits after B.
     let mut a = pool.begin().await.unwrap();
-    sqlx::query("INSERT INTO events (kind, details) VALUES ('trigger_updated', '{\"tx\": \"a\"}')").execute(&mut *a).await.unwrap();
-    sqlx::query("INSERT INTO events (kind, details) VALUES ('trigger_updated', '{\"tx\": \"b\"}')").execute(&pool).await.unwrap();
+    sqlx::query("INSERT INTO events (kind, details) VALUES ('trigger_updated', '{\"tx\": \"a\"}')")
+        .execute(&mut *a)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO events (kind, details) VALUES ('trigger_updated', '{\"tx\": \"b\"}')")
+        .execute(&pool)
+        .await
+        .unwrap();
     assert!(
         tokio::time::timeout(Duration::from_millis(700), live.message()).await.is_err(),
         "B must wait until A, which may precede it, has finished"
@@ -112,7 +132,11 @@ async fn test_bad_requests_and_slow_clients() {
     let mut events = EventServiceClient::new(cp.channel().await.unwrap());
 
     let status = events
-        .stream_events(StreamEventsRequest { trigger_ids: vec!["nope".into()], kinds: vec![999], after_cursor: "x".into() })
+        .stream_events(StreamEventsRequest {
+            trigger_ids: vec!["nope".into()],
+            kinds: vec![999],
+            after_cursor: "x".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
@@ -123,7 +147,10 @@ async fn test_bad_requests_and_slow_clients() {
     // A client that does not read while far more events than the buffer
     // arrive is cut off with a status that says how to resume.
     let mut slow = events.stream_events(StreamEventsRequest::default()).await.unwrap().into_inner();
-    sqlx::query("INSERT INTO events (kind) SELECT 'trigger_updated' FROM generate_series(1, 40000)").execute(&pool).await.unwrap();
+    sqlx::query("INSERT INTO events (kind) SELECT 'trigger_updated' FROM generate_series(1, 40000)")
+        .execute(&pool)
+        .await
+        .unwrap();
     let mut received = 0;
     let status = loop {
         match tokio::time::timeout(Duration::from_secs(30), slow.message()).await.expect("stream ends in time") {

@@ -103,10 +103,15 @@ async fn kill_mid_ingest(kill_point: KillPoint) {
     let mut opts = s.child_options("node-successor");
     opts.rust_log = "warn,kt_data_plane::consumer=info".into();
     let successor = DataPlaneProcess::spawn(&opts).unwrap();
-    let assigned = poll_until("the successor assigned its partitions", Duration::from_secs(75), Duration::from_millis(100), || async {
-        successor.ensure_running()?;
-        Ok(successor.lines_containing("partitions assigned trigger_id").pop())
-    })
+    let assigned = poll_until(
+        "the successor assigned its partitions",
+        Duration::from_secs(75),
+        Duration::from_millis(100),
+        || async {
+            successor.ensure_running()?;
+            Ok(successor.lines_containing("partitions assigned trigger_id").pop())
+        },
+    )
     .await
     .map_err(with_output(&successor))
     .unwrap();
@@ -120,12 +125,13 @@ async fn kill_mid_ingest(kill_point: KillPoint) {
     offsets.wait_committed(&end_offsets(&produced), WAIT).await;
     offsets.assert_all_stored(&s.pool, id).await;
     // The checkpoints reached the end of every partition.
-    let checkpoints: Vec<(i32, i64)> =
-        sqlx::query_as("SELECT partition, last_offset FROM partition_checkpoints WHERE trigger_id = $1 ORDER BY partition")
-            .bind(id)
-            .fetch_all(&s.pool)
-            .await
-            .unwrap();
+    let checkpoints: Vec<(i32, i64)> = sqlx::query_as(
+        "SELECT partition, last_offset FROM partition_checkpoints WHERE trigger_id = $1 ORDER BY partition",
+    )
+    .bind(id)
+    .fetch_all(&s.pool)
+    .await
+    .unwrap();
     let ends: Vec<(i32, i64)> = end_offsets(&produced).into_iter().map(|((_, p), end)| (p, end - 1)).collect();
     assert_eq!(checkpoints, ends);
     successor.ensure_running().unwrap();
@@ -181,8 +187,11 @@ async fn test_partition_first_used_while_disabled_is_read_from_its_start() {
     .unwrap();
     // Partition 1's first messages, created an hour ago (e.g. a replay).
     let hour_ago = chrono::Utc::now().timestamp_millis() - 3_600_000;
-    let to_p1: Vec<TestMessage> =
-        keyed_messages(50, 10).into_iter().enumerate().map(|(i, m)| m.partition(1).timestamp_ms(hour_ago + i as i64)).collect();
+    let to_p1: Vec<TestMessage> = keyed_messages(50, 10)
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| m.partition(1).timestamp_ms(hour_ago + i as i64))
+        .collect();
     expected.extend(ids(TOPIC, &produce_to(&s.brokers(), TOPIC, to_p1).await.unwrap()));
     s.triggers.clone().enable_trigger(EnableTriggerRequest { id: trigger.id.clone() }).await.unwrap();
 
@@ -202,11 +211,8 @@ fn owned_partitions(node: &DataPlaneProcess) -> BTreeSet<i32> {
             Some("partitions assigned by the group") => {
                 // Debug of [("topic", 0), ("topic", 3)].
                 let list = event["partitions"].as_str().unwrap_or_default();
-                owned = list
-                    .split("\", ")
-                    .skip(1)
-                    .filter_map(|rest| rest.split(')').next()?.trim().parse().ok())
-                    .collect();
+                owned =
+                    list.split("\", ").skip(1).filter_map(|rest| rest.split(')').next()?.trim().parse().ok()).collect();
             }
             Some("partitions revoked") => owned.clear(),
             _ => {}
@@ -332,14 +338,15 @@ async fn test_config_change_restarts_pipeline_on_every_node() {
     // DESIGN §7 "every error is clear": the status names the cause. Checked
     // at the end of the test, so that the healing below is tested either way.
     let last = std::cell::RefCell::new(status);
-    let names_the_cause = wait_for("the trigger status naming the authentication failure", Duration::from_secs(10), || async {
-        let status = status_of().await?;
-        let clear = status.nodes.iter().all(|n| n.last_error.to_lowercase().contains("authentication"));
-        *last.borrow_mut() = status;
-        clear.then_some(())
-    })
-    .await
-    .map_err(|e| format!("{e}; the status said: {:?}", last.borrow()));
+    let names_the_cause =
+        wait_for("the trigger status naming the authentication failure", Duration::from_secs(10), || async {
+            let status = status_of().await?;
+            let clear = status.nodes.iter().all(|n| n.last_error.to_lowercase().contains("authentication"));
+            *last.borrow_mut() = status;
+            clear.then_some(())
+        })
+        .await
+        .map_err(|e| format!("{e}; the status said: {:?}", last.borrow()));
     let failed_events = events(&s.pool, id, "pipeline_failed").await;
     eprintln!("pipeline_failed events while the credentials are wrong: {failed_events:?}");
     let during = ids("alpha", &produce_to(&s.brokers(), "alpha", keyed_messages(100, 10)).await.unwrap());
@@ -387,7 +394,13 @@ async fn test_disable_and_delete_stop_the_pipeline() {
     offsets.wait_committed(&end_offsets(&expected), WAIT).await;
 
     // Disabled: the pipeline stops; new messages are neither stored nor committed.
-    let disabled = s.triggers.clone().disable_trigger(DisableTriggerRequest { id: trigger.id.clone() }).await.unwrap().into_inner();
+    let disabled = s
+        .triggers
+        .clone()
+        .disable_trigger(DisableTriggerRequest { id: trigger.id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
     assert!(!disabled.enabled);
     wait_for("pipeline_stopped reported", WAIT, || async {
         (!events(&s.pool, id, "pipeline_stopped").await.is_empty()).then_some(())
@@ -406,7 +419,8 @@ async fn test_disable_and_delete_stop_the_pipeline() {
     .await;
 
     // Enabled again: it resumes at the committed offsets.
-    let enabled = s.triggers.clone().enable_trigger(EnableTriggerRequest { id: trigger.id.clone() }).await.unwrap().into_inner();
+    let enabled =
+        s.triggers.clone().enable_trigger(EnableTriggerRequest { id: trigger.id.clone() }).await.unwrap().into_inner();
     assert!(enabled.generation > disabled.generation);
     expected.extend(held);
     wait_stored(&s.pool, id, 400, &offsets, &[], WAIT).await.unwrap();
@@ -541,7 +555,8 @@ async fn test_tansu_end_to_end_with_a_real_producer() {
         webhook: Some(WebhookTarget { url: receiver.url(), timeout_ms: Some(5_000), ..Default::default() }),
         ..Default::default()
     };
-    trigger = triggers.clone().create_trigger(CreateTriggerRequest { trigger: Some(trigger) }).await.unwrap().into_inner();
+    trigger =
+        triggers.clone().create_trigger(CreateTriggerRequest { trigger: Some(trigger) }).await.unwrap().into_inner();
     let id = trigger_uuid(&trigger);
     let offsets = CommittedOffsets::new(&brokers, group_id(&trigger), &[(TOPIC, 3)]);
 
@@ -625,7 +640,8 @@ async fn test_postgres_outage_pauses_ingest_without_loss() {
     let s = sandbox(&[(TOPIC, 4)]).await;
     let node = s
         .ingest_node(|c| {
-            c.ingest.persist.retry_backoff = kt_common::backoff::Backoff::new(Duration::from_millis(50), Duration::from_millis(500));
+            c.ingest.persist.retry_backoff =
+                kt_common::backoff::Backoff::new(Duration::from_millis(50), Duration::from_millis(500));
         })
         .await;
     let trigger = s.create_trigger("outage", &[TOPIC]).await;
@@ -704,4 +720,3 @@ async fn test_postgres_outage_pauses_ingest_without_loss() {
     assert!(retries >= 1.0, "the outage's retries are counted");
     node.stop().await.unwrap();
 }
-

@@ -20,7 +20,9 @@ fn hello(node_id: &str, schema_version: i64) -> NodeMessage {
     NodeMessage { msg: Some(Msg::Hello(Hello { node_id: node_id.into(), schema_version, version: "test".into() })) }
 }
 
-type Client = NodeServiceClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, kt_tests::BearerToken>>;
+type Client = NodeServiceClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, kt_tests::BearerToken>,
+>;
 
 async fn open(
     client: &mut Client,
@@ -96,7 +98,13 @@ async fn test_reports_and_membership_become_events() {
     let (tx, mut inbound) = open(&mut nodes, hello("node-r", kt_common::db::expected_schema_version())).await.unwrap();
     next_assignment(&mut inbound).await;
     for (state, error) in [(PipelineState::Running, ""), (PipelineState::Failed, "broker unreachable")] {
-        let report = PipelineReport { trigger_id: trigger_id.clone(), generation: 1, state: state.into(), error: error.into(), partitions: vec![] };
+        let report = PipelineReport {
+            trigger_id: trigger_id.clone(),
+            generation: 1,
+            state: state.into(),
+            error: error.into(),
+            partitions: vec![],
+        };
         tx.send(NodeMessage { msg: Some(Msg::Pipeline(report)) }).await.unwrap();
     }
     let kinds = || {
@@ -122,9 +130,11 @@ async fn test_reports_and_membership_become_events() {
 
     // The node goes silent without closing its stream: after three missed
     // heartbeats the control plane drops it.
-    wait_for("node_left after silence", WAIT, || async { kinds().await.last().is_some_and(|k| k == "node_left").then_some(()) })
-        .await
-        .unwrap();
+    wait_for("node_left after silence", WAIT, || async {
+        kinds().await.last().is_some_and(|k| k == "node_left").then_some(())
+    })
+    .await
+    .unwrap();
     drop(tx);
 }
 

@@ -112,7 +112,8 @@ async fn test_status_and_metrics_follow_the_flow() {
     let k = broken.kafka.as_mut().unwrap();
     k.ssl = true;
     k.ssl_ca_cert = "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n".into();
-    let broken_id = triggers.create_trigger(CreateTriggerRequest { trigger: Some(broken) }).await.unwrap().into_inner().id;
+    let broken_id =
+        triggers.create_trigger(CreateTriggerRequest { trigger: Some(broken) }).await.unwrap().into_inner().id;
     let failed = wait_for("the broken pipeline reported failed", WAIT, || {
         let mut triggers = triggers.clone();
         let id = broken_id.clone();

@@ -52,7 +52,8 @@ async fn sandbox() -> Sandbox {
 impl Sandbox {
     async fn trigger(&mut self, name: &str) -> Uuid {
         let t = sample_trigger(name, "127.0.0.1:9092", TOPIC);
-        let created = self.triggers.create_trigger(CreateTriggerRequest { trigger: Some(t) }).await.unwrap().into_inner();
+        let created =
+            self.triggers.create_trigger(CreateTriggerRequest { trigger: Some(t) }).await.unwrap().into_inner();
         Uuid::parse_str(&created.id).unwrap()
     }
 
@@ -172,11 +173,13 @@ impl Sandbox {
     }
 
     async fn stored_offsets(&self, trigger: Uuid) -> Vec<(i32, i64)> {
-        sqlx::query_as("SELECT partition, \"offset\" FROM messages WHERE trigger_id = $1 ORDER BY partition, \"offset\"")
-            .bind(trigger)
-            .fetch_all(&self.pool)
-            .await
-            .unwrap()
+        sqlx::query_as(
+            "SELECT partition, \"offset\" FROM messages WHERE trigger_id = $1 ORDER BY partition, \"offset\"",
+        )
+        .bind(trigger)
+        .fetch_all(&self.pool)
+        .await
+        .unwrap()
     }
 
     async fn events(&self, kind: &str) -> Vec<Value> {
@@ -500,12 +503,13 @@ async fn test_skip_records_a_skipped_work_order_for_a_head_without_one() {
     sb.work_order(a, set, Some(b"k"), (1, 5), "failed", 1, Some("HTTP 400")).await;
 
     sb.sets.skip_message(SkipMessageRequest { id: set.to_string() }).await.unwrap();
-    let (state, body): (String, String) =
-        sqlx::query_as("SELECT state, body FROM work_orders WHERE trigger_id = $1 AND partition = 0 AND \"offset\" = 0")
-            .bind(a)
-            .fetch_one(&sb.pool)
-            .await
-            .unwrap();
+    let (state, body): (String, String) = sqlx::query_as(
+        "SELECT state, body FROM work_orders WHERE trigger_id = $1 AND partition = 0 AND \"offset\" = 0",
+    )
+    .bind(a)
+    .fetch_one(&sb.pool)
+    .await
+    .unwrap();
     assert_eq!((state.as_str(), body.as_str()), ("skipped", "{}"));
     assert_eq!(sb.stored_offsets(a).await, [(1, 5)]);
 }
@@ -535,7 +539,8 @@ async fn test_discard_drops_every_message_of_the_set() {
     assert_eq!(sb.events("set_unblocked").await[0]["action"], "discard");
     assert_eq!(sb.get_set(other).await.stored_messages, 1);
 
-    let res = sb.sets.discard_message_set(DiscardMessageSetRequest { id: unkeyed.to_string() }).await.unwrap().into_inner();
+    let res =
+        sb.sets.discard_message_set(DiscardMessageSetRequest { id: unkeyed.to_string() }).await.unwrap().into_inner();
     assert_eq!((res.discarded_messages, res.skipped_work_orders), (1, 0));
     assert_eq!(sb.stored_offsets(a).await, [(0, 3)]);
 }
@@ -562,8 +567,11 @@ async fn test_actions_refuse_a_set_a_worker_holds() {
     // clears the lock so that worker's late writes are fenced off.
     sb.claim(set, -5).await;
     sb.sets.skip_message(SkipMessageRequest { id: set.to_string() }).await.unwrap();
-    let lock: Option<Uuid> =
-        sqlx::query_scalar("SELECT lock_id FROM message_sets WHERE id = $1").bind(set).fetch_one(&sb.pool).await.unwrap();
+    let lock: Option<Uuid> = sqlx::query_scalar("SELECT lock_id FROM message_sets WHERE id = $1")
+        .bind(set)
+        .fetch_one(&sb.pool)
+        .await
+        .unwrap();
     assert_eq!(lock, None);
 }
 
@@ -592,8 +600,11 @@ async fn test_complete_work_order_success_lets_the_next_message_go() {
 
     assert_eq!(sb.stored_offsets(a).await, [(0, 6)]);
     assert_eq!(sb.set_columns(set).await, ("ready".into(), true, false));
-    let lock: Option<Uuid> =
-        sqlx::query_scalar("SELECT lock_id FROM message_sets WHERE id = $1").bind(set).fetch_one(&sb.pool).await.unwrap();
+    let lock: Option<Uuid> = sqlx::query_scalar("SELECT lock_id FROM message_sets WHERE id = $1")
+        .bind(set)
+        .fetch_one(&sb.pool)
+        .await
+        .unwrap();
     assert_eq!(lock, None);
     let view = sb.get_set(set).await;
     assert_eq!((view.state(), view.head_offset), (MessageSetState::Ready, 6));
@@ -613,7 +624,11 @@ async fn test_complete_work_order_failure_blocks_the_set() {
 
     let done = sb
         .work_orders
-        .complete_work_order(CompleteWorkOrderRequest { id: wo.to_string(), success: false, error: "runner crashed".into() })
+        .complete_work_order(CompleteWorkOrderRequest {
+            id: wo.to_string(),
+            success: false,
+            error: "runner crashed".into(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -671,7 +686,11 @@ async fn test_complete_work_order_refuses_wrong_state_and_bad_ids() {
     sb.claim(set, -5).await;
 
     // Completing twice: the second report finds it finished.
-    sqlx::query("UPDATE work_orders SET state = 'running' WHERE id = $1").bind(pending).execute(&sb.pool).await.unwrap();
+    sqlx::query("UPDATE work_orders SET state = 'running' WHERE id = $1")
+        .bind(pending)
+        .execute(&sb.pool)
+        .await
+        .unwrap();
     complete(pending.to_string(), false).await.unwrap();
     let err = complete(pending.to_string(), true).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);

@@ -35,11 +35,7 @@ fn capture_logs() -> Captured {
     LOGS.get_or_init(|| {
         let captured = Captured::default();
         let writer = captured.clone();
-        tracing_subscriber::fmt()
-            .with_env_filter("trace")
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .init();
+        tracing_subscriber::fmt().with_env_filter("trace").with_writer(move || writer.clone()).with_ansi(false).init();
         captured
     })
     .clone()
@@ -106,12 +102,11 @@ async fn test_secrets_are_encrypted_hidden_and_never_logged() {
 
     // The raw tables hold ciphertext only.
     let pool = db.pool().await.unwrap();
-    let dump: Vec<(String, Vec<u8>)> = sqlx::query_as(
-        "SELECT t::text, COALESCE(secrets_ciphertext, '') FROM triggers t",
-    )
-    .fetch_all(&pool)
-    .await
-    .unwrap();
+    let dump: Vec<(String, Vec<u8>)> =
+        sqlx::query_as("SELECT t::text, COALESCE(secrets_ciphertext, '') FROM triggers t")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
     assert_eq!(dump.len(), 1);
     assert_no_secret("triggers row", &dump[0].0);
     let cipher = &dump[0].1;
@@ -130,7 +125,11 @@ async fn test_secrets_are_encrypted_hidden_and_never_logged() {
     let mut nodes = NodeServiceClient::new(cp.channel().await.unwrap());
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tx.send(NodeMessage {
-        msg: Some(Msg::Hello(Hello { node_id: "n1".into(), schema_version: kt_common::db::expected_schema_version(), version: "test".into() })),
+        msg: Some(Msg::Hello(Hello {
+            node_id: "n1".into(),
+            schema_version: kt_common::db::expected_schema_version(),
+            version: "test".into(),
+        })),
     })
     .await
     .unwrap();
@@ -166,16 +165,11 @@ async fn test_credentials_without_encryption_key_are_refused() {
     let cp = TestControlPlane::start(&db, opts).await.unwrap();
     let mut client = TriggerServiceClient::new(cp.channel().await.unwrap());
 
-    let status = client
-        .create_trigger(CreateTriggerRequest { trigger: Some(secret_trigger("needs-key")) })
-        .await
-        .unwrap_err();
+    let status =
+        client.create_trigger(CreateTriggerRequest { trigger: Some(secret_trigger("needs-key")) }).await.unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition);
     assert!(status.message().contains("KT_ENCRYPTION_KEY"), "{}", status.message());
 
     // Triggers without credentials need no key.
-    client
-        .create_trigger(CreateTriggerRequest { trigger: Some(sample_trigger("plain", "b:1", "t")) })
-        .await
-        .unwrap();
+    client.create_trigger(CreateTriggerRequest { trigger: Some(sample_trigger("plain", "b:1", "t")) }).await.unwrap();
 }

@@ -79,22 +79,29 @@ async fn test_blocked_sets_persistence_failures_and_pipeline_crashes_are_reporte
         webhook: Some(WebhookTarget { url: receiver.url(), ..Default::default() }),
         ..Default::default()
     };
-    let broken_id = triggers.create_trigger(CreateTriggerRequest { trigger: Some(broken) }).await.unwrap().into_inner().id;
+    let broken_id =
+        triggers.create_trigger(CreateTriggerRequest { trigger: Some(broken) }).await.unwrap().into_inner().id;
 
     let mut events = Vec::new();
     let has = |events: &[sentry::protocol::Event<'static>], text: &str| {
         events.iter().any(|e| e.message.as_deref().is_some_and(|m| m.contains(text)))
     };
-    wait_for("Sentry events for the blocked set, the unstorable message and the failed pipeline", Duration::from_secs(60), || {
-        events.extend(transport.fetch_and_clear_events());
-        let found = has(&events, "set blocked") && has(&events, "cannot be stored") && has(&events, "pipeline failed");
-        async move { found.then_some(()) }
-    })
+    wait_for(
+        "Sentry events for the blocked set, the unstorable message and the failed pipeline",
+        Duration::from_secs(60),
+        || {
+            events.extend(transport.fetch_and_clear_events());
+            let found =
+                has(&events, "set blocked") && has(&events, "cannot be stored") && has(&events, "pipeline failed");
+            async move { found.then_some(()) }
+        },
+    )
     .await
     .unwrap();
     let crashed = events.iter().find(|e| e.message.as_deref().is_some_and(|m| m.contains("pipeline failed"))).unwrap();
     assert!(event_text(crashed).contains(&broken_id), "the pipeline failure names its trigger");
-    let unstorable = events.iter().find(|e| e.message.as_deref().is_some_and(|m| m.contains("cannot be stored"))).unwrap();
+    let unstorable =
+        events.iter().find(|e| e.message.as_deref().is_some_and(|m| m.contains("cannot be stored"))).unwrap();
     let text = event_text(unstorable);
     for field in ["trigger_id", "topic", "partition", "offset"] {
         assert!(text.contains(field), "the persistence failure carries {field}: {text}");

@@ -63,7 +63,8 @@ async fn test_sigterm_mid_flow_releases_claims_and_loses_nothing() {
         .await
         .unwrap();
     assert_eq!(held, 0, "claims left held after a graceful shutdown");
-    let done: i64 = sqlx::query_scalar("SELECT count(*) FROM work_orders WHERE state = 'success'").fetch_one(&pool).await.unwrap();
+    let done: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM work_orders WHERE state = 'success'").fetch_one(&pool).await.unwrap();
     assert!(done < 600, "the signal came mid-flow ({done} done)");
 
     let _successor = TestNode::start(&db, &cp.url(), |_| {}).await;

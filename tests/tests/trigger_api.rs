@@ -29,7 +29,8 @@ async fn test_trigger_lifecycle_over_grpc() {
     let (_db, cp) = setup(ControlPlaneOptions::default()).await;
     let mut client = TriggerServiceClient::new(cp.channel().await.unwrap());
 
-    let created = client.create_trigger(create(sample_trigger("orders", "localhost:9092", "orders"))).await.unwrap().into_inner();
+    let created =
+        client.create_trigger(create(sample_trigger("orders", "localhost:9092", "orders"))).await.unwrap().into_inner();
     assert_eq!(created.generation, 1);
     assert!(created.enabled);
     let group = created.kafka.as_ref().unwrap().group_id.clone();
@@ -66,7 +67,8 @@ async fn test_trigger_lifecycle_over_grpc() {
     // group_id is immutable.
     let mut moved = updated.clone();
     moved.kafka.as_mut().unwrap().group_id = "elsewhere".into();
-    let err = client.update_trigger(UpdateTriggerRequest { trigger: Some(moved), update_mask: None }).await.unwrap_err();
+    let err =
+        client.update_trigger(UpdateTriggerRequest { trigger: Some(moved), update_mask: None }).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert_eq!(violations(&err), ["trigger.kafka.group_id"]);
 
@@ -114,7 +116,8 @@ async fn test_list_pages_through_every_trigger_once() {
 
     let err = client.list_triggers(ListTriggersRequest { page_size: -1, page_token: String::new() }).await.unwrap_err();
     assert_eq!(violations(&err), ["page_size"]);
-    let err = client.list_triggers(ListTriggersRequest { page_size: 0, page_token: "garbage".into() }).await.unwrap_err();
+    let err =
+        client.list_triggers(ListTriggersRequest { page_size: 0, page_token: "garbage".into() }).await.unwrap_err();
     assert_eq!(violations(&err), ["page_token"]);
 }
 
@@ -164,14 +167,29 @@ async fn test_invalid_triggers_get_field_violations() {
     let cases: Vec<(Trigger, Vec<&str>)> = vec![
         (Trigger { name: "".into(), ..base() }, vec!["trigger.name"]),
         (kafka(&|k| k.hosts = vec!["::1:9092".into()]), vec!["trigger.kafka.hosts[0]"]),
-        (kafka(&|k| k.hosts = vec!["h:70000".into(), "h:x".into()]), vec!["trigger.kafka.hosts[0]", "trigger.kafka.hosts[1]"]),
+        (
+            kafka(&|k| k.hosts = vec!["h:70000".into(), "h:x".into()]),
+            vec!["trigger.kafka.hosts[0]", "trigger.kafka.hosts[1]"],
+        ),
         (kafka(&|k| k.topics = vec![]), vec!["trigger.kafka.topics"]),
         (kafka(&|k| k.topics = vec!["bad topic".into()]), vec!["trigger.kafka.topics[0]"]),
-        (kafka(&|k| k.initial_offset_reset_policy = "yesterday".into()), vec!["trigger.kafka.initial_offset_reset_policy"]),
+        (
+            kafka(&|k| k.initial_offset_reset_policy = "yesterday".into()),
+            vec!["trigger.kafka.initial_offset_reset_policy"],
+        ),
         (kafka(&|k| k.sasl = SaslMechanism::Plain.into()), vec!["trigger.kafka.username", "trigger.kafka.password"]),
-        (kafka(&|k| { k.username = "u".into(); k.password = "p".into(); }), vec!["trigger.kafka.username", "trigger.kafka.password"]),
+        (
+            kafka(&|k| {
+                k.username = "u".into();
+                k.password = "p".into();
+            }),
+            vec!["trigger.kafka.username", "trigger.kafka.password"],
+        ),
         (kafka(&|k| k.connect_timeout_seconds = Some(0)), vec!["trigger.kafka.connect_timeout_seconds"]),
-        (Trigger { webhook: Some(WebhookTarget { url: "ftp://x/".into(), ..Default::default() }), ..base() }, vec!["trigger.webhook.url"]),
+        (
+            Trigger { webhook: Some(WebhookTarget { url: "ftp://x/".into(), ..Default::default() }), ..base() },
+            vec!["trigger.webhook.url"],
+        ),
         (Trigger { webhook: None, kafka: None, ..base() }, vec!["trigger.kafka", "trigger.webhook"]),
     ];
     for (input, expected) in cases {

@@ -109,8 +109,11 @@ async fn test_node_killed_mid_delivery_leaves_no_duplicate_work_order() {
         assert!(again >= 1, "{:?} in flight at the kill was not delivered again", p.message);
         let wo = &wos[&p.message];
         assert_eq!(wo.state, "success");
-        let ids: HashSet<&str> =
-            deliveries.iter().filter(|d| (d.partition(), d.offset()) == p.message).map(|d| d.work_order_id.as_str()).collect();
+        let ids: HashSet<&str> = deliveries
+            .iter()
+            .filter(|d| (d.partition(), d.offset()) == p.message)
+            .map(|d| d.work_order_id.as_str())
+            .collect();
         assert_eq!(ids, HashSet::from([wo.id.to_string().as_str()]));
     }
     eprintln!(
@@ -151,7 +154,9 @@ async fn test_control_plane_restart_mid_flow_resumes_without_loss() {
     .unwrap();
     let delivered_while_down = s.receiver.successes().len();
 
-    s.cp = Some(TestControlPlane::start(&s.db, ControlPlaneOptions { listen: Some(addr), ..Default::default() }).await.unwrap());
+    s.cp = Some(
+        TestControlPlane::start(&s.db, ControlPlaneOptions { listen: Some(addr), ..Default::default() }).await.unwrap(),
+    );
     produced.extend(ids(&s.produce("restart", interleaved(&keys, 2, 5, 200)).await));
     wait_succeeded(&s.pool, trigger, produced.len()).await;
     eprintln!(
@@ -239,8 +244,12 @@ async fn test_webhook_timeouts_and_slow_answers_are_retried_then_blocked() {
         .await
         .unwrap();
     let log: serde_json::Value = serde_json::from_str(&log).unwrap();
-    let outcomes: Vec<(&str, &str)> =
-        log.as_array().unwrap().iter().map(|a| (a["outcome"].as_str().unwrap(), a["error"].as_str().unwrap_or(""))).collect();
+    let outcomes: Vec<(&str, &str)> = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| (a["outcome"].as_str().unwrap(), a["error"].as_str().unwrap_or("")))
+        .collect();
     assert_eq!(outcomes.len(), 3, "{log}");
     assert!(outcomes[..2].iter().all(|(o, e)| *o == "failure" && e.contains("timed out")), "{log}");
     assert_eq!(outcomes[2], ("success", ""));
@@ -255,7 +264,11 @@ async fn test_webhook_timeouts_and_slow_answers_are_retried_then_blocked() {
     assert_attempt_logs_sequential(&s.pool, trigger).await;
     // Only dead's messages are left, its set still blocked.
     wait_for("other sets at rest", WAIT, || async {
-        let busy = count(&s.pool, "SELECT count(*) FROM message_sets WHERE state NOT IN ('idle', 'blocked') OR lock_id IS NOT NULL").await;
+        let busy = count(
+            &s.pool,
+            "SELECT count(*) FROM message_sets WHERE state NOT IN ('idle', 'blocked') OR lock_id IS NOT NULL",
+        )
+        .await;
         (busy == 0).then_some(())
     })
     .await

@@ -126,14 +126,18 @@ async fn run_randomized(seed: u64) -> (usize, usize) {
                         let (mut client, probe) = (client.clone(), probe.clone());
                         async move {
                             let asked = Instant::now();
-                            let req = CompleteWorkOrderRequest { id: id.to_string(), success: true, error: String::new() };
+                            let req =
+                                CompleteWorkOrderRequest { id: id.to_string(), success: true, error: String::new() };
                             match client.complete_work_order(req).await {
                                 Ok(_) => {
                                     probe.completed(message, asked);
                                     Some(())
                                 }
                                 Err(status)
-                                    if matches!(status.code(), tonic::Code::Unavailable | tonic::Code::FailedPrecondition) =>
+                                    if matches!(
+                                        status.code(),
+                                        tonic::Code::Unavailable | tonic::Code::FailedPrecondition
+                                    ) =>
                                 {
                                     None
                                 }
@@ -261,7 +265,10 @@ async fn test_two_claimers_never_get_the_same_set() {
                         // Work under the claim; not a synchronisation.
                         tokio::time::sleep(Duration::from_micros(rng.gen_range(0..2_000))).await;
                         held[i].store(false, Ordering::SeqCst);
-                        assert!(store::release_ready(&pool, sets[i], lock).await.unwrap(), "the holder's release counts");
+                        assert!(
+                            store::release_ready(&pool, sets[i], lock).await.unwrap(),
+                            "the holder's release counts"
+                        );
                     }
                     Err(Unclaimable::Busy) => {
                         busy.fetch_add(1, Ordering::SeqCst);
@@ -303,7 +310,8 @@ async fn test_two_claimers_never_get_the_same_set() {
     let stale = Uuid::now_v7();
     let claimed = store::claim(&pool, set, stale, 0.3).await.unwrap().expect("free set");
     assert_eq!(claim_all_at_once(&pool, set, 4).await.len(), 0, "a live claim is not taken over");
-    let wo = store::create_work_order(&pool, set, stale, &claimed, 0, 100, "{}").await.unwrap().expect("work order created");
+    let wo =
+        store::create_work_order(&pool, set, stale, &claimed, 0, 100, "{}").await.unwrap().expect("work order created");
     wait_for("the claim to expire", WAIT, || async {
         let expired: bool = sqlx::query_scalar("SELECT lock_expires < now() FROM message_sets WHERE id = $1")
             .bind(set)
@@ -327,11 +335,18 @@ async fn test_two_claimers_never_get_the_same_set() {
     assert!(!store::release_ready(&pool, set, stale).await.unwrap(), "stale release");
     assert!(!store::finish_empty(&pool, set, stale, true, 0).await.unwrap(), "stale finish_empty");
     assert!(!store::delete_finished_head(&pool, set, stale, &claimed, 0, 100).await.unwrap(), "stale delete");
-    assert_eq!(store::create_work_order(&pool, set, stale, &claimed, 0, 101, "{}").await.unwrap(), None, "stale create");
+    assert_eq!(
+        store::create_work_order(&pool, set, stale, &claimed, 0, 101, "{}").await.unwrap(),
+        None,
+        "stale create"
+    );
     // Nothing changed: the claim, the work order, the messages.
     assert_eq!(lock_of(&pool, set).await, Some(fresh));
-    let (state, attempts): (String, i32) =
-        sqlx::query_as("SELECT state, attempts FROM work_orders WHERE id = $1").bind(wo).fetch_one(&pool).await.unwrap();
+    let (state, attempts): (String, i32) = sqlx::query_as("SELECT state, attempts FROM work_orders WHERE id = $1")
+        .bind(wo)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
     assert_eq!((state.as_str(), attempts), ("pending", 0));
     assert_eq!(count(&pool, "SELECT count(*) FROM work_orders").await, 1);
     assert_eq!(count(&pool, "SELECT count(*) FROM messages").await, 2);
@@ -428,7 +443,11 @@ async fn test_blocked_key_never_delays_other_keys() {
     assert_eq!(count(&s.pool, "SELECT count(*) FROM messages").await, bad.len() as i64);
     assert_eq!(count(&s.pool, "SELECT count(*) FROM messages WHERE key = 'bad'").await, bad.len() as i64);
     wait_for("other sets at rest", WAIT, || async {
-        let busy = count(&s.pool, "SELECT count(*) FROM message_sets WHERE state NOT IN ('idle', 'blocked') OR lock_id IS NOT NULL").await;
+        let busy = count(
+            &s.pool,
+            "SELECT count(*) FROM message_sets WHERE state NOT IN ('idle', 'blocked') OR lock_id IS NOT NULL",
+        )
+        .await;
         (busy == 0).then_some(())
     })
     .await
@@ -463,7 +482,10 @@ fn test_invariant_checks_catch_violations() {
         post((0, 2), 1, 40, 202, 5),
         post((0, 3), 1, 100, 200, 5),
     ];
-    assert_eq!(fails(Probe::recorded(good.clone(), vec![((0, 2), t0 + Duration::from_millis(90))]), false), (false, false));
+    assert_eq!(
+        fails(Probe::recorded(good.clone(), vec![((0, 2), t0 + Duration::from_millis(90))]), false),
+        (false, false)
+    );
     // The 202 never completed, yet the next message went out.
     assert!(fails(Probe::recorded(good, vec![]), false).1);
     // The second message started while the first was still being answered.
@@ -477,7 +499,11 @@ fn test_invariant_checks_catch_violations() {
     assert_eq!(fails(Probe::recorded(reversed, vec![]), false), (true, false));
     let twice = vec![post((0, 1), 1, 0, 200, 1), post((0, 1), 2, 10, 200, 1)];
     assert_eq!(fails(Probe::recorded(twice.clone(), vec![]), false), (true, false));
-    assert_eq!(fails(Probe::recorded(twice, vec![]), true), (false, false), "an at-least-once repeat is allowed when asked");
+    assert_eq!(
+        fails(Probe::recorded(twice, vec![]), true),
+        (false, false),
+        "an at-least-once repeat is allowed when asked"
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -496,11 +522,12 @@ async fn test_a_message_arriving_as_its_set_goes_idle_is_not_stranded() {
     use kt_proto::internal::{SetOutcome, SetOutcomeKind};
 
     let (_db, pool, trigger) = race_db().await;
-    let set: i64 = sqlx::query_scalar("INSERT INTO message_sets (trigger_id, topic, key) VALUES ($1, 'race', 'k') RETURNING id")
-        .bind(trigger)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let set: i64 =
+        sqlx::query_scalar("INSERT INTO message_sets (trigger_id, topic, key) VALUES ($1, 'race', 'k') RETURNING id")
+            .bind(trigger)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
     sqlx::query("INSERT INTO messages (trigger_id, topic, partition, \"offset\", key, value) VALUES ($1, 'race', 0, 0, 'k', '{}')")
         .bind(trigger)
         .execute(&pool)
@@ -545,8 +572,11 @@ async fn test_a_message_arriving_as_its_set_goes_idle_is_not_stranded() {
     .unwrap();
     sqlx::query("SELECT pg_notify('kt_sets', $1)").bind(trigger.to_string()).execute(&pool).await.unwrap();
     wait_for("the scheduler to take the woken set", WAIT, || async {
-        let queued: bool =
-            sqlx::query_scalar("SELECT queued FROM message_sets WHERE id = $1").bind(set).fetch_one(&pool).await.ok()?;
+        let queued: bool = sqlx::query_scalar("SELECT queued FROM message_sets WHERE id = $1")
+            .bind(set)
+            .fetch_one(&pool)
+            .await
+            .ok()?;
         queued.then_some(())
     })
     .await
@@ -556,13 +586,21 @@ async fn test_a_message_arriving_as_its_set_goes_idle_is_not_stranded() {
     assert_eq!(stats.in_flight, 1, "the set is still in flight when it is announced again");
 
     // The worker's outcome: the set was empty when it looked.
-    let idle = SetOutcome { set_id: set, trigger_id: trigger.to_string(), kind: SetOutcomeKind::Idle.into(), retry_at_unix_ms: 0 };
+    let idle = SetOutcome {
+        set_id: set,
+        trigger_id: trigger.to_string(),
+        kind: SetOutcomeKind::Idle.into(),
+        retry_at_unix_ms: 0,
+    };
     scheduler.outcomes(session, vec![idle]).await;
     // The set holds a message and is ready: it must be granted again (well
     // within two sweeps; the sweep skips it since it is marked queued).
     let again = tokio::time::timeout(Duration::from_secs(5), grants.recv()).await;
-    let state: (String, bool) =
-        sqlx::query_as("SELECT state, queued FROM message_sets WHERE id = $1").bind(set).fetch_one(&pool).await.unwrap();
+    let state: (String, bool) = sqlx::query_as("SELECT state, queued FROM message_sets WHERE id = $1")
+        .bind(set)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
     assert!(
         matches!(&again, Ok(Some(g)) if g.sets.iter().any(|s| s.set_id == set)),
         "set {set} ({state:?}, 1 message) was never granted again: stranded"

@@ -55,7 +55,12 @@ async fn create_trigger(s: &Stack, topic: &str, retry: RetryPolicy) -> String {
 }
 
 fn fast_retry(max_attempts: u32) -> RetryPolicy {
-    RetryPolicy { max_attempts: Some(max_attempts), initial_backoff_ms: Some(20), max_backoff_ms: Some(100), max_age_seconds: 0 }
+    RetryPolicy {
+        max_attempts: Some(max_attempts),
+        initial_backoff_ms: Some(20),
+        max_backoff_ms: Some(100),
+        max_age_seconds: 0,
+    }
 }
 
 /// Successful deliveries must come per key in offset order, each message once.

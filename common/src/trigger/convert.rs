@@ -39,11 +39,7 @@ pub fn spec_to_proto(spec: &TriggerSpec, secrets: Option<&TriggerSecrets>) -> v1
         .iter()
         .map(|h| v1::Header {
             name: h.name.clone(),
-            value: if h.secret {
-                reveal(secrets.and_then(|s| s.headers.get(&h.name)))
-            } else {
-                h.value.clone()
-            },
+            value: if h.secret { reveal(secrets.and_then(|s| s.headers.get(&h.name))) } else { h.value.clone() },
             secret: h.secret,
         })
         .collect();

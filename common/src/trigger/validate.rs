@@ -410,12 +410,7 @@ fn check_retry(c: &mut Checker, r: Option<&v1::RetryPolicy>) -> RetryPolicy {
     } else if max < initial {
         c.bad("retry.max_backoff_ms", "must not be less than initial_backoff_ms");
     }
-    RetryPolicy {
-        max_attempts,
-        initial_backoff_ms: initial,
-        max_backoff_ms: max,
-        max_age_seconds: r.max_age_seconds,
-    }
+    RetryPolicy { max_attempts, initial_backoff_ms: initial, max_backoff_ms: max, max_age_seconds: r.max_age_seconds }
 }
 
 fn check_tuning(c: &mut Checker, t: Option<&v1::Tuning>) -> Tuning {

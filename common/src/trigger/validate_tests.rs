@@ -108,22 +108,96 @@ fn test_invalid_inputs_name_the_bad_field() {
         ("topic dotdot", kafka(|k| k.topics = vec!["..".into()]), "trigger.kafka.topics[0]"),
         ("topic too long", kafka(|k| k.topics = vec!["t".repeat(250)]), "trigger.kafka.topics[0]"),
         ("duplicate topic", kafka(|k| k.topics = vec!["a".into(), "a".into()]), "trigger.kafka.topics[1]"),
-        ("bad policy", kafka(|k| k.initial_offset_reset_policy = "beginning".into()), "trigger.kafka.initial_offset_reset_policy"),
-        ("10-digit policy", kafka(|k| k.initial_offset_reset_policy = "1717171717".into()), "trigger.kafka.initial_offset_reset_policy"),
-        ("14-digit policy", kafka(|k| k.initial_offset_reset_policy = "17171717171710".into()), "trigger.kafka.initial_offset_reset_policy"),
-        ("negative policy", kafka(|k| k.initial_offset_reset_policy = "-171717171717".into()), "trigger.kafka.initial_offset_reset_policy"),
-        ("sasl without username", kafka(|k| { k.sasl = sasl(Plain); k.password = "p".into(); }), "trigger.kafka.username"),
-        ("sasl without password", kafka(|k| { k.sasl = sasl(ScramSha256); k.username = "u".into(); }), "trigger.kafka.password"),
+        (
+            "bad policy",
+            kafka(|k| k.initial_offset_reset_policy = "beginning".into()),
+            "trigger.kafka.initial_offset_reset_policy",
+        ),
+        (
+            "10-digit policy",
+            kafka(|k| k.initial_offset_reset_policy = "1717171717".into()),
+            "trigger.kafka.initial_offset_reset_policy",
+        ),
+        (
+            "14-digit policy",
+            kafka(|k| k.initial_offset_reset_policy = "17171717171710".into()),
+            "trigger.kafka.initial_offset_reset_policy",
+        ),
+        (
+            "negative policy",
+            kafka(|k| k.initial_offset_reset_policy = "-171717171717".into()),
+            "trigger.kafka.initial_offset_reset_policy",
+        ),
+        (
+            "sasl without username",
+            kafka(|k| {
+                k.sasl = sasl(Plain);
+                k.password = "p".into();
+            }),
+            "trigger.kafka.username",
+        ),
+        (
+            "sasl without password",
+            kafka(|k| {
+                k.sasl = sasl(ScramSha256);
+                k.username = "u".into();
+            }),
+            "trigger.kafka.password",
+        ),
         ("username without sasl", kafka(|k| k.username = "u".into()), "trigger.kafka.username"),
-        ("password without sasl", kafka(|k| { k.sasl = sasl(v1::SaslMechanism::None); k.password = "p".into(); }), "trigger.kafka.password"),
+        (
+            "password without sasl",
+            kafka(|k| {
+                k.sasl = sasl(v1::SaslMechanism::None);
+                k.password = "p".into();
+            }),
+            "trigger.kafka.password",
+        ),
         ("unknown sasl", kafka(|k| k.sasl = 42), "trigger.kafka.sasl"),
-        ("zero connect timeout", kafka(|k| k.connect_timeout_seconds = Some(0)), "trigger.kafka.connect_timeout_seconds"),
-        ("huge connect timeout", kafka(|k| k.connect_timeout_seconds = Some(301)), "trigger.kafka.connect_timeout_seconds"),
+        (
+            "zero connect timeout",
+            kafka(|k| k.connect_timeout_seconds = Some(0)),
+            "trigger.kafka.connect_timeout_seconds",
+        ),
+        (
+            "huge connect timeout",
+            kafka(|k| k.connect_timeout_seconds = Some(301)),
+            "trigger.kafka.connect_timeout_seconds",
+        ),
         ("ca cert without ssl", kafka(|k| k.ssl_ca_cert = CERT.into()), "trigger.kafka.ssl_ca_cert"),
-        ("ca cert not pem", kafka(|k| { k.ssl = true; k.ssl_ca_cert = "abc".into(); }), "trigger.kafka.ssl_ca_cert"),
-        ("client cert without key", kafka(|k| { k.ssl = true; k.ssl_client_cert = CERT.into(); }), "trigger.kafka.ssl_client_key"),
-        ("client key without cert", kafka(|k| { k.ssl = true; k.ssl_client_key = KEY.into(); }), "trigger.kafka.ssl_client_cert"),
-        ("client key not pem", kafka(|k| { k.ssl = true; k.ssl_client_cert = CERT.into(); k.ssl_client_key = "x".into(); }), "trigger.kafka.ssl_client_key"),
+        (
+            "ca cert not pem",
+            kafka(|k| {
+                k.ssl = true;
+                k.ssl_ca_cert = "abc".into();
+            }),
+            "trigger.kafka.ssl_ca_cert",
+        ),
+        (
+            "client cert without key",
+            kafka(|k| {
+                k.ssl = true;
+                k.ssl_client_cert = CERT.into();
+            }),
+            "trigger.kafka.ssl_client_key",
+        ),
+        (
+            "client key without cert",
+            kafka(|k| {
+                k.ssl = true;
+                k.ssl_client_key = KEY.into();
+            }),
+            "trigger.kafka.ssl_client_cert",
+        ),
+        (
+            "client key not pem",
+            kafka(|k| {
+                k.ssl = true;
+                k.ssl_client_cert = CERT.into();
+                k.ssl_client_key = "x".into();
+            }),
+            "trigger.kafka.ssl_client_key",
+        ),
         ("long group id", kafka(|k| k.group_id = "g".repeat(256)), "trigger.kafka.group_id"),
         ("missing webhook", with(|t| t.webhook = None), "trigger.webhook"),
         ("empty url", webhook(|w| w.url = "".into()), "trigger.webhook.url"),
@@ -131,18 +205,62 @@ fn test_invalid_inputs_name_the_bad_field() {
         ("relative url", webhook(|w| w.url = "/hook".into()), "trigger.webhook.url"),
         ("url with credentials", webhook(|w| w.url = "http://u:p@example.com/".into()), "trigger.webhook.url"),
         ("zero webhook timeout", webhook(|w| w.timeout_ms = Some(0)), "trigger.webhook.timeout_ms"),
-        ("bad header name", webhook(|w| w.headers = vec![v1::Header { name: "a b".into(), value: "v".into(), secret: false }]), "trigger.webhook.headers[0].name"),
-        ("header with newline", webhook(|w| w.headers = vec![v1::Header { name: "x".into(), value: "a\r\nb".into(), secret: false }]), "trigger.webhook.headers[0].value"),
-        ("duplicate header", webhook(|w| w.headers = vec![
-            v1::Header { name: "X-A".into(), value: "1".into(), secret: false },
-            v1::Header { name: "x-a".into(), value: "2".into(), secret: false },
-        ]), "trigger.webhook.headers[1].name"),
-        ("reserved header", webhook(|w| w.headers = vec![v1::Header { name: "Content-Type".into(), value: "x".into(), secret: false }]), "trigger.webhook.headers[0].name"),
-        ("secret header without value", webhook(|w| w.headers = vec![v1::Header { name: "x-key".into(), value: "".into(), secret: true }]), "trigger.webhook.headers[0].value"),
-        ("zero attempts", with(|t| t.retry = Some(v1::RetryPolicy { max_attempts: Some(0), ..Default::default() })), "trigger.retry.max_attempts"),
-        ("backoff inverted", with(|t| t.retry = Some(v1::RetryPolicy { initial_backoff_ms: Some(1000), max_backoff_ms: Some(10), ..Default::default() })), "trigger.retry.max_backoff_ms"),
-        ("zero in flight", with(|t| t.tuning = Some(v1::Tuning { max_in_flight: Some(0), ..Default::default() })), "trigger.tuning.max_in_flight"),
-        ("tiny fetch size", with(|t| t.tuning = Some(v1::Tuning { fetch_max_bytes: 10, ..Default::default() })), "trigger.tuning.fetch_max_bytes"),
+        (
+            "bad header name",
+            webhook(|w| w.headers = vec![v1::Header { name: "a b".into(), value: "v".into(), secret: false }]),
+            "trigger.webhook.headers[0].name",
+        ),
+        (
+            "header with newline",
+            webhook(|w| w.headers = vec![v1::Header { name: "x".into(), value: "a\r\nb".into(), secret: false }]),
+            "trigger.webhook.headers[0].value",
+        ),
+        (
+            "duplicate header",
+            webhook(|w| {
+                w.headers = vec![
+                    v1::Header { name: "X-A".into(), value: "1".into(), secret: false },
+                    v1::Header { name: "x-a".into(), value: "2".into(), secret: false },
+                ]
+            }),
+            "trigger.webhook.headers[1].name",
+        ),
+        (
+            "reserved header",
+            webhook(|w| w.headers = vec![v1::Header { name: "Content-Type".into(), value: "x".into(), secret: false }]),
+            "trigger.webhook.headers[0].name",
+        ),
+        (
+            "secret header without value",
+            webhook(|w| w.headers = vec![v1::Header { name: "x-key".into(), value: "".into(), secret: true }]),
+            "trigger.webhook.headers[0].value",
+        ),
+        (
+            "zero attempts",
+            with(|t| t.retry = Some(v1::RetryPolicy { max_attempts: Some(0), ..Default::default() })),
+            "trigger.retry.max_attempts",
+        ),
+        (
+            "backoff inverted",
+            with(|t| {
+                t.retry = Some(v1::RetryPolicy {
+                    initial_backoff_ms: Some(1000),
+                    max_backoff_ms: Some(10),
+                    ..Default::default()
+                })
+            }),
+            "trigger.retry.max_backoff_ms",
+        ),
+        (
+            "zero in flight",
+            with(|t| t.tuning = Some(v1::Tuning { max_in_flight: Some(0), ..Default::default() })),
+            "trigger.tuning.max_in_flight",
+        ),
+        (
+            "tiny fetch size",
+            with(|t| t.tuning = Some(v1::Tuning { fetch_max_bytes: 10, ..Default::default() })),
+            "trigger.tuning.fetch_max_bytes",
+        ),
     ];
     assert!(cases.len() >= 30);
     for (what, input, field) in cases {

@@ -83,7 +83,8 @@ pub async fn read_after(pool: &PgPool, after: Cursor, limit: i64) -> Result<Vec<
 
 /// The position a live-only subscriber starts from: everything older is past.
 pub async fn current(pool: &PgPool) -> Result<Cursor, sqlx::Error> {
-    let tx: i64 = sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint").fetch_one(pool).await?;
+    let tx: i64 =
+        sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint").fetch_one(pool).await?;
     Ok(Cursor { tx: (tx as u64).saturating_sub(1), id: i64::MAX })
 }
 

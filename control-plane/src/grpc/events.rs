@@ -41,7 +41,10 @@ impl Filter {
 impl EventService for EventHandler {
     type StreamEventsStream = Pin<Box<dyn Stream<Item = Result<Event, Status>> + Send>>;
 
-    async fn stream_events(&self, req: Request<StreamEventsRequest>) -> Result<Response<Self::StreamEventsStream>, Status> {
+    async fn stream_events(
+        &self,
+        req: Request<StreamEventsRequest>,
+    ) -> Result<Response<Self::StreamEventsStream>, Status> {
         let req = req.into_inner();
         let mut violations = Vec::new();
         let mut triggers = HashSet::new();
@@ -50,7 +53,8 @@ impl EventService for EventHandler {
                 Ok(id) => {
                     triggers.insert(id);
                 }
-                Err(_) => violations.push(FieldViolation::new(format!("trigger_ids[{i}]"), format!("`{id}` is not a valid UUID"))),
+                Err(_) => violations
+                    .push(FieldViolation::new(format!("trigger_ids[{i}]"), format!("`{id}` is not a valid UUID"))),
             }
         }
         let mut kinds = HashSet::new();
@@ -89,7 +93,13 @@ impl EventService for EventHandler {
 
 type Out = mpsc::Sender<Result<Event, Status>>;
 
-async fn follow(pool: sqlx::PgPool, filter: Filter, after: Option<Cursor>, mut live: broadcast::Receiver<Arc<EventRow>>, tx: Out) {
+async fn follow(
+    pool: sqlx::PgPool,
+    filter: Filter,
+    after: Option<Cursor>,
+    mut live: broadcast::Receiver<Arc<EventRow>>,
+    tx: Out,
+) {
     metrics::gauge!("kt_event_stream_subscribers").increment(1.0);
     let mut sent: Option<Cursor> = after;
     if let Some(mut cursor) = after {
@@ -98,7 +108,8 @@ async fn follow(pool: sqlx::PgPool, filter: Filter, after: Option<Cursor>, mut l
                 Ok(rows) => rows,
                 Err(error) => {
                     tracing::warn!(%error, "event replay failed");
-                    let _ = tx.send(Err(Status::unavailable("cannot read events; resume later with after_cursor"))).await;
+                    let _ =
+                        tx.send(Err(Status::unavailable("cannot read events; resume later with after_cursor"))).await;
                     return done();
                 }
             };
@@ -154,7 +165,8 @@ fn done() {
 }
 
 fn to_proto(row: &EventRow) -> Event {
-    let kind = EventKind::from_str_name(&format!("EVENT_KIND_{}", row.kind.to_ascii_uppercase())).unwrap_or(EventKind::Unspecified);
+    let kind = EventKind::from_str_name(&format!("EVENT_KIND_{}", row.kind.to_ascii_uppercase()))
+        .unwrap_or(EventKind::Unspecified);
     Event {
         cursor: row.cursor().to_string(),
         kind: kind.into(),

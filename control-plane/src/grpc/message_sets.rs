@@ -16,7 +16,10 @@ pub struct MessageSetHandler {
 
 #[tonic::async_trait]
 impl MessageSetApi for MessageSetHandler {
-    async fn list_message_sets(&self, req: Request<ListMessageSetsRequest>) -> Result<Response<ListMessageSetsResponse>, Status> {
+    async fn list_message_sets(
+        &self,
+        req: Request<ListMessageSetsRequest>,
+    ) -> Result<Response<ListMessageSetsResponse>, Status> {
         let req = req.into_inner();
         let query = SetListQuery {
             trigger_id: optional_id("trigger_id", &req.trigger_id)?,
@@ -25,7 +28,10 @@ impl MessageSetApi for MessageSetHandler {
             page_token: req.page_token,
         };
         let (views, next_page_token) = self.sets.list(&query).await?;
-        Ok(Response::new(ListMessageSetsResponse { message_sets: views.iter().map(set_to_proto).collect(), next_page_token }))
+        Ok(Response::new(ListMessageSetsResponse {
+            message_sets: views.iter().map(set_to_proto).collect(),
+            next_page_token,
+        }))
     }
 
     async fn get_message_set(&self, req: Request<GetMessageSetRequest>) -> Result<Response<MessageSet>, Status> {
@@ -43,7 +49,10 @@ impl MessageSetApi for MessageSetHandler {
         Ok(Response::new(set_to_proto(&self.sets.skip(id).await?)))
     }
 
-    async fn discard_message_set(&self, req: Request<DiscardMessageSetRequest>) -> Result<Response<DiscardMessageSetResponse>, Status> {
+    async fn discard_message_set(
+        &self,
+        req: Request<DiscardMessageSetRequest>,
+    ) -> Result<Response<DiscardMessageSetResponse>, Status> {
         let id = parse_set_id("id", &req.get_ref().id)?;
         let discarded = self.sets.discard(id).await?;
         Ok(Response::new(DiscardMessageSetResponse {

@@ -3,9 +3,9 @@
 
 mod auth;
 mod convert;
+mod events;
 mod message_sets;
 mod nodes;
-mod events;
 mod triggers;
 mod work;
 mod work_orders;

@@ -44,7 +44,13 @@ pub struct NodeHandler {
 }
 
 impl NodeHandler {
-    pub fn new(triggers: TriggerService, pool: PgPool, registry: NodeRegistry, heartbeat: Duration, shutdown: CancellationToken) -> Self {
+    pub fn new(
+        triggers: TriggerService,
+        pool: PgPool,
+        registry: NodeRegistry,
+        heartbeat: Duration,
+        shutdown: CancellationToken,
+    ) -> Self {
         let seed = chrono::Utc::now().timestamp_millis() * 1_000;
         Self { triggers, registry, pool, heartbeat, shutdown, plan_version: Arc::new(AtomicI64::new(seed)) }
     }
@@ -58,7 +64,12 @@ impl NodeService for NodeHandler {
         let mut inbound = req.into_inner();
         let hello = match inbound.message().await? {
             Some(NodeMessage { msg: Some(NodeMsg::Hello(hello)) }) => hello,
-            _ => return Err(invalid_argument(&[FieldViolation::new("msg", "the first message of a session must be hello")])),
+            _ => {
+                return Err(invalid_argument(&[FieldViolation::new(
+                    "msg",
+                    "the first message of a session must be hello",
+                )]))
+            }
         };
         let node_id = hello.node_id.trim().to_owned();
         if node_id.is_empty() || node_id.len() > 200 {

@@ -27,7 +27,10 @@ impl TriggerApi for TriggerHandler {
     async fn list_triggers(&self, req: Request<ListTriggersRequest>) -> Result<Response<ListTriggersResponse>, Status> {
         let req = req.into_inner();
         let (rows, next_page_token) = self.state.triggers.list(req.page_size, &req.page_token).await?;
-        Ok(Response::new(ListTriggersResponse { triggers: rows.iter().map(trigger_to_proto).collect(), next_page_token }))
+        Ok(Response::new(ListTriggersResponse {
+            triggers: rows.iter().map(trigger_to_proto).collect(),
+            next_page_token,
+        }))
     }
 
     async fn update_trigger(&self, req: Request<UpdateTriggerRequest>) -> Result<Response<Trigger>, Status> {
@@ -39,7 +42,10 @@ impl TriggerApi for TriggerHandler {
         Ok(Response::new(trigger_to_proto(&row)))
     }
 
-    async fn delete_trigger(&self, req: Request<DeleteTriggerRequest>) -> Result<Response<DeleteTriggerResponse>, Status> {
+    async fn delete_trigger(
+        &self,
+        req: Request<DeleteTriggerRequest>,
+    ) -> Result<Response<DeleteTriggerResponse>, Status> {
         let id = parse_id("id", &req.get_ref().id)?;
         self.state.triggers.delete(id).await?;
         Ok(Response::new(DeleteTriggerResponse {}))
@@ -55,7 +61,10 @@ impl TriggerApi for TriggerHandler {
         Ok(Response::new(trigger_to_proto(&self.state.triggers.set_enabled(id, false).await?)))
     }
 
-    async fn get_trigger_status(&self, req: Request<GetTriggerStatusRequest>) -> Result<Response<TriggerStatus>, Status> {
+    async fn get_trigger_status(
+        &self,
+        req: Request<GetTriggerStatusRequest>,
+    ) -> Result<Response<TriggerStatus>, Status> {
         let id = parse_id("id", &req.get_ref().id)?;
         let status = crate::status::trigger_status(&self.state.pool, &self.state.registry, id).await?;
         Ok(Response::new(status))

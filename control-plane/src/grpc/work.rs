@@ -28,7 +28,12 @@ impl WorkService for WorkHandler {
         let mut inbound = req.into_inner();
         let node_id = match inbound.message().await? {
             Some(WorkerMessage { msg: Some(Msg::Hello(h)) }) if !h.node_id.trim().is_empty() => h.node_id,
-            _ => return Err(invalid_argument(&[FieldViolation::new("msg", "the first message must be hello with a node_id")])),
+            _ => {
+                return Err(invalid_argument(&[FieldViolation::new(
+                    "msg",
+                    "the first message must be hello with a node_id",
+                )]))
+            }
         };
         let session = Uuid::now_v7();
         let (tx, rx) = mpsc::channel(GRANT_CAPACITY);

@@ -17,7 +17,10 @@ pub struct WorkOrderHandler {
 
 #[tonic::async_trait]
 impl WorkOrderApi for WorkOrderHandler {
-    async fn list_work_orders(&self, req: Request<ListWorkOrdersRequest>) -> Result<Response<ListWorkOrdersResponse>, Status> {
+    async fn list_work_orders(
+        &self,
+        req: Request<ListWorkOrdersRequest>,
+    ) -> Result<Response<ListWorkOrdersResponse>, Status> {
         let req = req.into_inner();
         let query = WorkOrderListQuery {
             trigger_id: optional_id("trigger_id", &req.trigger_id)?,
@@ -26,7 +29,10 @@ impl WorkOrderApi for WorkOrderHandler {
             page_token: req.page_token,
         };
         let (rows, next_page_token) = self.work_orders.list(&query).await?;
-        Ok(Response::new(ListWorkOrdersResponse { work_orders: rows.iter().map(work_order_to_proto).collect(), next_page_token }))
+        Ok(Response::new(ListWorkOrdersResponse {
+            work_orders: rows.iter().map(work_order_to_proto).collect(),
+            next_page_token,
+        }))
     }
 
     async fn get_work_order(&self, req: Request<GetWorkOrderRequest>) -> Result<Response<WorkOrder>, Status> {

@@ -38,7 +38,13 @@ impl NodeRegistry {
         let now = Utc::now();
         self.nodes.lock().unwrap().insert(
             node_id.to_owned(),
-            NodeInfo { node_id: node_id.to_owned(), session, connected_at: now, last_seen: now, pipelines: HashMap::new() },
+            NodeInfo {
+                node_id: node_id.to_owned(),
+                session,
+                connected_at: now,
+                last_seen: now,
+                pipelines: HashMap::new(),
+            },
         );
     }
 
@@ -67,7 +73,13 @@ impl NodeRegistry {
         let now = Utc::now();
         node.last_seen = now;
         let state = PipelineState::try_from(report.state).unwrap_or(PipelineState::Unspecified);
-        let info = PipelineInfo { generation: report.generation, state, error: report.error.clone(), reported_at: now, report };
+        let info = PipelineInfo {
+            generation: report.generation,
+            state,
+            error: report.error.clone(),
+            reported_at: now,
+            report,
+        };
         node.pipelines.insert(info.report.trigger_id.clone(), info).map(|old| old.state)
     }
 

@@ -42,11 +42,9 @@ pub async fn reset_queued(db: impl PgExecutor<'_>) -> Result<u64, sqlx::Error> {
 
 /// Sets waiting for a retry, with when.
 pub async fn waiting_retries(db: impl PgExecutor<'_>) -> Result<Vec<(SetId, Uuid, DateTime<Utc>)>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT id, trigger_id, retry_at FROM message_sets WHERE state = 'waiting' AND retry_at IS NOT NULL",
-    )
-    .fetch_all(db)
-    .await
+    sqlx::query_as("SELECT id, trigger_id, retry_at FROM message_sets WHERE state = 'waiting' AND retry_at IS NOT NULL")
+        .fetch_all(db)
+        .await
 }
 
 /// Unclaimed sets whose retry time passed a while ago: normally a timer of
@@ -82,6 +80,6 @@ pub async fn trigger_limits(db: impl PgExecutor<'_>) -> Result<Vec<(Uuid, i32)>,
         "SELECT id, CASE WHEN enabled THEN COALESCE((spec->'tuning'->>'max_in_flight')::int, 100) ELSE 0 END
            FROM triggers",
     )
-        .fetch_all(db)
-        .await
+    .fetch_all(db)
+    .await
 }

@@ -6,4 +6,6 @@ mod service;
 pub mod store;
 
 pub use error::SetError;
-pub use service::{Discarded, SetFilter, SetListQuery, SetService, SetState, SetView, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE};
+pub use service::{
+    Discarded, SetFilter, SetListQuery, SetService, SetState, SetView, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE,
+};

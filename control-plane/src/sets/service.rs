@@ -123,7 +123,9 @@ fn reason(row: &SetRow, state: SetState) -> String {
             format!("work order {wo} was accepted by the target; waiting for CompleteWorkOrder")
         }
         (SetState::Waiting, Some(wo), _) => match row.retry_at {
-            Some(at) => format!("work order {wo} failed {attempts} attempt(s), last: {error}; next attempt at {}", rfc3339(at)),
+            Some(at) => {
+                format!("work order {wo} failed {attempts} attempt(s), last: {error}; next attempt at {}", rfc3339(at))
+            }
             None => format!("waiting on work order {wo}"),
         },
         (SetState::Waiting, None, _) => "waiting".into(),
@@ -182,12 +184,18 @@ impl SetService {
             SetFilter::Active => {
                 store::list_in_states(&self.pool, trigger, &["ready", "waiting", "blocked"], true, after, fetch).await?
             }
-            SetFilter::Only(SetState::Ready) => store::list_in_states(&self.pool, trigger, &["ready"], false, after, fetch).await?,
+            SetFilter::Only(SetState::Ready) => {
+                store::list_in_states(&self.pool, trigger, &["ready"], false, after, fetch).await?
+            }
             SetFilter::Only(SetState::Waiting) => {
                 store::list_in_states(&self.pool, trigger, &["waiting"], false, after, fetch).await?
             }
-            SetFilter::Only(SetState::Blocked) => store::list_in_states(&self.pool, trigger, &["blocked"], true, after, fetch).await?,
-            SetFilter::Only(SetState::Idle) => store::list_in_states(&self.pool, trigger, &["idle"], true, after, fetch).await?,
+            SetFilter::Only(SetState::Blocked) => {
+                store::list_in_states(&self.pool, trigger, &["blocked"], true, after, fetch).await?
+            }
+            SetFilter::Only(SetState::Idle) => {
+                store::list_in_states(&self.pool, trigger, &["idle"], true, after, fetch).await?
+            }
         };
         let next = if rows.len() as i64 > limit {
             rows.truncate(limit as usize);

@@ -66,10 +66,7 @@ fn with_details(source: &str) -> String {
 }
 
 pub async fn get(db: impl PgExecutor<'_>, id: i64) -> Result<Option<SetRow>, sqlx::Error> {
-    sqlx::query_as(&with_details("SELECT * FROM message_sets WHERE id = $1"))
-        .bind(id)
-        .fetch_optional(db)
-        .await
+    sqlx::query_as(&with_details("SELECT * FROM message_sets WHERE id = $1")).bind(id).fetch_optional(db).await
 }
 
 /// Up to `limit` sets with id > `after` in the given states, of one trigger
@@ -119,12 +116,7 @@ pub async fn list_claimed(
                      AND ms.state IN ('ready', 'waiting')
                      AND ($1::uuid IS NULL OR ms.trigger_id = $1) AND ms.id > $2
                    ORDER BY ms.id LIMIT $3";
-    sqlx::query_as(&with_details(source))
-        .bind(trigger)
-        .bind(after)
-        .bind(limit)
-        .fetch_all(db)
-        .await
+    sqlx::query_as(&with_details(source)).bind(trigger).bind(after).bind(limit).fetch_all(db).await
 }
 
 /// A set row locked for the rest of the transaction.
@@ -288,14 +280,15 @@ pub async fn delete_message(
     partition: i32,
     offset: i64,
 ) -> Result<bool, sqlx::Error> {
-    let n = sqlx::query("DELETE FROM messages WHERE trigger_id = $1 AND topic = $2 AND partition = $3 AND \"offset\" = $4")
-        .bind(trigger_id)
-        .bind(topic)
-        .bind(partition)
-        .bind(offset)
-        .execute(&mut **tx)
-        .await?
-        .rows_affected();
+    let n =
+        sqlx::query("DELETE FROM messages WHERE trigger_id = $1 AND topic = $2 AND partition = $3 AND \"offset\" = $4")
+            .bind(trigger_id)
+            .bind(topic)
+            .bind(partition)
+            .bind(offset)
+            .execute(&mut **tx)
+            .await?
+            .rows_affected();
     Ok(n == 1)
 }
 

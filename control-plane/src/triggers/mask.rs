@@ -120,8 +120,8 @@ mod tests {
     #[test]
     fn test_unknown_paths_are_reported_by_index() {
         let mut current = trigger("a", "http://old/");
-        let err = apply(&mut current, &trigger("b", "x"), &["name".into(), "kafka.nope".into(), "id".into()])
-            .unwrap_err();
+        let err =
+            apply(&mut current, &trigger("b", "x"), &["name".into(), "kafka.nope".into(), "id".into()]).unwrap_err();
         let fields: Vec<_> = err.iter().map(|v| v.field.as_str()).collect();
         assert_eq!(fields, ["update_mask.paths[1]", "update_mask.paths[2]"]);
     }

@@ -44,11 +44,18 @@ impl TriggerService {
         let id = Uuid::now_v7();
         let sealed = self.seal(id, &valid.secrets)?;
         let mut tx = self.pool.begin().await?;
-        let row = store::insert(&mut tx, id, &valid.spec, true, sealed.as_ref().map(|(k, c)| (k.as_str(), c.as_slice())))
-            .await
-            .map_err(|e| TriggerError::from_write(e, &valid.spec.name))?;
-        events::record(&mut *tx, EventKind::TriggerCreated, Some(id), None, json!({"name": row.name, "generation": row.generation}))
-            .await?;
+        let row =
+            store::insert(&mut tx, id, &valid.spec, true, sealed.as_ref().map(|(k, c)| (k.as_str(), c.as_slice())))
+                .await
+                .map_err(|e| TriggerError::from_write(e, &valid.spec.name))?;
+        events::record(
+            &mut *tx,
+            EventKind::TriggerCreated,
+            Some(id),
+            None,
+            json!({"name": row.name, "generation": row.generation}),
+        )
+        .await?;
         tx.commit().await?;
         tracing::info!(trigger_id = %id, name = %row.name, "trigger created");
         self.notify();
@@ -68,7 +75,10 @@ impl TriggerService {
         };
         let after = match page_token {
             "" => None,
-            token => Some(Uuid::parse_str(token).map_err(|_| TriggerError::invalid("page_token", "is not a token from a previous page"))?),
+            token => Some(
+                Uuid::parse_str(token)
+                    .map_err(|_| TriggerError::invalid("page_token", "is not a token from a previous page"))?,
+            ),
         };
         let mut rows = store::list(&self.pool, after, limit + 1).await?;
         let next = if rows.len() as i64 > limit {
@@ -97,8 +107,14 @@ impl TriggerService {
         let row = store::update(&mut tx, id, &valid.spec, sealed.as_ref().map(|(k, c)| (k.as_str(), c.as_slice())))
             .await
             .map_err(|e| TriggerError::from_write(e, &valid.spec.name))?;
-        events::record(&mut *tx, EventKind::TriggerUpdated, Some(id), None, json!({"name": row.name, "generation": row.generation}))
-            .await?;
+        events::record(
+            &mut *tx,
+            EventKind::TriggerUpdated,
+            Some(id),
+            None,
+            json!({"name": row.name, "generation": row.generation}),
+        )
+        .await?;
         tx.commit().await?;
         tracing::info!(trigger_id = %id, generation = row.generation, "trigger updated");
         self.notify();

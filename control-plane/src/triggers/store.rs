@@ -22,8 +22,7 @@ pub struct TriggerRow {
     pub updated_at: DateTime<Utc>,
 }
 
-const COLUMNS: &str =
-    "id, name, enabled, generation, spec, secrets_ciphertext, secrets_key_id, created_at, updated_at";
+const COLUMNS: &str = "id, name, enabled, generation, spec, secrets_ciphertext, secrets_key_id, created_at, updated_at";
 
 pub async fn insert(
     tx: &mut Transaction<'_, Postgres>,
@@ -49,17 +48,11 @@ pub async fn insert(
 }
 
 pub async fn get(db: impl PgExecutor<'_>, id: Uuid) -> Result<Option<TriggerRow>, sqlx::Error> {
-    sqlx::query_as(&format!("SELECT {COLUMNS} FROM triggers WHERE id = $1"))
-        .bind(id)
-        .fetch_optional(db)
-        .await
+    sqlx::query_as(&format!("SELECT {COLUMNS} FROM triggers WHERE id = $1")).bind(id).fetch_optional(db).await
 }
 
 /// Locks the row for the rest of the transaction (updates are read-modify-write).
-pub async fn get_for_update(
-    tx: &mut Transaction<'_, Postgres>,
-    id: Uuid,
-) -> Result<Option<TriggerRow>, sqlx::Error> {
+pub async fn get_for_update(tx: &mut Transaction<'_, Postgres>, id: Uuid) -> Result<Option<TriggerRow>, sqlx::Error> {
     sqlx::query_as(&format!("SELECT {COLUMNS} FROM triggers WHERE id = $1 FOR UPDATE"))
         .bind(id)
         .fetch_optional(&mut **tx)
@@ -69,19 +62,15 @@ pub async fn get_for_update(
 /// Up to `limit` triggers with ids greater than `after`, in id order (v7 ids,
 /// so creation order).
 pub async fn list(db: impl PgExecutor<'_>, after: Option<Uuid>, limit: i64) -> Result<Vec<TriggerRow>, sqlx::Error> {
-    sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM triggers WHERE $1::uuid IS NULL OR id > $1 ORDER BY id LIMIT $2"
-    ))
-    .bind(after)
-    .bind(limit)
-    .fetch_all(db)
-    .await
+    sqlx::query_as(&format!("SELECT {COLUMNS} FROM triggers WHERE $1::uuid IS NULL OR id > $1 ORDER BY id LIMIT $2"))
+        .bind(after)
+        .bind(limit)
+        .fetch_all(db)
+        .await
 }
 
 pub async fn list_enabled(db: impl PgExecutor<'_>) -> Result<Vec<TriggerRow>, sqlx::Error> {
-    sqlx::query_as(&format!("SELECT {COLUMNS} FROM triggers WHERE enabled ORDER BY id"))
-        .fetch_all(db)
-        .await
+    sqlx::query_as(&format!("SELECT {COLUMNS} FROM triggers WHERE enabled ORDER BY id")).fetch_all(db).await
 }
 
 /// Writes a new configuration and bumps the generation.
@@ -131,8 +120,5 @@ pub async fn set_enabled(
 }
 
 pub async fn delete(tx: &mut Transaction<'_, Postgres>, id: Uuid) -> Result<Option<String>, sqlx::Error> {
-    sqlx::query_scalar("DELETE FROM triggers WHERE id = $1 RETURNING name")
-        .bind(id)
-        .fetch_optional(&mut **tx)
-        .await
+    sqlx::query_scalar("DELETE FROM triggers WHERE id = $1 RETURNING name").bind(id).fetch_optional(&mut **tx).await
 }

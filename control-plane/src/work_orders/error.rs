@@ -9,7 +9,9 @@ pub enum WorkOrderError {
     Invalid(Vec<FieldViolation>),
     #[error("work order {0} not found")]
     NotFound(Uuid),
-    #[error("work order {id} is {state}; only a running work order (accepted by the target with 202) can be completed")]
+    #[error(
+        "work order {id} is {state}; only a running work order (accepted by the target with 202) can be completed"
+    )]
     NotRunning { id: Uuid, state: String },
     /// Pending while a worker holds its set: the delivery is under way and
     /// the target may have answered 202 before the worker recorded it.

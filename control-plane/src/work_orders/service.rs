@@ -150,7 +150,8 @@ impl WorkOrderService {
         if current.state != WorkOrderState::Running.as_str() {
             return Err(WorkOrderError::NotRunning { id, state: current.state });
         }
-        let (state, outcome) = if success { (WorkOrderState::Success, "success") } else { (WorkOrderState::Failed, "failure") };
+        let (state, outcome) =
+            if success { (WorkOrderState::Success, "success") } else { (WorkOrderState::Failed, "failure") };
         let entry = json!({"at": Utc::now(), "outcome": outcome, "error": error, "source": "complete_work_order"});
         let row = store::finish(&mut tx, id, state.as_str(), error.as_deref(), &entry)
             .await?

@@ -11,13 +11,8 @@ use rdkafka::ClientConfig;
 use super::IngestSettings;
 
 /// Keys whose values are credentials and never leave this module unmasked.
-const SENSITIVE_KEYS: &[&str] = &[
-    "sasl.password",
-    "ssl.key.pem",
-    "ssl.key.password",
-    "ssl.keystore.password",
-    "sasl.oauthbearer.client.secret",
-];
+const SENSITIVE_KEYS: &[&str] =
+    &["sasl.password", "ssl.key.pem", "ssl.key.password", "ssl.keystore.password", "sasl.oauthbearer.client.secret"];
 
 const REDACTED: &str = "<redacted>";
 

@@ -11,8 +11,8 @@ use kt_proto::ids::TriggerId;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, KafkaResult};
-use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::statistics::Statistics;
+use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::{ClientContext, TopicPartitionList};
 use tokio::sync::Notify;
 
@@ -83,11 +83,15 @@ impl ClientContext for IngestContext {
             RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
                 tracing::error!(target: "librdkafka", trigger_id = %trigger_id, facility = fac, "{log_message}")
             }
-            RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", trigger_id = %trigger_id, facility = fac, "{log_message}"),
+            RDKafkaLogLevel::Warning => {
+                tracing::warn!(target: "librdkafka", trigger_id = %trigger_id, facility = fac, "{log_message}")
+            }
             RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
                 tracing::info!(target: "librdkafka", trigger_id = %trigger_id, facility = fac, "{log_message}")
             }
-            RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", trigger_id = %trigger_id, facility = fac, "{log_message}"),
+            RDKafkaLogLevel::Debug => {
+                tracing::debug!(target: "librdkafka", trigger_id = %trigger_id, facility = fac, "{log_message}")
+            }
         }
     }
 

@@ -32,10 +32,7 @@ fn read_headers(m: &BorrowedMessage<'_>) -> Option<Vec<Header>> {
         return Some(Vec::new());
     };
     catch_unwind(AssertUnwindSafe(|| {
-        headers
-            .iter()
-            .map(|h| Header { name: h.key.to_owned(), value: h.value.map(<[u8]>::to_vec) })
-            .collect()
+        headers.iter().map(|h| Header { name: h.key.to_owned(), value: h.value.map(<[u8]>::to_vec) }).collect()
     }))
     .ok()
 }

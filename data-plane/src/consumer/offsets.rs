@@ -211,7 +211,8 @@ mod tests {
     #[test]
     fn test_plan_uses_each_partitions_own_checkpoint() {
         let p = |t: &str, n: i32| (t.to_owned(), n);
-        let checkpoints = Checkpoints::new([(p("t", 0), 99, Some(500)), (p("t", 1), 7, Some(300)), (p("u", 0), 3, None)]);
+        let checkpoints =
+            Checkpoints::new([(p("t", 0), 99, Some(500)), (p("t", 1), 7, Some(300)), (p("u", 0), 3, None)]);
         assert_eq!(checkpoints.earliest_ms("t"), Some(300));
         assert_eq!(checkpoints.earliest_ms("u"), None);
         let parts = vec![p("t", 0), p("t", 1), p("t", 2), p("u", 1), p("new", 0)];

@@ -147,7 +147,8 @@ async fn write(
         .record(started.elapsed().as_secs_f64());
     for (kind, n) in [("stored", outcome.stored), ("duplicate", outcome.duplicates), ("failed", outcome.failed)] {
         if n > 0 {
-            metrics::counter!("kt_ingest_messages_total", "trigger_id" => label.clone(), "outcome" => kind).increment(n);
+            metrics::counter!("kt_ingest_messages_total", "trigger_id" => label.clone(), "outcome" => kind)
+                .increment(n);
         }
     }
     tracing::debug!(

@@ -63,11 +63,7 @@ pub enum PipelineError {
 }
 
 /// Runs the pipeline of `def` until `cancel` (→ `Ok`) or a failure.
-pub async fn run_pipeline(
-    def: PipelineDef,
-    env: PipelineEnv,
-    cancel: CancellationToken,
-) -> Result<(), PipelineError> {
+pub async fn run_pipeline(def: PipelineDef, env: PipelineEnv, cancel: CancellationToken) -> Result<(), PipelineError> {
     let trigger_id = def.trigger_id;
     let settings = env.settings.clone();
     let config = KafkaConfig::for_trigger(&def.spec, &def.secrets, &settings, &env.client_id);
@@ -439,7 +435,8 @@ impl ConsumeLoop {
             .map_err(|e| format!("cannot fetch committed offsets: {e}"))?;
         let mut committed = HashMap::new();
         for e in committed_tpl.elements() {
-            e.error().map_err(|err| format!("cannot fetch committed offset of {}/{}: {err}", e.topic(), e.partition()))?;
+            e.error()
+                .map_err(|err| format!("cannot fetch committed offset of {}/{}: {err}", e.topic(), e.partition()))?;
             if let Offset::Offset(o) = e.offset() {
                 committed.insert((e.topic().to_owned(), e.partition()), o);
             }
@@ -460,7 +457,9 @@ impl ConsumeLoop {
         let mut by_time_query = TopicPartitionList::new();
         for ((topic, partition), pos) in &plan {
             if let StartPosition::AtTimestamp(ts) = pos {
-                by_time_query.add_partition_offset(topic, *partition, Offset::Offset(*ts)).map_err(|e| e.to_string())?;
+                by_time_query
+                    .add_partition_offset(topic, *partition, Offset::Offset(*ts))
+                    .map_err(|e| e.to_string())?;
             }
         }
         let mut by_time = HashMap::new();
@@ -471,15 +470,14 @@ impl ConsumeLoop {
                 .map_err(|e| format!("offsets-for-times lookup panicked: {e}"))?
                 .map_err(|e| format!("cannot look up offsets by timestamp: {e}"))?;
             for e in found.elements() {
-                e.error().map_err(|err| format!("cannot look up offset by time of {}/{}: {err}", e.topic(), e.partition()))?;
+                e.error().map_err(|err| {
+                    format!("cannot look up offset by time of {}/{}: {err}", e.topic(), e.partition())
+                })?;
                 by_time.insert((e.topic().to_owned(), e.partition()), e.offset());
             }
         }
-        let from_checkpoints: Vec<&TopicPartition> = plan
-            .iter()
-            .filter(|(_, pos)| matches!(pos, StartPosition::AfterCheckpoint(_)))
-            .map(|(tp, _)| tp)
-            .collect();
+        let from_checkpoints: Vec<&TopicPartition> =
+            plan.iter().filter(|(_, pos)| matches!(pos, StartPosition::AfterCheckpoint(_))).map(|(tp, _)| tp).collect();
         if !from_checkpoints.is_empty() {
             tracing::info!(
                 trigger_id = %self.trigger_id(),
@@ -515,12 +513,7 @@ impl ConsumeLoop {
                     )
                     .set((high_watermark - committed).max(0) as f64);
                 }
-                PartitionReport {
-                    committed_offset: committed,
-                    high_watermark,
-                    topic: tp.0,
-                    partition: tp.1,
-                }
+                PartitionReport { committed_offset: committed, high_watermark, topic: tp.0, partition: tp.1 }
             })
             .collect();
         self.env.status.set_partitions(partitions);

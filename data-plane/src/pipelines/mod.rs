@@ -155,8 +155,7 @@ impl Supervisor {
 
         // A pipeline whose new configuration is unusable stops too: running
         // the old one would hide that the assignment cannot be applied.
-        let to_stop: Vec<TriggerId> =
-            self.running.keys().filter(|id| !desired.contains_key(id)).copied().collect();
+        let to_stop: Vec<TriggerId> = self.running.keys().filter(|id| !desired.contains_key(id)).copied().collect();
         for id in to_stop {
             if let Some(running) = self.running.remove(&id) {
                 tracing::info!(trigger_id = %id, generation = running.generation, "stopping pipeline");

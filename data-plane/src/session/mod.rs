@@ -68,11 +68,7 @@ impl SessionSettings {
     pub fn authorization(&self) -> Result<Option<MetadataValue<tonic::metadata::Ascii>>, SessionError> {
         self.node_token
             .as_ref()
-            .map(|t| {
-                format!("Bearer {}", t.expose())
-                    .parse()
-                    .map_err(|_| SessionError::BadToken)
-            })
+            .map(|t| format!("Bearer {}", t.expose()).parse().map_err(|_| SessionError::BadToken))
             .transpose()
     }
 }

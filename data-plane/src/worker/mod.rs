@@ -48,7 +48,9 @@ pub fn config_of(spec: &kt_proto::internal::PipelineSpec) -> Option<TriggerConfi
     let trigger = spec.trigger.as_ref()?;
     let id = Uuid::parse_str(&trigger.id).ok()?;
     match kt_common::trigger::validate_trigger(trigger, "", None) {
-        Ok(valid) => Some(TriggerConfig { id, generation: trigger.generation, spec: valid.spec, secrets: valid.secrets }),
+        Ok(valid) => {
+            Some(TriggerConfig { id, generation: trigger.generation, spec: valid.spec, secrets: valid.secrets })
+        }
         Err(violations) => {
             tracing::warn!(trigger_id = %id, ?violations, "assigned trigger does not validate; its sets are not worked on");
             None
@@ -91,7 +93,12 @@ pub struct WorkerConfig {
 /// Runs the work stream until `shutdown`: reconnects with backoff; on
 /// shutdown stops taking grants, lets the sets in hand finish (each within a
 /// time slice plus one delivery) and reports them.
-pub async fn run(config: WorkerConfig, pool: PgPool, triggers: TriggerDirectory, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: WorkerConfig,
+    pool: PgPool,
+    triggers: TriggerDirectory,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let ctx = Arc::new(Context { pool, webhook: WebhookClient::new()? });
     let mut failures = 0;
     let mut tries = 0;

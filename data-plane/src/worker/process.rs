@@ -185,7 +185,8 @@ async fn deliver(
 ) -> Result<Step, sqlx::Error> {
     let at = Utc::now();
     let clock = Instant::now();
-    let outcome = ctx.webhook.deliver(&trigger.spec.webhook, &trigger.secrets, Bytes::from(body), &wo.to_string()).await;
+    let outcome =
+        ctx.webhook.deliver(&trigger.spec.webhook, &trigger.secrets, Bytes::from(body), &wo.to_string()).await;
     let ms = clock.elapsed().as_millis() as u64;
     metrics::histogram!("kt_delivery_seconds").record(clock.elapsed().as_secs_f64());
     let attempts = previous_attempts + 1;

@@ -49,7 +49,12 @@ pub struct Head {
     pub wo_body: Option<String>,
 }
 
-pub async fn claim(pool: &PgPool, set_id: i64, lock: Uuid, lease_secs: f64) -> Result<Result<ClaimedSet, Unclaimable>, sqlx::Error> {
+pub async fn claim(
+    pool: &PgPool,
+    set_id: i64,
+    lock: Uuid,
+    lease_secs: f64,
+) -> Result<Result<ClaimedSet, Unclaimable>, sqlx::Error> {
     let claimed: Option<ClaimedSet> = sqlx::query_as(
         "UPDATE message_sets
             SET lock_id = $2, lock_expires = now() + make_interval(secs => $3), updated_at = now()
@@ -82,7 +87,8 @@ pub async fn claim(pool: &PgPool, set_id: i64, lock: Uuid, lease_secs: f64) -> R
     }))
 }
 
-const HEAD_COLUMNS: &str = "s.ingest_seq, h.partition, h.\"offset\", h.key, h.value, h.header_names, h.header_values, h.ts,
+const HEAD_COLUMNS: &str =
+    "s.ingest_seq, h.partition, h.\"offset\", h.key, h.value, h.header_names, h.header_values, h.ts,
     w.id AS wo_id, w.state AS wo_state, w.attempts AS wo_attempts,
     w.first_attempt_at AS wo_first_attempt_at, w.body AS wo_body";
 
@@ -172,7 +178,14 @@ pub struct Attempt {
 
 /// Success: the work order succeeded, its message is deleted, the claim is
 /// extended. Returns whether the claim still held.
-pub async fn succeed(pool: &PgPool, set_id: i64, lock: Uuid, lease_secs: f64, wo: Uuid, attempt: &Attempt) -> Result<bool, sqlx::Error> {
+pub async fn succeed(
+    pool: &PgPool,
+    set_id: i64,
+    lock: Uuid,
+    lease_secs: f64,
+    wo: Uuid,
+    attempt: &Attempt,
+) -> Result<bool, sqlx::Error> {
     let n: i64 = sqlx::query_scalar(
         "WITH claim AS (
                 UPDATE message_sets SET lock_expires = now() + make_interval(secs => $3)
@@ -209,7 +222,14 @@ pub async fn succeed(pool: &PgPool, set_id: i64, lock: Uuid, lease_secs: f64, wo
 
 /// Removes the head message whose work order already finished (success or
 /// skipped) before the worker that finished it could delete it.
-pub async fn delete_finished_head(pool: &PgPool, set_id: i64, lock: Uuid, set: &ClaimedSet, partition: i32, offset: i64) -> Result<bool, sqlx::Error> {
+pub async fn delete_finished_head(
+    pool: &PgPool,
+    set_id: i64,
+    lock: Uuid,
+    set: &ClaimedSet,
+    partition: i32,
+    offset: i64,
+) -> Result<bool, sqlx::Error> {
     let n = sqlx::query(
         "DELETE FROM messages m
           WHERE m.trigger_id = $3 AND m.topic = $4 AND m.partition = $5 AND m.\"offset\" = $6
@@ -335,7 +355,13 @@ pub async fn release_ready(pool: &PgPool, set_id: i64, lock: Uuid) -> Result<boo
 /// Marks an emptied keyed set idle, unless ingest added to it since
 /// `seen_seq` was read (then the caller looks again). Deletes an emptied
 /// unkeyed set: no message can join it.
-pub async fn finish_empty(pool: &PgPool, set_id: i64, lock: Uuid, keyed: bool, seen_seq: i64) -> Result<bool, sqlx::Error> {
+pub async fn finish_empty(
+    pool: &PgPool,
+    set_id: i64,
+    lock: Uuid,
+    keyed: bool,
+    seen_seq: i64,
+) -> Result<bool, sqlx::Error> {
     let sql = if keyed {
         "UPDATE message_sets
             SET state = 'idle', queued = false, retry_at = NULL, lock_id = NULL, lock_expires = NULL, updated_at = now()

@@ -88,19 +88,18 @@ impl TestDb {
             .execute(&mut admin)
             .await
             .unwrap();
-        sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()")
-            .bind(&self.name)
-            .execute(&mut admin)
-            .await
-            .unwrap();
+        sqlx::query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+        )
+        .bind(&self.name)
+        .execute(&mut admin)
+        .await
+        .unwrap();
     }
 
     pub async fn restore(&self) {
         let mut admin = self.admin().await;
-        sqlx::query(&format!("ALTER DATABASE {} ALLOW_CONNECTIONS true", self.name))
-            .execute(&mut admin)
-            .await
-            .unwrap();
+        sqlx::query(&format!("ALTER DATABASE {} ALLOW_CONNECTIONS true", self.name)).execute(&mut admin).await.unwrap();
     }
 
     pub async fn drop(self) {
@@ -181,8 +180,7 @@ pub async fn produce(bootstrap: &str, topic: &str, records: &[Record]) {
         for (name, value) in &r.headers {
             headers = headers.insert(KafkaHeader { key: name, value: value.as_deref() });
         }
-        let mut record: FutureRecord<'_, [u8], [u8]> =
-            FutureRecord::to(topic).partition(r.partition).headers(headers);
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).partition(r.partition).headers(headers);
         if let Some(k) = &r.key {
             record = record.key(k.as_slice());
         }
@@ -195,9 +193,7 @@ pub async fn produce(bootstrap: &str, topic: &str, records: &[Record]) {
 
 /// `n` keyed messages spread round-robin over `partitions`.
 pub fn keyed_records(n: usize, partitions: i32, prefix: &str) -> Vec<Record> {
-    (0..n)
-        .map(|i| Record::keyed(i as i32 % partitions, &format!("key-{}", i % 7), &format!("{prefix}-{i}")))
-        .collect()
+    (0..n).map(|i| Record::keyed(i as i32 % partitions, &format!("key-{}", i % 7), &format!("{prefix}-{i}"))).collect()
 }
 
 /// The group's committed offsets of `topic` (partition → next offset;

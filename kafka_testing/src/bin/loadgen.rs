@@ -11,9 +11,7 @@ use clap::{Parser, ValueEnum};
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{
-    BaseRecord, DeliveryResult, Producer as _, ProducerContext, ThreadedProducer,
-};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer as _, ProducerContext, ThreadedProducer};
 use rdkafka::ClientContext;
 
 /// How often progress is printed.
@@ -121,10 +119,7 @@ impl ProducerContext for LoadgenContext {
 fn payload(kind: PayloadKind, size: usize, seq: u64, key: Option<&str>, rng: &mut u64) -> Vec<u8> {
     match kind {
         PayloadKind::Json => {
-            let ts = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or_default();
+            let ts = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or_default();
             let mut value = serde_json::json!({ "seq": seq, "key": key, "ts": ts, "pad": "" });
             let bare = value.to_string().len();
             if size > bare {
@@ -176,9 +171,8 @@ fn main() -> anyhow::Result<()> {
     for (k, v) in &args.producer_config {
         config.set(k, v);
     }
-    let producer: ThreadedProducer<LoadgenContext> = config
-        .create_with_context(LoadgenContext(counters.clone()))
-        .context("failed to create producer")?;
+    let producer: ThreadedProducer<LoadgenContext> =
+        config.create_with_context(LoadgenContext(counters.clone())).context("failed to create producer")?;
 
     let keys: Vec<String> = (0..args.keys).map(|k| format!("key-{k}")).collect();
     let mut rng: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -194,11 +188,7 @@ fn main() -> anyhow::Result<()> {
         args.count,
         args.topic,
         args.brokers,
-        if args.rate == 0 {
-            "max".to_owned()
-        } else {
-            format!("{}/s", args.rate)
-        },
+        if args.rate == 0 { "max".to_owned() } else { format!("{}/s", args.rate) },
         args.keys,
         args.payload_size,
         args.payload_kind
@@ -232,12 +222,9 @@ fn main() -> anyhow::Result<()> {
         let key = (!keys.is_empty()).then(|| keys[(seq % keys.len() as u64) as usize].as_str());
         let body = payload(args.payload_kind, args.payload_size, seq, key, &mut rng);
         let headers = (!args.headers.is_empty()).then(|| {
-            args.headers.iter().fold(OwnedHeaders::new(), |h, (k, v)| {
-                h.insert(Header {
-                    key: k,
-                    value: Some(v.as_str()),
-                })
-            })
+            args.headers
+                .iter()
+                .fold(OwnedHeaders::new(), |h, (k, v)| h.insert(Header { key: k, value: Some(v.as_str()) }))
         });
         loop {
             let mut record: BaseRecord<'_, str, [u8]> = BaseRecord::to(&args.topic).payload(&body);
@@ -252,15 +239,11 @@ fn main() -> anyhow::Result<()> {
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                     // The local queue is full: let deliveries catch up.
                     std::thread::sleep(Duration::from_millis(5));
-                    let acked = counters.acked.load(Ordering::Relaxed)
-                        + counters.failed.load(Ordering::Relaxed);
+                    let acked = counters.acked.load(Ordering::Relaxed) + counters.failed.load(Ordering::Relaxed);
                     if acked != last_progress.1 {
                         last_progress = (Instant::now(), acked);
                     } else if last_progress.0.elapsed() > stall_timeout {
-                        bail!(
-                            "no acknowledgement for {stall_timeout:?}; is {} reachable?",
-                            args.brokers
-                        );
+                        bail!("no acknowledgement for {stall_timeout:?}; is {} reachable?", args.brokers);
                     }
                     report(seq);
                 }
@@ -288,11 +271,7 @@ fn main() -> anyhow::Result<()> {
         acked as f64 / elapsed.max(1e-9)
     );
     let unacked = args.count.saturating_sub(acked + failed);
-    let first_error = counters
-        .first_error
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
+    let first_error = counters.first_error.lock().unwrap_or_else(|e| e.into_inner()).clone();
     println!(
         "{}",
         serde_json::json!({
@@ -310,9 +289,7 @@ fn main() -> anyhow::Result<()> {
     if failed > 0 || unacked > 0 {
         bail!(
             "{failed} messages failed and {unacked} were not acknowledged{}",
-            first_error
-                .map(|e| format!(" (first error: {e})"))
-                .unwrap_or_default()
+            first_error.map(|e| format!(" (first error: {e})")).unwrap_or_default()
         );
     }
     Ok(())

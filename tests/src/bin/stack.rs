@@ -92,7 +92,8 @@ async fn main() -> anyhow::Result<()> {
     let node_shutdown = CancellationToken::new();
     let node = tokio::spawn(kt_data_plane::run(node_config, node_shutdown.clone()));
 
-    let trigger_id = if args.demo { Some(create_demo_trigger(&cp_url, &brokers, &args.topic, &receiver).await?) } else { None };
+    let trigger_id =
+        if args.demo { Some(create_demo_trigger(&cp_url, &brokers, &args.topic, &receiver).await?) } else { None };
     write_env_file(&args, &brokers, &cp, &receiver, trigger_id.as_deref())?;
     print_next_steps(&args, &brokers, &cp.addr, &receiver, trigger_id.as_deref());
 
@@ -128,7 +129,12 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn create_demo_trigger(cp_url: &str, brokers: &str, topic: &str, receiver: &WebhookReceiver) -> anyhow::Result<String> {
+async fn create_demo_trigger(
+    cp_url: &str,
+    brokers: &str,
+    topic: &str,
+    receiver: &WebhookReceiver,
+) -> anyhow::Result<String> {
     let mut client = TriggerServiceClient::connect(cp_url.to_owned()).await?;
     let listed = client.list_triggers(ListTriggersRequest::default()).await?.into_inner();
     if let Some(existing) = listed.triggers.iter().find(|t| t.name == "demo") {
@@ -141,7 +147,10 @@ async fn create_demo_trigger(cp_url: &str, brokers: &str, topic: &str, receiver:
         update.webhook.get_or_insert_with(Default::default).url = receiver.url();
         let paths = ["kafka.hosts", "kafka.topics", "webhook.url"].map(String::from).to_vec();
         client
-            .update_trigger(UpdateTriggerRequest { trigger: Some(update), update_mask: Some(prost_types::FieldMask { paths }) })
+            .update_trigger(UpdateTriggerRequest {
+                trigger: Some(update),
+                update_mask: Some(prost_types::FieldMask { paths }),
+            })
             .await?;
         return Ok(existing.id.clone());
     }
@@ -154,7 +163,12 @@ async fn create_demo_trigger(cp_url: &str, brokers: &str, topic: &str, receiver:
             ..Default::default()
         }),
         webhook: Some(WebhookTarget { url: receiver.url(), timeout_ms: Some(5_000), ..Default::default() }),
-        retry: Some(RetryPolicy { max_attempts: Some(3), initial_backoff_ms: Some(200), max_backoff_ms: Some(1_000), max_age_seconds: 0 }),
+        retry: Some(RetryPolicy {
+            max_attempts: Some(3),
+            initial_backoff_ms: Some(200),
+            max_backoff_ms: Some(1_000),
+            max_age_seconds: 0,
+        }),
         ..Default::default()
     };
     let created = client.create_trigger(CreateTriggerRequest { trigger: Some(trigger) }).await?.into_inner();

@@ -102,7 +102,8 @@ impl CommittedOffsets {
             tpl.add_partition(topic, *partition);
         }
         let consumer = self.consumer.clone();
-        let tpl = tokio::task::spawn_blocking(move || consumer.committed_offsets(tpl, Duration::from_secs(5))).await??;
+        let tpl =
+            tokio::task::spawn_blocking(move || consumer.committed_offsets(tpl, Duration::from_secs(5))).await??;
         let mut committed = BTreeMap::new();
         for e in tpl.elements() {
             e.error()?;
@@ -159,7 +160,8 @@ impl CommittedOffsets {
             let last = &last;
             async move {
                 let committed = self.read().await.ok()?;
-                let done = self.partitions.iter().all(|tp| committed.get(tp).unwrap_or(&0) == ends.get(tp).unwrap_or(&0));
+                let done =
+                    self.partitions.iter().all(|tp| committed.get(tp).unwrap_or(&0) == ends.get(tp).unwrap_or(&0));
                 *last.borrow_mut() = committed;
                 done.then_some(())
             }
@@ -237,4 +239,3 @@ where
         }
     }
 }
-

@@ -125,7 +125,12 @@ pub fn group_id(trigger: &Trigger) -> &str {
     &trigger.kafka.as_ref().unwrap().group_id
 }
 
-pub async fn update_trigger(s: &Sandbox, trigger: &Trigger, paths: &[&str], patch: impl FnOnce(&mut Trigger)) -> Trigger {
+pub async fn update_trigger(
+    s: &Sandbox,
+    trigger: &Trigger,
+    paths: &[&str],
+    patch: impl FnOnce(&mut Trigger),
+) -> Trigger {
     let mut t = Trigger { id: trigger.id.clone(), ..Default::default() };
     patch(&mut t);
     let mask = prost_types::FieldMask { paths: paths.iter().map(|p| (*p).to_owned()).collect() };
@@ -170,4 +175,3 @@ pub async fn nodes_reporting(pool: &PgPool, trigger: Uuid, kind: &str, generatio
 pub fn with_output(child: &DataPlaneProcess) -> impl Fn(anyhow::Error) -> String + '_ {
     move |e| format!("{e:#}\n--- output of data-plane {} ---\n{}", child.node_id, child.output())
 }
-

@@ -426,7 +426,8 @@ pub async fn assert_attempt_logs_sequential(pool: &PgPool, trigger: Uuid) {
     for (key, partition, offset, log) in rows {
         let log: serde_json::Value = serde_json::from_str(&log).unwrap();
         for entry in log.as_array().unwrap() {
-            let at: DateTime<Utc> = entry["at"].as_str().and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("{entry}"));
+            let at: DateTime<Utc> =
+                entry["at"].as_str().and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("{entry}"));
             let ms = entry["ms"].as_u64().unwrap_or(0);
             if let Some((prev_key, prev_end, prev_message)) = &prev {
                 if *prev_key == key {
@@ -469,11 +470,12 @@ pub async fn count(pool: &PgPool, sql: &str) -> i64 {
 /// the sets and work orders that did not finish.
 pub async fn wait_succeeded(pool: &PgPool, trigger: Uuid, n: usize) {
     let waited = wait_for(&format!("{n} work orders succeeded"), WAIT, || async {
-        let done: i64 = sqlx::query_scalar("SELECT count(*) FROM work_orders WHERE trigger_id = $1 AND state = 'success'")
-            .bind(trigger)
-            .fetch_one(pool)
-            .await
-            .ok()?;
+        let done: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM work_orders WHERE trigger_id = $1 AND state = 'success'")
+                .bind(trigger)
+                .fetch_one(pool)
+                .await
+                .ok()?;
         (done as usize >= n).then_some(())
     })
     .await;
@@ -549,7 +551,14 @@ pub async fn stuck(pool: &PgPool) -> String {
 /// Everything after the work is done: one work order per message, all
 /// succeeded, one work order id per message at the target, per-key order,
 /// one in flight per key (target's view and workers' view), all drained.
-pub async fn assert_all_invariants(s: &Stack, probe: &Probe, trigger: Uuid, produced: &[MessageId], timeout: Duration, allow_repeats: bool) {
+pub async fn assert_all_invariants(
+    s: &Stack,
+    probe: &Probe,
+    trigger: Uuid,
+    produced: &[MessageId],
+    timeout: Duration,
+    allow_repeats: bool,
+) {
     wait_drained(&s.pool).await;
     assert_one_work_order_each(&s.pool, trigger, produced, "success").await;
     let wos = work_orders(&s.pool, trigger).await;
