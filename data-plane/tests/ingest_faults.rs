@@ -163,3 +163,27 @@ async fn test_rebalance_between_two_nodes_loses_nothing() {
     drop(cluster);
     db.drop().await;
 }
+
+/// A pipeline aborted while its brokers are gone (a node's runtime shutting
+/// down, a panic): closing its consumer waits for a group coordinator that
+/// never answers, so that must not happen on the runtime's threads. On a
+/// single-threaded runtime a blocking drop would freeze every timer.
+#[tokio::test(flavor = "current_thread")]
+async fn test_aborting_a_pipeline_never_blocks_the_runtime_on_its_consumer() {
+    let cluster = cluster(1);
+    create_topic(&cluster, "orders", 1);
+    let bootstrap = cluster.bootstrap_servers();
+    let db = TestDb::new().await;
+    let trigger_id = Uuid::now_v7();
+    insert_trigger(&db.pool, trigger_id, "g1").await;
+    produce(&bootstrap, "orders", &keyed_records(10, 1, "a")).await;
+    let trigger = trigger_proto(trigger_id, 1, &bootstrap, &["orders"], "g1");
+    let p = RunningPipeline::start(&db.pool, pipeline_def(&trigger), fast_settings_arc());
+    wait_count(&db.pool, MESSAGES, trigger_id, 10, T).await;
+    // The broker goes away for good.
+    drop(cluster);
+    let started = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(5), p.kill()).await.expect("the abort returns");
+    assert!(started.elapsed() < Duration::from_secs(5), "the runtime was blocked for {:?}", started.elapsed());
+    db.drop().await;
+}

@@ -311,3 +311,85 @@ async fn test_a_key_too_large_for_the_set_index_is_recorded_not_retried_forever(
     assert!(error.contains("54000"), "{error}");
     db.drop().await;
 }
+
+/// The candidate-set side of a batch: a new key creates a ready set and is
+/// announced; more messages for a ready, unclaimed set leave its row alone
+/// and are not announced (its head precedes them); a claimed set has its
+/// `ingest_seq` bumped so the worker draining it cannot go idle past them;
+/// an idle set wakes up and is announced again.
+#[tokio::test]
+async fn test_batches_touch_a_set_only_to_wake_it_or_warn_its_worker() {
+    let (db, trigger_id) = setup().await;
+    let marker = Uuid::now_v7();
+    insert_trigger(&db.pool, marker, "marker").await;
+    let mut listener = sqlx::postgres::PgListener::connect_with(&db.pool).await.unwrap();
+    listener.listen(kt_data_plane::store::SETS_NOTIFY_CHANNEL).await.unwrap();
+    let keyed = |offset: i64| IngestMessage { key: Some(b"user-1".to_vec()), ..message(0, offset, b"{}") };
+    let set = || async {
+        sqlx::query_as::<_, (String, bool, i64, chrono::DateTime<Utc>)>(
+            "SELECT state, queued, ingest_seq, updated_at FROM message_sets WHERE trigger_id = $1",
+        )
+        .bind(trigger_id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+    };
+    // The next announcement must be `expected`: announcements of the
+    // trigger in between would arrive first.
+    let mut next_announced = async |expected: Uuid| {
+        let n = tokio::time::timeout(Duration::from_secs(10), listener.recv()).await.expect("a notification").unwrap();
+        assert_eq!(n.payload(), expected.to_string(), "unexpected announcement");
+    };
+    let mut offset = 0;
+    let mut marker_offset = 0;
+    let mut store_marker = async || {
+        marker_offset += 1;
+        store(
+            &db,
+            marker,
+            &[IngestMessage {
+                key: Some(format!("m{marker_offset}").into_bytes()),
+                ..message(0, marker_offset, b"{}")
+            }],
+        )
+        .await;
+    };
+
+    // What the control plane and the workers do to the set.
+    let update_set = async |change: &str| {
+        let sql = format!("UPDATE message_sets {change} WHERE trigger_id = $1");
+        sqlx::query(&sql).bind(trigger_id).execute(&db.pool).await.unwrap();
+    };
+
+    store(&db, trigger_id, &[keyed(offset)]).await;
+    next_announced(trigger_id).await;
+    let (state, queued, seq, created) = set().await;
+    assert_eq!((state.as_str(), queued, seq), ("ready", false, 0));
+
+    // The control plane queued it; more messages arrive: nothing to say.
+    update_set("SET queued = true").await;
+    offset += 1;
+    store(&db, trigger_id, &[keyed(offset)]).await;
+    assert_eq!(set().await, ("ready".to_owned(), true, 0, created), "a ready set is not rewritten");
+    store_marker().await;
+    next_announced(marker).await;
+
+    // A worker claims it: the next batch tells it more arrived, silently.
+    update_set("SET lock_id = gen_random_uuid(), lock_expires = now() + interval '1 minute'").await;
+    offset += 1;
+    store(&db, trigger_id, &[keyed(offset)]).await;
+    let (state, _, seq, _) = set().await;
+    assert_eq!((state.as_str(), seq), ("ready", 1), "a claimed set's ingest_seq is bumped");
+    store_marker().await;
+    next_announced(marker).await;
+
+    // The worker drained it and marked it idle; a new message wakes it.
+    update_set("SET state = 'idle', queued = false, lock_id = NULL, lock_expires = NULL").await;
+    offset += 1;
+    store(&db, trigger_id, &[keyed(offset)]).await;
+    let (state, queued, seq, _) = set().await;
+    assert_eq!((state.as_str(), queued, seq), ("ready", false, 2));
+    next_announced(trigger_id).await;
+    drop(listener);
+    db.drop().await;
+}

@@ -30,10 +30,11 @@ pub use rate::RateLimiter;
 
 use crate::store::PersistSettings;
 
-/// Batches handed to the persister and not yet acknowledged: enough for
-/// its parallel writes plus one queued, so the database stays busy while
-/// the next batch fills; more would only add memory.
-pub const MAX_BATCHES_IN_FLIGHT: usize = persister::PARALLEL_WRITES + 1;
+/// Batches handed to the persister and not yet acknowledged: one being
+/// written (over its lanes) and one whose parts queue behind it, so a lane
+/// that finishes early goes on at once while the next batch fills; more
+/// would only add memory.
+pub const MAX_BATCHES_IN_FLIGHT: usize = 2;
 
 /// Tunables of every pipeline on a node (per-trigger ones are in the
 /// trigger's spec). Durations are injected so tests can shrink them.
@@ -75,7 +76,7 @@ pub struct IngestSettings {
 impl Default for IngestSettings {
     fn default() -> Self {
         Self {
-            batch_max_messages: 1000,
+            batch_max_messages: 2000,
             batch_linger: Duration::from_millis(5),
             pause_after: Duration::from_millis(500),
             commit_interval: Duration::from_secs(1),

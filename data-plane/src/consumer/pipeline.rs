@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use super::context::IngestContext;
 use super::message::to_ingest_message;
 use super::offsets::{any_uncommitted, next_offset, plan_starts, Checkpoints, StartPosition, TopicPartition};
-use super::persister::{run_persister, Ack, Batch};
+use super::persister::{run_persister, Ack, Batch, DbWriter};
 use super::rate::RateLimiter;
 use super::{scrub, IngestSettings, KafkaConfig, PipelineDef, MAX_BATCHES_IN_FLIGHT};
 use crate::status::PipelineStatus;
@@ -73,7 +73,7 @@ pub async fn run_pipeline(def: PipelineDef, env: PipelineEnv, cancel: Cancellati
         .client_config()
         .create_with_context(IngestContext::new(trigger_id))
         .map_err(|e| PipelineError::CreateConsumer { trigger_id, message: scrub(&e.to_string(), &def.secrets) })?;
-    let consumer = Arc::new(consumer);
+    let consumer = DetachedConsumer(Some(Arc::new(consumer)));
     let topics: Vec<&str> = def.spec.kafka.topics.iter().map(String::as_str).collect();
     consumer
         .subscribe(&topics)
@@ -83,15 +83,14 @@ pub async fn run_pipeline(def: PipelineDef, env: PipelineEnv, cancel: Cancellati
     let (batch_tx, batch_rx) = mpsc::channel(MAX_BATCHES_IN_FLIGHT);
     let (ack_tx, ack_rx) = mpsc::channel(MAX_BATCHES_IN_FLIGHT);
     let abandon = CancellationToken::new();
-    let persister = tokio::spawn(run_persister(
-        env.pool.clone(),
+    let writer = DbWriter {
+        pool: env.pool.clone(),
         trigger_id,
-        settings.persist,
-        env.status.clone(),
-        batch_rx,
-        ack_tx,
-        abandon.clone(),
-    ));
+        settings: settings.persist,
+        status: env.status.clone(),
+        abandon: abandon.clone(),
+    };
+    let persister = tokio::spawn(run_persister(Arc::new(writer), batch_rx, ack_tx));
     let now = Instant::now();
     let mut lp = ConsumeLoop {
         limiter: RateLimiter::new(def.spec.tuning.rate_limit_per_second, now),
@@ -120,7 +119,7 @@ pub async fn run_pipeline(def: PipelineDef, env: PipelineEnv, cancel: Cancellati
 struct ConsumeLoop {
     def: PipelineDef,
     env: PipelineEnv,
-    consumer: Arc<IngestConsumer>,
+    consumer: DetachedConsumer,
     /// `None` once closed at shutdown.
     batches: Option<mpsc::Sender<Batch>>,
     acks: mpsc::Receiver<Ack>,
@@ -547,7 +546,7 @@ impl ConsumeLoop {
         if !self.batch.is_empty() {
             tracing::info!(%trigger_id, messages = self.batch.len(), "left unstored messages uncommitted at shutdown");
         }
-        close_consumer(self.consumer, trigger_id, self.env.settings.shutdown_grace).await;
+        close_consumer(self.consumer.take(), trigger_id, self.env.settings.shutdown_grace).await;
         tracing::info!(
             %trigger_id,
             stored = self.totals.stored,
@@ -555,6 +554,38 @@ impl ConsumeLoop {
             failed = self.totals.failed,
             "pipeline stopped"
         );
+    }
+}
+
+/// The pipeline's consumer. Closing a librdkafka consumer blocks until it
+/// has left its group, which can take forever when the coordinator is gone;
+/// a consumer dropped on any path other than the orderly [`close_consumer`]
+/// (an early error, the task aborted by a runtime shutting down) is
+/// therefore dropped on a thread of its own, never on the runtime's.
+struct DetachedConsumer(Option<Arc<IngestConsumer>>);
+
+impl DetachedConsumer {
+    fn take(mut self) -> Arc<IngestConsumer> {
+        self.0.take().expect("the consumer is present until taken")
+    }
+}
+
+impl std::ops::Deref for DetachedConsumer {
+    type Target = Arc<IngestConsumer>;
+
+    fn deref(&self) -> &Self::Target {
+        self.0.as_ref().expect("the consumer is present until taken")
+    }
+}
+
+impl Drop for DetachedConsumer {
+    fn drop(&mut self) {
+        if let Some(consumer) = self.0.take() {
+            let detached = std::thread::Builder::new().name("kt-consumer-drop".into()).spawn(move || drop(consumer));
+            if let Err(e) = detached {
+                tracing::error!(error = %e, "cannot start a thread to drop a Kafka consumer");
+            }
+        }
     }
 }
 

@@ -167,7 +167,7 @@ async fn insert_new_messages(
             header_values.push(h.value.as_deref());
         }
     }
-    let (fresh, stored): (i64, i64) = sqlx::query_as(
+    let (fresh, stored, ready): (i64, i64, i64) = sqlx::query_as(
         r#"
         WITH input AS (
             SELECT *
@@ -200,10 +200,17 @@ async fn insert_new_messages(
             RETURNING topic, partition, "offset", key
         ),
         -- Candidate sets (migration 0003): a keyed message joins the set of
-        -- its (trigger, topic, key), waking an idle one; an unkeyed message
-        -- is a set of its own. `ingest_seq` tells a worker draining the set
-        -- that more arrived. Sorted, so concurrent batches lock set rows in
-        -- the same order.
+        -- its (trigger, topic, key); an unkeyed message is a set of its own.
+        -- Sorted, so concurrent batches lock set rows in the same order.
+        --
+        -- An existing set is only written when that changes something: an
+        -- idle one wakes up, and a claimed one gets its `ingest_seq` bumped
+        -- so the worker draining it cannot mark it idle past these messages.
+        -- Any other set (ready, waiting, blocked; unclaimed) already has a
+        -- head that precedes them: it is only locked (ON CONFLICT locks the
+        -- latest row version even when the WHERE is false), which orders
+        -- this batch against a concurrent claim, and is not rewritten, so a
+        -- steady stream of messages for busy keys costs no set updates.
         keyed_sets AS (
             INSERT INTO message_sets (trigger_id, topic, key)
             SELECT DISTINCT $1::uuid, topic, key FROM stored WHERE key IS NOT NULL
@@ -213,7 +220,9 @@ async fn insert_new_messages(
                    state = CASE WHEN message_sets.state = 'idle' THEN 'ready' ELSE message_sets.state END,
                    queued = CASE WHEN message_sets.state = 'idle' THEN false ELSE message_sets.queued END,
                    updated_at = now()
-            RETURNING 1
+             WHERE message_sets.state = 'idle' OR message_sets.lock_id IS NOT NULL
+            -- New or woken sets are unclaimed: the control plane must hear of them.
+            RETURNING lock_id IS NULL AS announce
         ),
         unkeyed_sets AS (
             INSERT INTO message_sets (trigger_id, topic, partition, "offset")
@@ -221,7 +230,9 @@ async fn insert_new_messages(
             ON CONFLICT DO NOTHING
             RETURNING 1
         )
-        SELECT (SELECT count(*) FROM fresh), (SELECT count(*) FROM stored)
+        SELECT (SELECT count(*) FROM fresh),
+               (SELECT count(*) FROM stored),
+               (SELECT count(*) FROM keyed_sets WHERE announce) + (SELECT count(*) FROM unkeyed_sets)
         "#,
     )
     .bind(trigger_id)
@@ -236,9 +247,10 @@ async fn insert_new_messages(
     .bind(&header_values)
     .fetch_one(&mut *conn)
     .await?;
-    if stored > 0 {
+    if ready > 0 {
         // Delivered at commit (and only then): the control plane takes the
-        // sets this batch made ready.
+        // sets this batch made ready. Skipped when there are none: a
+        // notifying commit serializes on a global lock.
         sqlx::query("SELECT pg_notify($1, $2)")
             .bind(SETS_NOTIFY_CHANNEL)
             .bind(trigger_id.to_string())

@@ -8,7 +8,10 @@ mod persist;
 
 use chrono::{DateTime, Utc};
 
-pub use batch::{load_checkpoints, record_failure, upsert_checkpoints, write_batch, write_rows_isolated, Checkpoint};
+pub use batch::{
+    load_checkpoints, record_failure, upsert_checkpoints, write_batch, write_rows_isolated, Checkpoint,
+    SETS_NOTIFY_CHANNEL,
+};
 pub use dedup::{cleanup_dedup_records, run_dedup_cleanup, DedupCleanupSettings, CLEANUP_CHUNK_ROWS};
 pub use persist::{persist_batch, PersistError, PersistSettings};
 
