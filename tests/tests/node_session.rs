@@ -9,7 +9,7 @@ use kt_proto::internal::node_service_client::NodeServiceClient;
 use kt_proto::internal::*;
 use kt_proto::v1::trigger_service_client::TriggerServiceClient;
 use kt_proto::v1::{CreateTriggerRequest, DeleteTriggerRequest, DisableTriggerRequest, EnableTriggerRequest};
-use kt_tests::{sample_trigger, wait_for, ControlPlaneOptions, TestControlPlane, TestDb};
+use kt_tests::{sample_trigger, wait_for, ControlPlaneOptions, TestControlPlane, TestDb, TestNode};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Streaming};
@@ -160,4 +160,35 @@ async fn test_sessions_are_authenticated_and_checked() {
 
     let (_tx, mut inbound) = open(&mut node, hello("n", version)).await.unwrap();
     next_assignment(&mut inbound).await;
+}
+
+/// The control plane judges liveness by its own heartbeat interval, here far
+/// shorter than the node's: the node answers each heartbeat, so it is not
+/// dropped (and does not rejoin over and over).
+#[tokio::test]
+async fn test_a_node_keeps_its_session_under_a_faster_control_plane_heartbeat() {
+    let db = TestDb::create().await.unwrap();
+    let opts = ControlPlaneOptions { heartbeat: Some(Duration::from_millis(100)), ..Default::default() };
+    let cp = TestControlPlane::start(&db, opts).await.unwrap();
+    let pool = db.pool().await.unwrap();
+    let node = TestNode::start(&db, &cp.url(), |c| c.heartbeat_interval = Duration::from_secs(5)).await;
+    let membership = || {
+        let pool = pool.clone();
+        let node_id = node.node_id.clone();
+        async move {
+            sqlx::query_scalar::<_, String>(
+                "SELECT kind FROM events WHERE node_id = $1 AND kind IN ('node_joined', 'node_left') ORDER BY id",
+            )
+            .bind(node_id)
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    wait_for("the node joined", WAIT, || async { (!membership().await.is_empty()).then_some(()) }).await.unwrap();
+    // An observation window of 20 control-plane heartbeats (the peer is
+    // dropped after 3 missed ones); the node's own would come after 5 s.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(membership().await, ["node_joined"]);
+    node.stop().await.unwrap();
 }

@@ -1,7 +1,8 @@
 //! The node's session with the control plane: one bidirectional stream,
 //! authenticated with the node token. The node says hello, sends heartbeats
-//! and pipeline reports; the control plane sends assignments (full desired
-//! state, versioned) and heartbeats. A lost session is reconnected with
+//! (its own, and an answer to each of the control plane's) and pipeline
+//! reports; the control plane sends assignments (full desired state,
+//! versioned) and heartbeats. A lost session is reconnected with
 //! jittered backoff; meanwhile the pipelines keep running as last assigned.
 
 use std::collections::HashMap;
@@ -194,6 +195,11 @@ async fn session_once(
             message = inbound.message() => {
                 let message = message.map_err(SessionError::Rpc)?.ok_or(SessionError::Closed)?;
                 last_heard = Instant::now();
+                if matches!(message.msg, Some(control_message::Msg::Heartbeat(_))) {
+                    // Answered at once: the control plane judges liveness by
+                    // its own interval, which may be shorter than ours.
+                    outbound.send(node_message::Msg::Heartbeat(Heartbeat { unix_ms: unix_ms() })).await?;
+                }
                 handle_control_message(message, &mut plan_version, supervisor, settings.triggers.as_ref()).await?;
             }
             _ = heartbeat.tick() => {
