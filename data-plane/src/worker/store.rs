@@ -87,43 +87,41 @@ pub async fn claim(
     }))
 }
 
-const HEAD_COLUMNS: &str =
-    "s.ingest_seq, h.partition, h.\"offset\", h.key, h.value, h.header_names, h.header_values, h.ts,
-    w.id AS wo_id, w.state AS wo_state, w.attempts AS wo_attempts,
-    w.first_attempt_at AS wo_first_attempt_at, w.body AS wo_body";
-
-/// The head's work order, by the unique key: one index probe whatever the
-/// trigger's history (a join the planner may turn into a scan of every work
-/// order of the trigger when statistics are stale).
-const HEAD_WORK_ORDER: &str = "LEFT JOIN LATERAL (
-        SELECT w.id, w.state, w.attempts, w.first_attempt_at, w.body FROM work_orders w
+/// The head's work order, looked up by its unique key with the message's
+/// coordinates as parameters of a subquery: always one index probe on the
+/// whole key. (As a lateral join, a planner with stale statistics probes by
+/// trigger and topic only and filters every work order of the trigger,
+/// which made dispatch quadratic in the trigger's history.)
+const HEAD_WORK_ORDER: &str = "(SELECT w FROM work_orders w
          WHERE w.trigger_id = s.trigger_id AND w.topic = s.topic
-           AND w.partition = h.partition AND w.\"offset\" = h.\"offset\") w ON true";
+           AND w.partition = h.partition AND w.\"offset\" = h.\"offset\") AS wo";
 
 /// The candidate of a set (`None` fields when the set has no messages).
 pub async fn head(pool: &PgPool, set_id: i64, set: &ClaimedSet) -> Result<Option<Head>, sqlx::Error> {
-    let sql = match set.key {
-        Some(_) => format!(
-            "SELECT {HEAD_COLUMNS} FROM message_sets s
-               LEFT JOIN LATERAL (
-                 SELECT m.partition, m.\"offset\", m.key, m.value, m.header_names, m.header_values, m.ts
-                   FROM messages m
-                  WHERE m.trigger_id = s.trigger_id AND m.topic = s.topic AND m.key = s.key
-                  ORDER BY m.partition, m.\"offset\" LIMIT 1) h ON true
-               {HEAD_WORK_ORDER}
-              WHERE s.id = $1"
-        ),
-        None => format!(
-            "SELECT {HEAD_COLUMNS} FROM message_sets s
-               LEFT JOIN LATERAL (
-                 SELECT m.partition, m.\"offset\", m.key, m.value, m.header_names, m.header_values, m.ts
-                   FROM messages m
-                  WHERE m.trigger_id = s.trigger_id AND m.topic = s.topic
-                    AND m.partition = s.partition AND m.\"offset\" = s.\"offset\") h ON true
-               {HEAD_WORK_ORDER}
-              WHERE s.id = $1"
-        ),
+    let candidate = match set.key {
+        Some(_) => "m.trigger_id = s.trigger_id AND m.topic = s.topic AND m.key = s.key",
+        None => {
+            "m.trigger_id = s.trigger_id AND m.topic = s.topic
+                 AND m.partition = s.partition AND m.\"offset\" = s.\"offset\""
+        }
     };
+    // OFFSET 0 keeps the inner query whole, so the work order is looked up
+    // once, not once per column taken from it.
+    let sql = format!(
+        "SELECT ingest_seq, partition, \"offset\", key, value, header_names, header_values, ts,
+                (wo).id AS wo_id, (wo).state AS wo_state, (wo).attempts AS wo_attempts,
+                (wo).first_attempt_at AS wo_first_attempt_at, (wo).body AS wo_body
+           FROM (SELECT s.ingest_seq, h.partition, h.\"offset\", h.key, h.value, h.header_names, h.header_values, h.ts,
+                        {HEAD_WORK_ORDER}
+                   FROM message_sets s
+                   LEFT JOIN LATERAL (
+                     SELECT m.partition, m.\"offset\", m.key, m.value, m.header_names, m.header_values, m.ts
+                       FROM messages m
+                      WHERE {candidate}
+                      ORDER BY m.partition, m.\"offset\" LIMIT 1) h ON true
+                  WHERE s.id = $1
+                 OFFSET 0) head"
+    );
     sqlx::query_as(&sql).bind(set_id).fetch_optional(pool).await
 }
 
