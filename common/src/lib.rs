@@ -4,6 +4,7 @@
 pub mod backoff;
 pub mod crypto;
 pub mod db;
+pub mod dispatch;
 pub mod secret;
 pub mod telemetry;
 pub mod trigger;

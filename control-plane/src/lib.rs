@@ -8,6 +8,7 @@ pub mod events;
 pub mod grpc;
 pub mod leader;
 pub mod nodes;
+pub mod retention;
 pub mod scheduler;
 pub mod sets;
 pub mod status;
@@ -39,6 +40,8 @@ pub struct Config {
     pub max_db_connections: u32,
     /// How long events are kept for replay.
     pub event_retention: Duration,
+    /// How long finished (succeeded, skipped) work orders are kept.
+    pub work_order_retention: Duration,
 }
 
 impl Config {
@@ -53,6 +56,7 @@ impl Config {
             heartbeat: Duration::from_secs(5),
             max_db_connections: 10,
             event_retention: Duration::from_secs(7 * 24 * 3600),
+            work_order_retention: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -96,9 +100,11 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let scheduler = scheduler::Scheduler::start(pool.clone(), triggers.clone(), shutdown.clone())
         .await
         .context("failed to start the candidate-set scheduler")?;
-    let events = events::stream::EventHub::start(pool.clone(), config.event_retention, shutdown.clone())
+    let events = events::stream::EventHub::start(pool.clone(), shutdown.clone())
         .await
         .context("failed to start the event stream")?;
+    let retention = retention::Retention { events: config.event_retention, work_orders: config.work_order_retention };
+    tokio::spawn(retention::run(pool.clone(), retention, shutdown.clone()));
     let state = AppState { triggers, registry: nodes::NodeRegistry::default(), scheduler, events, pool };
     let auth = grpc::AuthLayer::new(config.api_token.clone(), config.node_token.clone());
     tracing::info!(%addr, "control plane listening");

@@ -53,6 +53,11 @@ struct Cli {
     #[arg(long, env = "KT_EVENT_RETENTION_HOURS", default_value_t = 168)]
     event_retention_hours: u64,
 
+    /// Hours finished (succeeded or skipped) work orders are kept; failed
+    /// ones stay until an operator acts.
+    #[arg(long, env = "KT_WORK_ORDER_RETENTION_HOURS", default_value_t = 168)]
+    work_order_retention_hours: u64,
+
     /// Log format: text or json.
     #[arg(long, env = "KT_LOG_FORMAT", default_value = "text")]
     log_format: LogFormat,
@@ -98,6 +103,7 @@ async fn main() -> anyhow::Result<()> {
         keys,
         heartbeat: Duration::from_secs(cli.heartbeat_seconds.max(1)),
         event_retention: Duration::from_secs(cli.event_retention_hours * 3600),
+        work_order_retention: Duration::from_secs(cli.work_order_retention_hours * 3600),
         ..kt_control_plane::Config::new(database_url)
     };
     kt_control_plane::run(config, telemetry::shutdown_on_signal()).await

@@ -327,7 +327,7 @@ async fn test_batches_touch_a_set_only_to_wake_it_or_warn_its_worker() {
     let keyed = |offset: i64| IngestMessage { key: Some(b"user-1".to_vec()), ..message(0, offset, b"{}") };
     let set = || async {
         sqlx::query_as::<_, (String, bool, i64, chrono::DateTime<Utc>)>(
-            "SELECT state, queued, ingest_seq, updated_at FROM message_sets WHERE trigger_id = $1",
+            "SELECT state, lock_id IS NOT NULL, ingest_seq, updated_at FROM message_sets WHERE trigger_id = $1",
         )
         .bind(trigger_id)
         .fetch_one(&db.pool)
@@ -363,14 +363,13 @@ async fn test_batches_touch_a_set_only_to_wake_it_or_warn_its_worker() {
 
     store(&db, trigger_id, &[keyed(offset)]).await;
     next_announced(trigger_id).await;
-    let (state, queued, seq, created) = set().await;
-    assert_eq!((state.as_str(), queued, seq), ("ready", false, 0));
+    let (state, claimed, seq, created) = set().await;
+    assert_eq!((state.as_str(), claimed, seq), ("ready", false, 0));
 
-    // The control plane queued it; more messages arrive: nothing to say.
-    update_set("SET queued = true").await;
+    // Still waiting for a grant; more messages arrive: nothing to say.
     offset += 1;
     store(&db, trigger_id, &[keyed(offset)]).await;
-    assert_eq!(set().await, ("ready".to_owned(), true, 0, created), "a ready set is not rewritten");
+    assert_eq!(set().await, ("ready".to_owned(), false, 0, created), "a ready set is not rewritten");
     store_marker().await;
     next_announced(marker).await;
 
@@ -384,11 +383,11 @@ async fn test_batches_touch_a_set_only_to_wake_it_or_warn_its_worker() {
     next_announced(marker).await;
 
     // The worker drained it and marked it idle; a new message wakes it.
-    update_set("SET state = 'idle', queued = false, lock_id = NULL, lock_expires = NULL").await;
+    update_set("SET state = 'idle', lock_id = NULL, lock_expires = NULL").await;
     offset += 1;
     store(&db, trigger_id, &[keyed(offset)]).await;
-    let (state, queued, seq, _) = set().await;
-    assert_eq!((state.as_str(), queued, seq), ("ready", false, 2));
+    let (state, claimed, seq, _) = set().await;
+    assert_eq!((state.as_str(), claimed, seq), ("ready", false, 2));
     next_announced(trigger_id).await;
     drop(listener);
     db.drop().await;

@@ -182,6 +182,14 @@ async fn test_data_path_events_reach_the_stream() {
     kafka.create_topic("ev", 1).unwrap();
     let cp = TestControlPlane::start(&db, ControlPlaneOptions::default()).await.unwrap();
     let receiver = WebhookReceiver::start("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    // The first attempt fails, so the work order is recorded before it
+    // succeeds (work_order_created); a first-attempt success records only
+    // work_order_succeeded.
+    let attempts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    receiver.script(move |_| {
+        let n = attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        kt_tests::webhook::Reply::status(if n == 0 { 500 } else { 200 })
+    });
     let _node = kt_tests::TestNode::start(&db, &cp.url(), |_| {}).await;
     let mut events = EventServiceClient::new(cp.channel().await.unwrap());
     let wanted = [

@@ -153,8 +153,10 @@ impl Sandbox {
         .unwrap();
     }
 
+    /// (state, no retry time pending, blocked since set). The scheduler may
+    /// claim a ready set at any moment, so the claim is not compared.
     async fn set_columns(&self, set: i64) -> (String, bool, bool) {
-        sqlx::query_as("SELECT state, queued, blocked_since IS NOT NULL FROM message_sets WHERE id = $1")
+        sqlx::query_as("SELECT state, retry_at IS NULL, blocked_since IS NOT NULL FROM message_sets WHERE id = $1")
             .bind(set)
             .fetch_one(&self.pool)
             .await
@@ -415,8 +417,7 @@ async fn test_retry_blocked_set_restarts_the_head_and_reschedules_at_once() {
     assert_eq!(events[0]["set_id"], set);
     assert_eq!(events[0]["work_order_id"], wo.to_string());
 
-    // The set is marked queued, so the scheduler's sweep never takes it: only
-    // the hand-off of RetryMessageSet can have granted it.
+    // Grantable again: RetryMessageSet wakes the scheduler, which grants it.
     assert!(granted(&mut grants, set, Duration::from_secs(5)).await, "set {set} was not granted after the retry");
 }
 
@@ -461,10 +462,10 @@ async fn test_skip_deletes_the_head_and_the_next_message_becomes_the_candidate()
     assert_eq!(sb.events("set_unblocked").await[0]["action"], "skip");
     assert!(granted(&mut grants, set, Duration::from_secs(5)).await, "set {set} was not granted after the skip");
 
-    // Now ready: nothing is stuck, nothing to skip.
+    // Now granted (claimed for the worker stream): nothing is stuck, nothing to skip.
     let err = sb.sets.skip_message(SkipMessageRequest { id: set.to_string() }).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
-    assert!(err.message().contains("is ready"), "{}", err.message());
+    assert!(err.message().contains("being processed by a worker"), "{}", err.message());
 }
 
 #[tokio::test]
@@ -585,6 +586,11 @@ async fn test_complete_work_order_success_lets_the_next_message_go() {
     // A worker looking at the running head right now: its claim is fenced
     // off, or its `park` would put the set back to waiting.
     sb.claim(set, 600).await;
+    let stale: Option<Uuid> = sqlx::query_scalar("SELECT lock_id FROM message_sets WHERE id = $1")
+        .bind(set)
+        .fetch_one(&sb.pool)
+        .await
+        .unwrap();
     let (_worker, mut grants) = worker_stream(&sb.cp).await;
 
     let done = sb
@@ -605,9 +611,11 @@ async fn test_complete_work_order_success_lets_the_next_message_go() {
         .fetch_one(&sb.pool)
         .await
         .unwrap();
-    assert_eq!(lock, None);
+    assert!(stale.is_some());
+    assert_ne!(lock, stale, "the stale claim is cleared (the set may be claimed afresh for the worker stream)");
     let view = sb.get_set(set).await;
-    assert_eq!((view.state(), view.head_offset), (MessageSetState::Ready, 6));
+    assert!(matches!(view.state(), MessageSetState::Ready | MessageSetState::InFlight), "{:?}", view.state());
+    assert_eq!(view.head_offset, 6);
     let events = sb.events("work_order_succeeded").await;
     assert_eq!(events.len(), 1);
     assert_eq!(events[0]["work_order_id"], wo.to_string());
@@ -636,7 +644,7 @@ async fn test_complete_work_order_failure_blocks_the_set() {
     assert_eq!(done.last_error, "runner crashed");
 
     assert_eq!(sb.stored_offsets(a).await, [(0, 5), (0, 6)], "a failed message stays");
-    assert_eq!(sb.set_columns(set).await, ("blocked".into(), false, true));
+    assert_eq!(sb.set_columns(set).await, ("blocked".into(), true, true));
     assert_eq!(sb.list_sets(Some(a), MessageSetState::Blocked).await, ids(&[set]));
     let view = sb.get_set(set).await;
     assert_eq!(view.reason, format!("work order {wo} failed after 1 attempt(s): runner crashed"));

@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use kt_data_plane::worker::store::{self, AfterAttempt, Attempt, ClaimedSet, Unclaimable};
+use kt_common::dispatch::grant::{self, Room};
+use kt_common::dispatch::round::{self, AfterSuccess, Failure, Posted, Success};
+use kt_common::dispatch::{work_order_id, AfterAttempt, Attempt, SetState};
 use kt_proto::v1::work_order_service_client::WorkOrderServiceClient;
 use kt_proto::v1::CompleteWorkOrderRequest;
 use kt_tests::webhook::Reply;
@@ -111,17 +113,12 @@ async fn run_randomized(seed: u64) -> (usize, usize) {
                 completions.spawn(async move {
                     // Work done by the runner; not a synchronisation.
                     tokio::time::sleep(Duration::from_millis(5 + hash(seed, message, 0) % 60)).await;
-                    let id: Uuid = sqlx::query_scalar(
-                        "SELECT id FROM work_orders WHERE trigger_id = $1 AND partition = $2 AND \"offset\" = $3",
-                    )
-                    .bind(trigger)
-                    .bind(message.0)
-                    .bind(message.1)
-                    .fetch_one(&pool)
-                    .await
-                    .unwrap();
-                    // Until the worker has recorded the 202 the work order is
-                    // still in delivery (UNAVAILABLE) or pending (FAILED_PRECONDITION).
+                    // The id is known from the message alone; until the worker
+                    // has recorded the 202 the work order does not exist yet
+                    // (NOT_FOUND), is still in delivery (UNAVAILABLE) or pending
+                    // (FAILED_PRECONDITION).
+                    let _ = &pool;
+                    let id = work_order_id(trigger, TOPIC, message.0, message.1);
                     wait_for("CompleteWorkOrder accepted", WAIT, || {
                         let (mut client, probe) = (client.clone(), probe.clone());
                         async move {
@@ -136,7 +133,9 @@ async fn run_randomized(seed: u64) -> (usize, usize) {
                                 Err(status)
                                     if matches!(
                                         status.code(),
-                                        tonic::Code::Unavailable | tonic::Code::FailedPrecondition
+                                        tonic::Code::Unavailable
+                                            | tonic::Code::FailedPrecondition
+                                            | tonic::Code::NotFound
                                     ) =>
                                 {
                                     None
@@ -210,27 +209,46 @@ async fn lock_of(pool: &PgPool, set: i64) -> Option<Uuid> {
     sqlx::query_scalar("SELECT lock_id FROM message_sets WHERE id = $1").bind(set).fetch_one(pool).await.unwrap()
 }
 
-/// `claimers` tasks claim `set` at the same moment; returns the winners' locks.
-async fn claim_all_at_once(pool: &PgPool, set: i64, claimers: usize) -> Vec<(Uuid, ClaimedSet)> {
+fn room(trigger: Uuid, sets: i32, lease_secs: f64) -> [Room; 1] {
+    [Room { trigger_id: trigger, sets, lease_secs }]
+}
+
+/// `claimers` tasks claim from `trigger` at the same moment, one set each;
+/// returns the (set, lock) pairs they won.
+async fn claim_all_at_once(pool: &PgPool, trigger: Uuid, claimers: usize) -> Vec<(i64, Uuid)> {
     let barrier = Arc::new(Barrier::new(claimers));
     let mut tasks = JoinSet::new();
     for _ in 0..claimers {
         let (pool, barrier) = (pool.clone(), barrier.clone());
         tasks.spawn(async move {
-            let lock = Uuid::now_v7();
             barrier.wait().await;
-            match store::claim(&pool, set, lock, 30.0).await.unwrap() {
-                Ok(claimed) => Some((lock, claimed)),
-                Err(Unclaimable::Busy) => None,
-                Err(other) => panic!("set {set}: unexpected {other:?}"),
-            }
+            grant::claim_grantable(&pool, &room(trigger, 1, 30.0), 1).await.unwrap()
         });
     }
     let mut winners = Vec::new();
     while let Some(done) = tasks.join_next().await {
-        winners.extend(done.unwrap());
+        winners.extend(done.unwrap().into_iter().map(|c| (c.set_id, c.lock_id)));
     }
     winners
+}
+
+fn posted(set: i64, lock: Uuid, trigger: Uuid, key: &str, offset: i64, attempt: Attempt) -> Posted {
+    Posted {
+        set_id: set,
+        lock_id: lock,
+        trigger_id: trigger,
+        topic: "race".into(),
+        set_key: Some(key.as_bytes().to_vec()),
+        partition: 0,
+        offset,
+        body: "{}".into(),
+        attempt,
+    }
+}
+
+fn success(set: i64, lock: Uuid, trigger: Uuid, key: &str, offset: i64) -> Success {
+    let attempt = Attempt { at: Utc::now(), ms: 1, outcome: "success", error: None };
+    Success { posted: posted(set, lock, trigger, key, offset, attempt), keep: true }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -245,35 +263,36 @@ async fn test_two_claimers_never_get_the_same_set() {
     .await
     .unwrap();
 
-    // 1. Many claimers, each claiming, holding a moment and releasing, over
-    //    the same few sets: a set is never held by two at once.
+    // 1. Many claimers (schedulers), each claiming a few sets, holding them a
+    //    moment and releasing them, over the same few sets: a set is never
+    //    held by two at once.
     let held: Arc<Vec<AtomicBool>> = Arc::new(sets.iter().map(|_| AtomicBool::new(false)).collect());
     let wins: Arc<Vec<AtomicUsize>> = Arc::new(sets.iter().map(|_| AtomicUsize::new(0)).collect());
-    let busy = Arc::new(AtomicUsize::new(0));
+    let empty = Arc::new(AtomicUsize::new(0));
     let mut tasks = JoinSet::new();
     for task in 0..16u64 {
-        let (pool, sets, held, wins, busy) = (pool.clone(), sets.clone(), held.clone(), wins.clone(), busy.clone());
+        let (pool, sets, held, wins, empty) = (pool.clone(), sets.clone(), held.clone(), wins.clone(), empty.clone());
         tasks.spawn(async move {
             let mut rng = StdRng::seed_from_u64(task);
-            for round in 0..30 {
-                let i = (task as usize + round) % sets.len();
-                let lock = Uuid::now_v7();
-                match store::claim(&pool, sets[i], lock, 30.0).await.unwrap() {
-                    Ok(_) => {
-                        assert!(!held[i].swap(true, Ordering::SeqCst), "set {} claimed while held", sets[i]);
-                        wins[i].fetch_add(1, Ordering::SeqCst);
-                        // Work under the claim; not a synchronisation.
-                        tokio::time::sleep(Duration::from_micros(rng.gen_range(0..2_000))).await;
-                        held[i].store(false, Ordering::SeqCst);
-                        assert!(
-                            store::release_ready(&pool, sets[i], lock).await.unwrap(),
-                            "the holder's release counts"
-                        );
-                    }
-                    Err(Unclaimable::Busy) => {
-                        busy.fetch_add(1, Ordering::SeqCst);
-                    }
-                    Err(other) => panic!("unexpected {other:?}"),
+            for _ in 0..30 {
+                let claimed = grant::claim_grantable(&pool, &room(trigger, 2, 30.0), 2).await.unwrap();
+                if claimed.is_empty() {
+                    empty.fetch_add(1, Ordering::SeqCst);
+                }
+                for c in &claimed {
+                    let i = sets.iter().position(|s| *s == c.set_id).unwrap();
+                    assert!(!held[i].swap(true, Ordering::SeqCst), "set {} claimed while held", c.set_id);
+                    wins[i].fetch_add(1, Ordering::SeqCst);
+                }
+                // Work under the claims; not a synchronisation.
+                tokio::time::sleep(Duration::from_micros(rng.gen_range(0..2_000))).await;
+                for c in &claimed {
+                    let i = sets.iter().position(|s| *s == c.set_id).unwrap();
+                    held[i].store(false, Ordering::SeqCst);
+                    assert!(
+                        round::release_ready(&pool, c.set_id, c.lock_id).await.unwrap(),
+                        "the holder's release counts"
+                    );
                 }
             }
         });
@@ -282,22 +301,37 @@ async fn test_two_claimers_never_get_the_same_set() {
         done.unwrap();
     }
     let wins: Vec<usize> = wins.iter().map(|w| w.load(Ordering::SeqCst)).collect();
-    let busy = busy.load(Ordering::SeqCst);
+    let empty = empty.load(Ordering::SeqCst);
     assert!(wins.iter().all(|w| *w > 0), "every set was claimed: {wins:?}");
-    assert_eq!(wins.iter().sum::<usize>() + busy, 16 * 30);
-    assert!(busy > 0, "the claimers contended");
-    eprintln!("claims won per set {wins:?}, {busy} refused as busy");
+    assert!(empty > 0, "the claimers contended");
+    eprintln!("claims won per set {wins:?}, {empty} claims found nothing free");
 
-    // 2. All at once on one set: exactly one wins, the rest see it busy.
-    for &set in &sets {
-        let winners = claim_all_at_once(&pool, set, 12).await;
-        assert_eq!(winners.len(), 1, "set {set}: one winner");
-        assert_eq!(lock_of(&pool, set).await, Some(winners[0].0));
-        assert!(store::release_ready(&pool, set, winners[0].0).await.unwrap());
+    // 2. All at once: no set is won twice (a claimer that finds its pick
+    //    locked skips it); then claiming until nothing is left takes every
+    //    set exactly once.
+    let mut winners = claim_all_at_once(&pool, trigger, 12).await;
+    let mut won: Vec<i64> = winners.iter().map(|w| w.0).collect();
+    won.sort();
+    won.dedup();
+    assert_eq!(won.len(), winners.len(), "a set won twice: {winners:?}");
+    assert!(!winners.is_empty());
+    loop {
+        let more = grant::claim_grantable(&pool, &room(trigger, 6, 30.0), 6).await.unwrap();
+        if more.is_empty() {
+            break;
+        }
+        winners.extend(more.into_iter().map(|c| (c.set_id, c.lock_id)));
+    }
+    let mut won: Vec<i64> = winners.iter().map(|w| w.0).collect();
+    won.sort();
+    assert_eq!(won, sets, "every set once, none twice");
+    for (set, lock) in &winners {
+        assert_eq!(lock_of(&pool, *set).await, Some(*lock));
+        assert!(round::release_ready(&pool, *set, *lock).await.unwrap());
     }
 
-    // 3. An expired claim is taken over by exactly one claimer; the stale
-    //    holder's fenced writes then change nothing.
+    // 3. An expired claim is released by the janitor and claimed afresh;
+    //    the stale holder's fenced writes then change nothing.
     let set = sets[0];
     sqlx::query(
         "INSERT INTO messages (trigger_id, topic, partition, \"offset\", key, value)
@@ -307,68 +341,49 @@ async fn test_two_claimers_never_get_the_same_set() {
     .execute(&pool)
     .await
     .unwrap();
-    let stale = Uuid::now_v7();
-    let claimed = store::claim(&pool, set, stale, 0.3).await.unwrap().expect("free set");
-    assert_eq!(claim_all_at_once(&pool, set, 4).await.len(), 0, "a live claim is not taken over");
-    let wo =
-        store::create_work_order(&pool, set, stale, &claimed, 0, 100, "{}").await.unwrap().expect("work order created");
-    wait_for("the claim to expire", WAIT, || async {
-        let expired: bool = sqlx::query_scalar("SELECT lock_expires < now() FROM message_sets WHERE id = $1")
-            .bind(set)
-            .fetch_one(&pool)
-            .await
-            .ok()?;
-        expired.then_some(())
+    // Only set 0 is grantable now.
+    sqlx::query("UPDATE message_sets SET state = 'idle' WHERE id <> $1").bind(set).execute(&pool).await.unwrap();
+    let stale = grant::claim_grantable(&pool, &room(trigger, 1, 0.3), 1).await.unwrap()[0].lock_id;
+    assert_eq!(claim_all_at_once(&pool, trigger, 4).await.len(), 0, "a live claim is not claimed again");
+    let read = round::read_candidates(&pool, &[(set, stale)]).await.unwrap();
+    assert_eq!(read[0].head.position(), Some((0, 100)));
+    wait_for("the janitor to release the expired claim", WAIT, || async {
+        (grant::release_expired_claims(&pool).await.ok()? == 1).then_some(())
     })
     .await
     .unwrap();
-    let winners = claim_all_at_once(&pool, set, 12).await;
-    assert_eq!(winners.len(), 1, "one claimer takes the expired claim over");
-    let (fresh, _) = winners[0].clone();
+    assert!(round::read_candidates(&pool, &[(set, stale)]).await.unwrap().is_empty(), "a released claim reads nothing");
+    let winners = claim_all_at_once(&pool, trigger, 12).await;
+    assert_eq!(winners.len(), 1, "one claimer takes the released set");
+    let fresh = winners[0].1;
 
-    let attempt = Attempt { at: Utc::now(), ms: 1, outcome: "success", error: None };
-    let retry_at = AfterAttempt::RetryAt(Utc::now() + chrono::Duration::seconds(1));
-    assert!(!store::succeed(&pool, set, stale, 30.0, wo, &attempt).await.unwrap(), "stale succeed");
-    assert!(!store::record_attempt(&pool, set, stale, wo, &attempt, retry_at).await.unwrap(), "stale record_attempt");
-    assert!(!store::record_attempt(&pool, set, stale, wo, &attempt, AfterAttempt::Failed).await.unwrap());
-    assert!(!store::park(&pool, set, stale, AfterAttempt::Failed).await.unwrap(), "stale park");
-    assert!(!store::release_ready(&pool, set, stale).await.unwrap(), "stale release");
-    assert!(!store::finish_empty(&pool, set, stale, true, 0).await.unwrap(), "stale finish_empty");
-    assert!(!store::delete_finished_head(&pool, set, stale, &claimed, 0, 100).await.unwrap(), "stale delete");
-    assert_eq!(
-        store::create_work_order(&pool, set, stale, &claimed, 0, 101, "{}").await.unwrap(),
-        None,
-        "stale create"
-    );
-    // Nothing changed: the claim, the work order, the messages.
+    let attempt = Attempt { at: Utc::now(), ms: 1, outcome: "failure", error: Some("boom".into()) };
+    let failure = Failure { posted: posted(set, stale, trigger, "key-1", 100, attempt), after: AfterAttempt::Failed };
+    let after = round::commit_successes(&pool, &[success(set, stale, trigger, "key-1", 100)]).await.unwrap();
+    assert!(matches!(after[0].1, AfterSuccess::Lost), "stale success: {:?}", after[0].1);
+    assert!(round::record_failures(&pool, &[failure]).await.unwrap().is_empty(), "stale failure");
+    assert!(!round::park(&pool, set, stale, AfterAttempt::Failed).await.unwrap(), "stale park");
+    assert!(!round::release_ready(&pool, set, stale).await.unwrap(), "stale release");
+    assert_eq!(round::finish_empty(&pool, set, stale, true, 0).await.unwrap(), None, "stale finish_empty");
+    assert!(!round::delete_finished_head(&pool, set, stale, &read[0]).await.unwrap(), "stale delete");
+    // Nothing changed: the claim, the work orders, the messages.
     assert_eq!(lock_of(&pool, set).await, Some(fresh));
-    let (state, attempts): (String, i32) = sqlx::query_as("SELECT state, attempts FROM work_orders WHERE id = $1")
-        .bind(wo)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert_eq!((state.as_str(), attempts), ("pending", 0));
-    assert_eq!(count(&pool, "SELECT count(*) FROM work_orders").await, 1);
+    assert_eq!(count(&pool, "SELECT count(*) FROM work_orders").await, 0);
     assert_eq!(count(&pool, "SELECT count(*) FROM messages").await, 2);
-    assert_eq!(count(&pool, "SELECT count(*) FROM message_sets WHERE state = 'ready'").await, sets.len() as i64);
-    // The new holder's writes do count.
-    assert!(store::succeed(&pool, set, fresh, 30.0, wo, &attempt).await.unwrap());
+    assert_eq!(count(&pool, "SELECT count(*) FROM events").await, 0);
+    // The new holder's writes do count, and hand it the next candidate.
+    let after = round::commit_successes(&pool, &[success(set, fresh, trigger, "key-1", 100)]).await.unwrap();
+    match &after[0].1 {
+        AfterSuccess::Next(c) => assert_eq!(c.head.position(), Some((0, 101))),
+        other => panic!("expected the next candidate, got {other:?}"),
+    }
     assert_eq!(count(&pool, "SELECT count(*) FROM messages").await, 1);
-    assert!(store::release_ready(&pool, set, fresh).await.unwrap());
-
-    // 4. The janitor's release of an expired claim fences the old holder too.
-    let set = sets[1];
-    let gone = Uuid::now_v7();
-    store::claim(&pool, set, gone, 0.2).await.unwrap().expect("free set");
-    let released = wait_for("the janitor to release the expired claim", WAIT, || async {
-        let released = kt_control_plane::scheduler::store::release_expired_claims(&pool).await.ok()?;
-        (!released.is_empty()).then_some(released)
-    })
-    .await
-    .unwrap();
-    assert_eq!(released, vec![(set, trigger)]);
-    assert!(!store::release_ready(&pool, set, gone).await.unwrap());
-    assert!(!store::park(&pool, set, gone, AfterAttempt::Failed).await.unwrap());
+    let wo: (Uuid, String, i32) =
+        sqlx::query_as("SELECT id, state, attempts FROM work_orders").fetch_one(&pool).await.unwrap();
+    assert_eq!(wo, (work_order_id(trigger, "race", 0, 100), "success".to_owned(), 1));
+    // Its last message: released idle.
+    let after = round::commit_successes(&pool, &[success(set, fresh, trigger, "key-1", 101)]).await.unwrap();
+    assert!(matches!(after[0].1, AfterSuccess::Released(SetState::Idle)), "{:?}", after[0].1);
     assert_eq!(lock_of(&pool, set).await, None);
 }
 
@@ -508,14 +523,12 @@ fn test_invariant_checks_catch_violations() {
 
 // ---------------------------------------------------------------------------
 
-/// Pins a bug in the scheduler model (control-plane/src/scheduler/model.rs):
-/// a worker finds its set empty and marks it idle; before its `Idle` outcome
-/// reaches the control plane, a message arrives, ingest wakes the set
-/// (ready, not queued) and notifies; the scheduler takes it (queued) while it
-/// still counts the set in flight, so `push_ready` dropped it; then the
-/// outcome came and nothing queued the set again: ready, queued, never
-/// granted — stranded until the control plane restarts. Seen as a rare hang
-/// of `test_randomized_interleavings_keep_order_and_exactly_once`.
+/// A worker finds its set empty and marks it idle; before its `Idle`
+/// outcome reaches the control plane, a message arrives, ingest wakes the
+/// set and notifies. The set must be granted again once the outcome is in
+/// (the control plane's memory holds no copy of readiness that could
+/// disagree). Pinned a bug of the earlier in-memory ready queue, seen as a
+/// rare hang of `test_randomized_interleavings_keep_order_and_exactly_once`.
 #[tokio::test]
 async fn test_a_message_arriving_as_its_set_goes_idle_is_not_stranded() {
     use kt_control_plane::scheduler::Scheduler;
@@ -544,46 +557,27 @@ async fn test_a_message_arriving_as_its_set_goes_idle_is_not_stranded() {
     scheduler.credit(session, 1).await;
     let granted = tokio::time::timeout(WAIT, grants.recv()).await.expect("a grant").unwrap();
     assert_eq!(granted.sets[0].set_id, set);
+    let lock = Uuid::parse_str(&granted.sets[0].lock_id).unwrap();
 
     // The worker drains the set: its one message is delivered and deleted,
     // the set found empty and marked idle.
-    let lock = Uuid::now_v7();
-    let claimed = store::claim(&pool, set, lock, 30.0).await.unwrap().expect("granted set is free");
+    let read = round::read_candidates(&pool, &[(set, lock)]).await.unwrap();
     sqlx::query("DELETE FROM messages").execute(&pool).await.unwrap();
-    let head = store::head(&pool, set, &claimed).await.unwrap().unwrap();
-    assert!(store::finish_empty(&pool, set, lock, true, head.ingest_seq).await.unwrap());
+    assert_eq!(round::finish_empty(&pool, set, lock, true, read[0].ingest_seq).await.unwrap(), Some(SetState::Idle));
 
     // Before the worker's outcome is in, a message arrives: what ingest does
-    // (data-plane/src/store/batch.rs, `keyed_sets`), then its NOTIFY.
+    // (kt_common::dispatch::announce), then its NOTIFY.
     sqlx::query("INSERT INTO messages (trigger_id, topic, partition, \"offset\", key, value) VALUES ($1, 'race', 0, 1, 'k', '{}')")
         .bind(trigger)
         .execute(&pool)
         .await
         .unwrap();
-    sqlx::query(
-        "UPDATE message_sets SET ingest_seq = ingest_seq + 1,
-                state = CASE WHEN state = 'idle' THEN 'ready' ELSE state END,
-                queued = CASE WHEN state = 'idle' THEN false ELSE queued END
-          WHERE id = $1",
-    )
-    .bind(set)
-    .execute(&pool)
-    .await
-    .unwrap();
-    sqlx::query("SELECT pg_notify('kt_sets', $1)").bind(trigger.to_string()).execute(&pool).await.unwrap();
-    wait_for("the scheduler to take the woken set", WAIT, || async {
-        let queued: bool = sqlx::query_scalar("SELECT queued FROM message_sets WHERE id = $1")
-            .bind(set)
-            .fetch_one(&pool)
-            .await
-            .ok()?;
-        queued.then_some(())
-    })
-    .await
-    .unwrap();
-    // A round trip through the scheduler task, so the take is handled first.
+    let mut tx = pool.begin().await.unwrap();
+    kt_common::dispatch::announce::announce_stored(&mut tx, trigger, "race", true).await.unwrap();
+    tx.commit().await.unwrap();
+    // No credit until the outcome: nothing is granted meanwhile.
     let stats = scheduler.stats().await;
-    assert_eq!(stats.in_flight, 1, "the set is still in flight when it is announced again");
+    assert_eq!((stats.in_flight, stats.credits), (1, 0), "the set is still in flight when it is announced again");
 
     // The worker's outcome: the set was empty when it looked.
     let idle = SetOutcome {
@@ -593,17 +587,120 @@ async fn test_a_message_arriving_as_its_set_goes_idle_is_not_stranded() {
         retry_at_unix_ms: 0,
     };
     scheduler.outcomes(session, vec![idle]).await;
-    // The set holds a message and is ready: it must be granted again (well
-    // within two sweeps; the sweep skips it since it is marked queued).
     let again = tokio::time::timeout(Duration::from_secs(5), grants.recv()).await;
-    let state: (String, bool) = sqlx::query_as("SELECT state, queued FROM message_sets WHERE id = $1")
-        .bind(set)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let state: String =
+        sqlx::query_scalar("SELECT state FROM message_sets WHERE id = $1").bind(set).fetch_one(&pool).await.unwrap();
     assert!(
         matches!(&again, Ok(Some(g)) if g.sets.iter().any(|s| s.set_id == set)),
-        "set {set} ({state:?}, 1 message) was never granted again: stranded"
+        "set {set} ({state}, 1 message) was never granted again: stranded"
     );
     shutdown.cancel();
+}
+
+/// One group commit over a mixed round (DESIGN §3, "Dispatch at speed"):
+/// sets that succeed and go on, succeed and go idle, succeed while a new
+/// message arrived mid-round, fail (retry later), and one whose claim was
+/// lost — each gets its own outcome, and the lost one writes nothing.
+#[tokio::test]
+async fn test_a_mixed_round_commits_each_set_by_its_outcome() {
+    let (_db, pool, trigger) = race_db().await;
+    // key -> offsets stored before the round.
+    let keys: [(&str, &[i64]); 5] = [("a", &[1]), ("b", &[10]), ("c", &[20]), ("d", &[30]), ("e", &[40, 41])];
+    for (key, offsets) in keys {
+        for offset in offsets {
+            sqlx::query("INSERT INTO messages (trigger_id, topic, partition, \"offset\", key, value) VALUES ($1, 'race', 0, $2, $3, '{}')")
+                .bind(trigger)
+                .bind(offset)
+                .bind(key.as_bytes())
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+    }
+    let mut tx = pool.begin().await.unwrap();
+    kt_common::dispatch::announce::announce_stored(&mut tx, trigger, "race", true).await.unwrap();
+    tx.commit().await.unwrap();
+    let claimed = grant::claim_grantable(&pool, &room(trigger, 10, 30.0), 10).await.unwrap();
+    assert_eq!(claimed.len(), 5);
+    let claims: Vec<(i64, Uuid)> = claimed.iter().map(|c| (c.set_id, c.lock_id)).collect();
+    let read = round::read_candidates(&pool, &claims).await.unwrap();
+    let by_key = |k: &str| read.iter().find(|c| c.set_key.as_deref() == Some(k.as_bytes())).unwrap().clone();
+    let (a, b, c, d, e) = (by_key("a"), by_key("b"), by_key("c"), by_key("d"), by_key("e"));
+
+    // Mid-round: c's claim is taken over; a new message of `a` arrives.
+    sqlx::query("UPDATE message_sets SET lock_id = gen_random_uuid() WHERE id = $1")
+        .bind(c.set_id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO messages (trigger_id, topic, partition, \"offset\", key, value) VALUES ($1, 'race', 0, 2, 'a', '{}')")
+        .bind(trigger)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    kt_common::dispatch::announce::announce_stored(&mut tx, trigger, "race", true).await.unwrap();
+    tx.commit().await.unwrap();
+
+    let ok = |cand: &kt_common::dispatch::Candidate, keep: bool| {
+        let (partition, offset) = cand.head.position().unwrap();
+        let key = String::from_utf8(cand.set_key.clone().unwrap()).unwrap();
+        let mut s = success(cand.set_id, cand.lock_id, trigger, &key, offset);
+        s.posted.partition = partition;
+        s.keep = keep;
+        s
+    };
+    let retry_at = Utc::now() + chrono::Duration::seconds(30);
+    let attempt = Attempt { at: Utc::now(), ms: 1, outcome: "failure", error: Some("HTTP 503".into()) };
+    let failure = Failure {
+        posted: posted(b.set_id, b.lock_id, trigger, "b", 10, attempt),
+        after: AfterAttempt::RetryAt(retry_at),
+    };
+    let mut tx = pool.begin().await.unwrap();
+    let after =
+        round::commit_successes(&mut *tx, &[ok(&a, false), ok(&c, true), ok(&d, false), ok(&e, true)]).await.unwrap();
+    let failed = round::record_failures(&mut *tx, &[failure]).await.unwrap();
+    tx.commit().await.unwrap();
+
+    assert!(matches!(after[0].1, AfterSuccess::Released(SetState::Ready)), "a: more arrived: {:?}", after[0].1);
+    assert!(matches!(after[1].1, AfterSuccess::Lost), "c: {:?}", after[1].1);
+    assert!(matches!(after[2].1, AfterSuccess::Released(SetState::Idle)), "d: {:?}", after[2].1);
+    match &after[3].1 {
+        AfterSuccess::Next(next) => assert_eq!(next.head.position(), Some((0, 41)), "e goes on with its next message"),
+        other => panic!("e: {other:?}"),
+    }
+    assert_eq!(failed, [b.set_id]);
+
+    let sets: Vec<(String, String, bool, bool)> = sqlx::query_as(
+        "SELECT convert_from(key, 'UTF8'), state, lock_id IS NOT NULL, retry_at IS NOT NULL FROM message_sets ORDER BY key",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let expect = [
+        ("a", "ready", false, false),
+        ("b", "waiting", false, true),
+        ("c", "ready", true, false),
+        ("d", "idle", false, false),
+        ("e", "ready", true, false),
+    ];
+    let expect: Vec<(String, String, bool, bool)> =
+        expect.iter().map(|(k, s, l, r)| (k.to_string(), s.to_string(), *l, *r)).collect();
+    assert_eq!(sets, expect);
+    let wos: Vec<(i64, String, i32)> =
+        sqlx::query_as("SELECT \"offset\", state, attempts FROM work_orders ORDER BY \"offset\"")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        wos,
+        [(1, "success".into(), 1), (10, "pending".into(), 1), (30, "success".into(), 1), (40, "success".into(), 1)],
+        "no work order for the lost set c"
+    );
+    let stored: Vec<i64> =
+        sqlx::query_scalar("SELECT \"offset\" FROM messages ORDER BY \"offset\"").fetch_all(&pool).await.unwrap();
+    assert_eq!(stored, [2, 10, 20, 41]);
+    let events: Vec<String> =
+        sqlx::query_scalar("SELECT kind FROM events ORDER BY kind").fetch_all(&pool).await.unwrap();
+    assert_eq!(events, ["work_order_created", "work_order_succeeded", "work_order_succeeded", "work_order_succeeded"]);
 }

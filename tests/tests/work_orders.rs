@@ -207,3 +207,54 @@ async fn test_retry_after_is_honoured_and_accepted_work_orders_wait_for_completi
     assert_eq!(last.body["encoding"], "base64", "non-JSON values arrive base64: {}", last.body);
     assert_eq!(last.body["data"], "bm90IGpzb24=");
 }
+
+#[tokio::test]
+async fn test_retention_removes_only_old_finished_work_orders_in_chunks() {
+    let db = TestDb::create().await.unwrap();
+    let pool = db.pool().await.unwrap();
+    kt_common::db::migrate(&pool).await.unwrap();
+    let trigger = uuid::Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO triggers (id, name, enabled, generation, group_id, spec) VALUES ($1, 'r', true, 1, 'r', '{}')",
+    )
+    .bind(trigger)
+    .execute(&pool)
+    .await
+    .unwrap();
+    // 5 old successes, 2 old skipped, 1 old failed, 1 old pending, 3 recent successes.
+    let rows = [("success", 48, 5), ("skipped", 48, 2), ("failed", 48, 1), ("pending", 48, 1), ("success", 0, 3)];
+    let mut offset = 0i64;
+    for (state, hours_ago, n) in rows {
+        for _ in 0..n {
+            offset += 1;
+            sqlx::query(
+                "INSERT INTO work_orders (id, trigger_id, set_id, topic, partition, \"offset\", state, body, updated_at)
+                 VALUES ($1, $2, 1, 't', 0, $3, $4, '{}', now() - make_interval(hours => $5))",
+            )
+            .bind(kt_common::dispatch::work_order_id(trigger, "t", 0, offset))
+            .bind(trigger)
+            .bind(offset)
+            .bind(state)
+            .bind(hours_ago)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+    }
+    let day = Duration::from_secs(24 * 3600);
+    // Chunks of 2: the 7 old finished ones take four statements.
+    let removed = kt_control_plane::retention::remove_finished_work_orders(&pool, day, 2).await.unwrap();
+    assert_eq!(removed, 7);
+    let left: Vec<(String, bool)> =
+        sqlx::query_as("SELECT state, updated_at < now() - interval '1 day' FROM work_orders ORDER BY \"offset\"")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    let expected: Vec<(String, bool)> =
+        [("failed", true), ("pending", true), ("success", false), ("success", false), ("success", false)]
+            .into_iter()
+            .map(|(s, old)| (s.to_owned(), old))
+            .collect();
+    assert_eq!(left, expected);
+    assert_eq!(kt_control_plane::retention::remove_finished_work_orders(&pool, day, 2).await.unwrap(), 0);
+}

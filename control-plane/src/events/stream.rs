@@ -88,25 +88,6 @@ pub async fn current(pool: &PgPool) -> Result<Cursor, sqlx::Error> {
     Ok(Cursor { tx: (tx as u64).saturating_sub(1), id: i64::MAX })
 }
 
-/// Deletes events older than `retention`, in bounded chunks.
-pub async fn cleanup(pool: &PgPool, retention: Duration) -> Result<u64, sqlx::Error> {
-    let mut total = 0;
-    loop {
-        let n = sqlx::query(
-            "DELETE FROM events WHERE id IN (
-                SELECT id FROM events WHERE created_at < now() - make_interval(secs => $1) LIMIT 10000)",
-        )
-        .bind(retention.as_secs_f64())
-        .execute(pool)
-        .await?
-        .rows_affected();
-        total += n;
-        if n < 10_000 {
-            return Ok(total);
-        }
-    }
-}
-
 /// Shares committed events with every subscriber.
 #[derive(Clone)]
 pub struct EventHub {
@@ -115,13 +96,12 @@ pub struct EventHub {
 }
 
 impl EventHub {
-    /// Starts the tail (and the retention cleanup) until `shutdown`.
-    pub async fn start(pool: PgPool, retention: Duration, shutdown: CancellationToken) -> Result<Self, sqlx::Error> {
+    /// Starts the tail until `shutdown`.
+    pub async fn start(pool: PgPool, shutdown: CancellationToken) -> Result<Self, sqlx::Error> {
         let (tx, _) = broadcast::channel(BROADCAST_CAPACITY);
         let hub = EventHub { pool: pool.clone(), tx };
         let start = current(&pool).await?;
         tokio::spawn(hub.clone().tail(start, shutdown.clone()));
-        tokio::spawn(retain(pool, retention, shutdown));
         Ok(hub)
     }
 
@@ -165,20 +145,6 @@ impl EventHub {
                     }
                 }
             }
-        }
-    }
-}
-
-async fn retain(pool: PgPool, retention: Duration, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(Duration::from_secs(600));
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => match cleanup(&pool, retention).await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(deleted = n, "old events removed"),
-                Err(error) => tracing::warn!(%error, "event retention cleanup failed"),
-            },
         }
     }
 }

@@ -1,23 +1,38 @@
-//! The candidate-set server. One task owns the [`Model`] (ready sets, grants,
-//! credits); worker streams, the Postgres listener and the janitor talk to it
-//! over a bounded channel. Ready sets come from `message_sets` rows that
-//! ingest marks ready and announces with `NOTIFY kt_sets`, from worker
-//! outcomes, from retry timers and from operator actions — never from a scan
-//! of stored messages.
+//! The candidate-set server: grants ready message sets to the workers of the
+//! nodes that asked for work.
+//!
+//! How a set becomes ready, who grants it, how a lost wake-up is recovered:
+//!
+//! - **Ready** is a fact of `message_sets` only (`kt_common::dispatch`):
+//!   unclaimed and `ready`, or `waiting` with a retry time that has passed.
+//!   Ingest, a worker that releases a set, an operator action and
+//!   `CompleteWorkOrder` make sets ready by writing that row.
+//! - **Grants**: one task owns the [`Model`] (sessions, credits, grants,
+//!   per-trigger in-flight counts). Whenever it has credit and something
+//!   may have changed, it *fills*: one statement claims up to that many
+//!   grantable sets through their partial indexes (a lock id and a lease per
+//!   set, triggers taken in turn) and the task hands them to the sessions
+//!   with the most credit. Nothing in memory says which sets are ready.
+//! - **Wake-ups** only say "fill now": `NOTIFY kt_sets` from ingest, worker
+//!   outcomes (credit came back), operator actions, the earliest retry time
+//!   reported by an outcome, and a one-second tick. The tick is the one
+//!   recovery mechanism: a notification lost while the listener
+//!   reconnected, a retry time this replica never heard of, a claim that
+//!   expired (released by the janitor on the same tick) — each is found by
+//!   the next fill, within a second.
 
 pub mod model;
-pub mod store;
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use futures::StreamExt as _;
+use kt_common::dispatch::{self, grant};
 use kt_proto::internal::{SetGrant, SetOutcome, SetOutcomeKind, WorkGrant};
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tokio_util::time::DelayQueue;
 use uuid::Uuid;
 
 pub use model::{Model, SessionId, SetId, TriggerId};
@@ -27,38 +42,62 @@ use crate::triggers::TriggerService;
 /// Commands queued towards the scheduler task.
 const COMMAND_CAPACITY: usize = 4_096;
 /// Grant messages queued towards one worker session; a session this far
-/// behind is dropped and its sets re-granted.
+/// behind is dropped and its unsent grants given back.
 pub const GRANT_CAPACITY: usize = 256;
 /// Postgres channel ingest notifies (payload: trigger id) when sets became ready.
-pub const NOTIFY_CHANNEL: &str = "kt_sets";
-/// How often the janitor releases expired claims and the sweeper takes ready
-/// sets a lost notification left behind.
-const SWEEP_INTERVAL: Duration = Duration::from_secs(2);
-/// Back-off before re-granting a set another worker holds.
-const BUSY_DELAY: Duration = Duration::from_millis(250);
-/// Back-off before re-granting a set whose worker could not reach the database.
-const RETRY_DELAY: Duration = Duration::from_secs(1);
-/// In-flight limit of a trigger whose configuration is not loaded yet.
-const DEFAULT_LIMIT: u32 = 100;
+pub const NOTIFY_CHANNEL: &str = dispatch::SETS_CHANNEL;
+/// The recovery tick: fill, release expired claims, publish gauges.
+const TICK: Duration = Duration::from_secs(1);
+/// Gauges are read from the database this often (they count rows).
+const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
+/// Added to a trigger's webhook timeout for the lease of a granted claim:
+/// the worker reads the set, then delivers for at most its time slice plus
+/// one POST before it releases the set.
+const LEASE_SLACK_SECS: f64 = 30.0;
 
 enum Command {
-    Join { session: SessionId, node_id: String, grants: mpsc::Sender<WorkGrant> },
-    Leave { session: SessionId },
-    Credit { session: SessionId, sets: u32 },
-    Outcomes { session: SessionId, outcomes: Vec<SetOutcome> },
-    Ready { sets: Vec<(SetId, TriggerId)> },
-    Reclaimed { sets: Vec<(SetId, TriggerId)> },
-    Limits { limits: Vec<(TriggerId, u32)>, removed: Vec<TriggerId> },
-    Stats { reply: oneshot::Sender<Stats> },
+    Join {
+        session: SessionId,
+        node_id: String,
+        grants: mpsc::Sender<WorkGrant>,
+    },
+    Leave {
+        session: SessionId,
+    },
+    Credit {
+        session: SessionId,
+        sets: u32,
+    },
+    Outcomes {
+        session: SessionId,
+        outcomes: Vec<SetOutcome>,
+    },
+    /// Something may have become ready.
+    Wake,
+    Limits {
+        limits: Vec<TriggerLimit>,
+        removed: Vec<TriggerId>,
+    },
+    Stats {
+        reply: oneshot::Sender<Stats>,
+    },
+}
+
+/// What the scheduler needs of a trigger's configuration.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TriggerLimit {
+    pub trigger: TriggerId,
+    /// `tuning.max_in_flight`, 0 while disabled.
+    pub max_in_flight: u32,
+    pub lease_secs: f64,
 }
 
 /// A snapshot for status and metrics.
 #[derive(Debug, Clone, Default)]
 pub struct Stats {
-    pub ready: usize,
     pub in_flight: usize,
-    pub delayed: usize,
     pub sessions: usize,
+    pub credits: u32,
 }
 
 /// Handle to the scheduler task.
@@ -72,17 +111,16 @@ impl Scheduler {
     pub async fn start(pool: PgPool, triggers: TriggerService, shutdown: CancellationToken) -> anyhow::Result<Self> {
         let (tx, rx) = mpsc::channel(COMMAND_CAPACITY);
         let scheduler = Scheduler { tx };
-        // Nothing is queued in memory yet: every ready set is taken afresh.
-        store::reset_queued(&pool).await?;
-        let mut delays = DelayQueue::new();
-        let now = chrono::Utc::now();
-        for (set, trigger, at) in store::waiting_retries(&pool).await? {
-            let wait = (at - now).to_std().unwrap_or_default();
-            delays.insert((set, trigger), wait);
-        }
-        let task = SchedulerTask { model: Model::new(DEFAULT_LIMIT), sessions: HashMap::new(), delays };
+        let task = SchedulerTask {
+            model: Model::new(),
+            sessions: HashMap::new(),
+            leases: HashMap::new(),
+            pool: pool.clone(),
+            dirty: true,
+            next_retry: None,
+        };
         tokio::spawn(task.run(rx, shutdown.clone()));
-        tokio::spawn(feed(pool.clone(), scheduler.clone(), shutdown.clone()));
+        tokio::spawn(listen_and_sweep(pool.clone(), scheduler.clone(), shutdown.clone()));
         tokio::spawn(watch_limits(pool, triggers, scheduler.clone(), shutdown));
         Ok(scheduler)
     }
@@ -108,9 +146,9 @@ impl Scheduler {
         self.send(Command::Outcomes { session, outcomes }).await;
     }
 
-    /// Queues sets an operator action or an external completion made ready.
-    pub async fn ready(&self, sets: Vec<(SetId, TriggerId)>) {
-        self.send(Command::Ready { sets }).await;
+    /// Sets may have become ready (an operator action, a completion): fill.
+    pub async fn wake(&self) {
+        self.send(Command::Wake).await;
     }
 
     pub async fn stats(&self) -> Stats {
@@ -128,24 +166,41 @@ struct SessionHandle {
 struct SchedulerTask {
     model: Model,
     sessions: HashMap<SessionId, SessionHandle>,
-    delays: DelayQueue<(SetId, TriggerId)>,
+    leases: HashMap<TriggerId, f64>,
+    pool: PgPool,
+    /// Something may be grantable that was not when we last filled.
+    dirty: bool,
+    /// The earliest retry time an outcome reported: a wake-up, not a record.
+    next_retry: Option<Instant>,
 }
 
 impl SchedulerTask {
     async fn run(mut self, mut rx: mpsc::Receiver<Command>, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let retry = self.next_retry;
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 cmd = rx.recv() => match cmd {
-                    Some(cmd) => self.handle(cmd),
+                    Some(cmd) => {
+                        self.handle(cmd);
+                        // Everything already queued, before one fill for all of it.
+                        while let Ok(cmd) = rx.try_recv() {
+                            self.handle(cmd);
+                        }
+                    }
                     None => break,
                 },
-                Some(expired) = self.delays.next(), if !self.delays.is_empty() => {
-                    let (set, trigger) = expired.into_inner();
-                    self.model.push_ready(set, trigger);
+                _ = tokio::time::sleep_until(retry.unwrap_or_else(Instant::now)), if retry.is_some() => {
+                    self.next_retry = None;
+                    self.dirty = true;
                 }
+                _ = tick.tick() => self.dirty = true,
             }
-            self.dispatch();
+            if self.dirty {
+                self.fill().await;
+            }
         }
     }
 
@@ -157,108 +212,126 @@ impl SchedulerTask {
                 self.sessions.insert(session, SessionHandle { node_id, grants });
             }
             Command::Leave { session } => self.drop_session(session, "stream ended"),
-            Command::Credit { session, sets } => self.model.add_credits(session, sets),
+            Command::Credit { session, sets } => {
+                self.model.add_credits(session, sets);
+                self.dirty = true;
+            }
             Command::Outcomes { session, outcomes } => {
                 for outcome in outcomes {
                     self.on_outcome(session, outcome);
                 }
+                self.dirty = true;
             }
-            Command::Ready { sets } => {
-                for (set, trigger) in sets {
-                    self.model.push_ready(set, trigger);
-                }
-            }
-            Command::Reclaimed { sets } => {
-                for (set, trigger) in sets {
-                    // A claim that expired: whoever held it is gone or hung.
-                    self.model.reclaim(set, trigger);
-                }
-            }
+            Command::Wake => self.dirty = true,
             Command::Limits { limits, removed } => {
-                for (trigger, limit) in limits {
-                    self.model.set_limit(trigger, limit);
+                for l in limits {
+                    self.model.set_limit(l.trigger, l.max_in_flight);
+                    self.leases.insert(l.trigger, l.lease_secs);
                 }
                 for trigger in removed {
                     self.model.forget_trigger(trigger);
+                    self.leases.remove(&trigger);
                 }
+                self.dirty = true;
             }
             Command::Stats { reply } => {
                 let _ = reply.send(Stats {
-                    ready: self.model.ready_len(),
                     in_flight: self.model.in_flight_len(),
-                    delayed: self.delays.len(),
-                    sessions: self.sessions.len(),
+                    sessions: self.model.sessions_len(),
+                    credits: self.model.credits(),
                 });
             }
         }
     }
 
     fn on_outcome(&mut self, session: SessionId, outcome: SetOutcome) {
-        let Some(trigger) = self.model.complete(session, outcome.set_id) else {
+        if self.model.complete(session, outcome.set_id).is_none() {
             return;
-        };
-        let set = outcome.set_id;
-        match SetOutcomeKind::try_from(outcome.kind).unwrap_or(SetOutcomeKind::Unspecified) {
-            SetOutcomeKind::Ready => {
-                self.model.push_ready(set, trigger);
-            }
-            SetOutcomeKind::Waiting if outcome.retry_at_unix_ms > 0 => {
-                let wait = outcome.retry_at_unix_ms - chrono::Utc::now().timestamp_millis();
-                self.delays.insert((set, trigger), Duration::from_millis(wait.max(0) as u64));
-            }
-            SetOutcomeKind::Busy => {
-                self.delays.insert((set, trigger), BUSY_DELAY);
-            }
-            SetOutcomeKind::Retry | SetOutcomeKind::Unspecified => {
-                self.delays.insert((set, trigger), RETRY_DELAY);
-            }
-            // Idle, blocked, gone, or waiting for CompleteWorkOrder: nothing
-            // to do until ingest, an operator or a completion makes it ready.
-            SetOutcomeKind::Idle | SetOutcomeKind::Blocked | SetOutcomeKind::Gone | SetOutcomeKind::Waiting => {}
+        }
+        let kind = SetOutcomeKind::try_from(outcome.kind).unwrap_or(SetOutcomeKind::Unspecified);
+        if kind == SetOutcomeKind::Waiting && outcome.retry_at_unix_ms > 0 {
+            let wait = (outcome.retry_at_unix_ms - chrono::Utc::now().timestamp_millis()).max(0) as u64;
+            let at = Instant::now() + Duration::from_millis(wait);
+            self.next_retry = Some(self.next_retry.map_or(at, |t| t.min(at)));
         }
     }
 
-    fn dispatch(&mut self) {
-        let grants = self.model.dispatch();
-        if grants.is_empty() {
+    /// Claims grantable sets for the credit there is and hands them out.
+    async fn fill(&mut self) {
+        self.dirty = false;
+        let rooms: Vec<grant::Room> = self
+            .model
+            .rooms()
+            .into_iter()
+            .map(|(trigger_id, sets)| grant::Room {
+                trigger_id,
+                sets: sets.min(i32::MAX as u32) as i32,
+                lease_secs: self.leases.get(&trigger_id).copied().unwrap_or(LEASE_SLACK_SECS),
+            })
+            .collect();
+        if rooms.is_empty() {
             return;
         }
+        let credits = i64::from(self.model.credits());
+        let claimed = match grant::claim_grantable(&self.pool, &rooms, credits).await {
+            Ok(claimed) => claimed,
+            Err(error) => {
+                // The next tick tries again.
+                tracing::warn!(%error, "cannot claim ready sets");
+                return;
+            }
+        };
+        if claimed.is_empty() {
+            return;
+        }
+        let locks: HashMap<SetId, Uuid> = claimed.iter().map(|c| (c.set_id, c.lock_id)).collect();
+        let (grants, unassigned) = self.model.assign(claimed.iter().map(|c| (c.set_id, c.trigger_id)));
+        let mut give_back: Vec<(SetId, Uuid)> = unassigned.iter().map(|s| (*s, locks[s])).collect();
         let mut per_session: HashMap<SessionId, Vec<SetGrant>> = HashMap::new();
         for g in grants {
-            per_session
-                .entry(g.session)
-                .or_default()
-                .push(SetGrant { set_id: g.set_id, trigger_id: g.trigger_id.to_string() });
+            per_session.entry(g.session).or_default().push(SetGrant {
+                set_id: g.set_id,
+                trigger_id: g.trigger_id.to_string(),
+                lock_id: locks[&g.set_id].to_string(),
+            });
         }
         for (session, sets) in per_session {
             let sent = self.sessions.get(&session).map(|s| s.grants.try_send(WorkGrant { sets }));
-            if !matches!(sent, Some(Ok(()))) {
-                self.drop_session(session, "not reading its grants");
+            match sent {
+                Some(Ok(())) => {}
+                Some(Err(mpsc::error::TrySendError::Full(w) | mpsc::error::TrySendError::Closed(w))) => {
+                    give_back.extend(w.sets.iter().map(|g| (g.set_id, locks[&g.set_id])));
+                    self.drop_session(session, "not reading its grants");
+                }
+                None => {}
             }
+        }
+        if !give_back.is_empty() {
+            if let Err(error) = grant::give_back(&self.pool, &give_back).await {
+                // They come back when their lease runs out.
+                tracing::warn!(%error, count = give_back.len(), "cannot give back unsent claims");
+            }
+            self.dirty = true;
         }
     }
 
     fn drop_session(&mut self, session: SessionId, reason: &str) {
         if let Some(handle) = self.sessions.remove(&session) {
             let orphaned = self.model.remove_session(session);
-            tracing::info!(node_id = %handle.node_id, %session, reason, requeued = orphaned.len(), "worker stream left");
+            tracing::info!(node_id = %handle.node_id, %session, reason, held = orphaned.len(), "worker stream left");
         }
     }
 }
 
-/// Feeds ready sets from Postgres: at start, on every notification, and on a
-/// periodic sweep that covers notifications lost while the listener
-/// reconnected. Janitor duty (expired claims) rides on the same sweep.
-async fn feed(pool: PgPool, scheduler: Scheduler, shutdown: CancellationToken) {
-    let mut listener = match listen(&pool).await {
-        Ok(l) => Some(l),
-        Err(error) => {
-            tracing::warn!(%error, "cannot listen for ready sets; sweeping until it can");
-            None
-        }
-    };
-    take(&pool, &scheduler, None).await;
-    let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+/// Wakes the scheduler on every notification from ingest, and runs the
+/// janitor (expired claims) and the gauges on the recovery tick.
+async fn listen_and_sweep(pool: PgPool, scheduler: Scheduler, shutdown: CancellationToken) {
+    let mut listener = listen(&pool).await.ok();
+    if listener.is_none() {
+        tracing::warn!("cannot listen for ready sets; the recovery tick finds them");
+    }
+    let mut tick = tokio::time::interval(TICK);
+    let mut gauges_at = Instant::now();
     loop {
         let notified = async {
             match listener.as_mut() {
@@ -268,34 +341,29 @@ async fn feed(pool: PgPool, scheduler: Scheduler, shutdown: CancellationToken) {
         };
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = sweep.tick() => {
-                take(&pool, &scheduler, None).await;
-                match store::overdue_retries(&pool).await {
-                    Ok(sets) if !sets.is_empty() => scheduler.send(Command::Ready { sets }).await,
-                    Ok(_) => {}
-                    Err(error) => tracing::warn!(%error, "cannot look for overdue retries"),
-                }
-                publish_gauges(&pool, &scheduler).await;
-                match store::release_expired_claims(&pool).await {
-                    Ok(sets) if !sets.is_empty() => {
-                        tracing::warn!(count = sets.len(), "released expired set claims");
-                        scheduler.send(Command::Reclaimed { sets }).await;
+            _ = tick.tick() => {
+                match grant::release_expired_claims(&pool).await {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        tracing::warn!(count = n, "released expired set claims");
+                        scheduler.wake().await;
                     }
-                    Ok(_) => {}
                     Err(error) => tracing::warn!(%error, "janitor cannot release expired claims"),
+                }
+                if gauges_at.elapsed() >= GAUGE_INTERVAL {
+                    gauges_at = Instant::now();
+                    publish_gauges(&pool, &scheduler).await;
                 }
                 if listener.is_none() {
                     listener = listen(&pool).await.ok();
+                    // Notifications may have been lost meanwhile.
+                    scheduler.wake().await;
                 }
             }
             msg = notified => match msg {
-                Ok(Some(n)) => {
-                    let trigger = Uuid::parse_str(n.payload()).ok();
-                    take(&pool, &scheduler, trigger).await;
-                }
-                // The connection dropped and was re-established by sqlx:
-                // notifications may have been lost, take everything.
-                Ok(None) => take(&pool, &scheduler, None).await,
+                // `None`: the connection dropped and sqlx re-established it;
+                // notifications may have been lost, and a fill finds them.
+                Ok(_) => scheduler.wake().await,
                 Err(error) => {
                     tracing::warn!(%error, "ready-set listener failed");
                     listener = None;
@@ -305,21 +373,27 @@ async fn feed(pool: PgPool, scheduler: Scheduler, shutdown: CancellationToken) {
     }
 }
 
-/// Scheduler and blocked-set gauges for `/metrics`.
+/// Scheduler and set gauges for `/metrics`. Counts are capped so a huge
+/// backlog costs a bounded index walk.
 async fn publish_gauges(pool: &PgPool, scheduler: &Scheduler) {
     let stats = scheduler.stats().await;
-    metrics::gauge!("kt_sets_ready").set(stats.ready as f64);
     metrics::gauge!("kt_sets_in_flight").set(stats.in_flight as f64);
-    metrics::gauge!("kt_sets_waiting_retry").set(stats.delayed as f64);
     metrics::gauge!("kt_worker_sessions").set(stats.sessions as f64);
-    let blocked: Result<(i64, Option<f64>), _> = sqlx::query_as(
-        "SELECT count(*), extract(epoch FROM now() - min(blocked_since))::float8
+    let counts: Result<(i64, i64, i64, Option<f64>), _> = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM (SELECT 1 FROM message_sets
+                                        WHERE state = 'ready' AND lock_id IS NULL LIMIT 100000) r),
+                (SELECT count(*) FROM (SELECT 1 FROM message_sets
+                                        WHERE state = 'waiting' AND retry_at IS NOT NULL AND lock_id IS NULL
+                                        LIMIT 100000) w),
+                count(*), extract(epoch FROM now() - min(blocked_since))::float8
            FROM message_sets WHERE state = 'blocked'",
     )
     .fetch_one(pool)
     .await;
-    if let Ok((count, oldest)) = blocked {
-        metrics::gauge!("kt_sets_blocked").set(count as f64);
+    if let Ok((ready, waiting, blocked, oldest)) = counts {
+        metrics::gauge!("kt_sets_ready").set(ready as f64);
+        metrics::gauge!("kt_sets_waiting_retry").set(waiting as f64);
+        metrics::gauge!("kt_sets_blocked").set(blocked as f64);
         metrics::gauge!("kt_oldest_blocked_age_seconds").set(oldest.unwrap_or(0.0));
     }
 }
@@ -330,36 +404,15 @@ async fn listen(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
     Ok(listener)
 }
 
-async fn take(pool: &PgPool, scheduler: &Scheduler, trigger: Option<Uuid>) {
-    loop {
-        match store::take_unqueued(pool, trigger).await {
-            Ok(sets) => {
-                let full = sets.len() as i64 >= store::TAKE_BATCH;
-                if !sets.is_empty() {
-                    scheduler.send(Command::Ready { sets }).await;
-                }
-                if !full {
-                    return;
-                }
-            }
-            Err(error) => {
-                tracing::warn!(%error, "cannot take ready sets");
-                return;
-            }
-        }
-    }
-}
-
-/// Keeps per-trigger in-flight limits current and forgets deleted triggers.
+/// Keeps per-trigger limits and leases current and forgets deleted triggers.
 async fn watch_limits(pool: PgPool, triggers: TriggerService, scheduler: Scheduler, shutdown: CancellationToken) {
     let mut changes = triggers.subscribe();
     let mut known: Vec<TriggerId> = Vec::new();
     loop {
-        match store::trigger_limits(&pool).await {
-            Ok(rows) => {
-                let limits: Vec<(TriggerId, u32)> = rows.into_iter().map(|(id, l)| (id, l.max(0) as u32)).collect();
-                let removed = known.iter().filter(|k| !limits.iter().any(|(id, _)| id == *k)).copied().collect();
-                known = limits.iter().map(|(id, _)| *id).collect();
+        match trigger_limits(&pool).await {
+            Ok(limits) => {
+                let removed = known.iter().filter(|k| !limits.iter().any(|l| l.trigger == **k)).copied().collect();
+                known = limits.iter().map(|l| l.trigger).collect();
                 scheduler.send(Command::Limits { limits, removed }).await;
             }
             Err(error) => tracing::warn!(%error, "cannot load trigger limits"),
@@ -369,4 +422,28 @@ async fn watch_limits(pool: PgPool, triggers: TriggerService, scheduler: Schedul
             changed = changes.changed() => if changed.is_err() { return },
         }
     }
+}
+
+/// Every trigger's in-flight limit (`tuning.max_in_flight`, 0 while
+/// disabled: its stored messages wait until it is enabled again) and claim
+/// lease (webhook timeout + slack).
+async fn trigger_limits(pool: &PgPool) -> Result<Vec<TriggerLimit>, sqlx::Error> {
+    let rows: Vec<(Uuid, bool, serde_json::Value)> =
+        sqlx::query_as("SELECT id, enabled, spec FROM triggers").fetch_all(pool).await?;
+    Ok(rows
+        .into_iter()
+        .map(|(trigger, enabled, spec)| {
+            let max_in_flight = spec["tuning"]["max_in_flight"]
+                .as_u64()
+                .map_or(kt_common::trigger::DEFAULT_MAX_IN_FLIGHT, |v| v.min(u64::from(u32::MAX)) as u32);
+            let timeout_ms = spec["webhook"]["timeout_ms"]
+                .as_u64()
+                .unwrap_or(u64::from(kt_common::trigger::DEFAULT_WEBHOOK_TIMEOUT_MS));
+            TriggerLimit {
+                trigger,
+                max_in_flight: if enabled { max_in_flight } else { 0 },
+                lease_secs: timeout_ms as f64 / 1000.0 + LEASE_SLACK_SECS,
+            }
+        })
+        .collect())
 }

@@ -1,16 +1,20 @@
-//! The candidate-set scheduler's state, as a plain data structure with no I/O
-//! so every rule is unit-tested: which sets are ready, which are granted to
-//! which worker session, how much capacity each session has, and the
-//! per-trigger in-flight limit. Ready sets are served round-robin across
-//! triggers so one trigger's backlog does not starve another.
+//! The scheduler's state, as a plain data structure with no I/O so every
+//! rule is unit-tested. It holds only what the scheduler alone knows: the
+//! worker sessions and their credits, the sets granted to each, per-trigger
+//! in-flight counts and limits. Which sets are ready is not here: that is
+//! `message_sets`, read when there is room to grant.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::HashMap;
 
 use uuid::Uuid;
 
 pub type SetId = i64;
 pub type TriggerId = Uuid;
 pub type SessionId = Uuid;
+
+/// Most credits one session can hold: a client that asks for more (a
+/// broken or greedy node) cannot take every ready set.
+pub const MAX_SESSION_CREDITS: u32 = 4_096;
 
 /// A set granted to a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,187 +27,163 @@ pub struct Grant {
 #[derive(Debug, Default)]
 struct Session {
     credits: u32,
+    /// Grants handed out so far, to spread sets evenly over sessions with
+    /// the same credit.
+    granted: u64,
 }
 
 #[derive(Debug)]
 pub struct Model {
-    /// Ready sets per trigger, in arrival order.
-    ready: HashMap<TriggerId, VecDeque<SetId>>,
-    /// Triggers with ready sets, in round-robin order.
-    rotation: VecDeque<TriggerId>,
-    /// Every set the model holds (ready or in flight), to drop duplicates.
-    known: HashSet<SetId>,
     in_flight: HashMap<SetId, (SessionId, TriggerId)>,
-    /// In-flight sets announced ready again (ingest woke them, a completion
-    /// made them ready): their worker's outcome may predate the news (it
-    /// found the set empty just before a message arrived), so they are
-    /// queued again when it comes back, whatever it says.
-    rewake: HashSet<SetId>,
     in_flight_per_trigger: HashMap<TriggerId, u32>,
     limits: HashMap<TriggerId, u32>,
-    default_limit: u32,
     sessions: HashMap<SessionId, Session>,
 }
 
+impl Default for Model {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Model {
-    pub fn new(default_limit: u32) -> Self {
+    pub fn new() -> Self {
         Self {
-            ready: HashMap::new(),
-            rotation: VecDeque::new(),
-            known: HashSet::new(),
             in_flight: HashMap::new(),
-            rewake: HashSet::new(),
             in_flight_per_trigger: HashMap::new(),
             limits: HashMap::new(),
-            default_limit,
             sessions: HashMap::new(),
         }
     }
 
     /// Sets the per-trigger in-flight limit (the trigger's `max_in_flight`;
-    /// 0 holds its sets back, for a disabled trigger).
+    /// 0 holds its sets back, for a disabled trigger). Only triggers with a
+    /// limit are granted.
     pub fn set_limit(&mut self, trigger: TriggerId, limit: u32) {
         self.limits.insert(trigger, limit);
     }
 
-    /// Queues a set unless the model already holds it. Returns whether it
-    /// was added; a set in flight is remembered and queued after its outcome.
-    pub fn push_ready(&mut self, set_id: SetId, trigger: TriggerId) -> bool {
-        if self.in_flight.contains_key(&set_id) {
-            self.rewake.insert(set_id);
-            return false;
-        }
-        if !self.known.insert(set_id) {
-            return false;
-        }
-        let queue = self.ready.entry(trigger).or_default();
-        if queue.is_empty() {
-            self.rotation.push_back(trigger);
-        }
-        queue.push_back(set_id);
-        true
+    /// Forgets a deleted trigger (its sets are gone with it).
+    pub fn forget_trigger(&mut self, trigger: TriggerId) {
+        self.limits.remove(&trigger);
     }
 
     pub fn add_session(&mut self, session: SessionId) {
         self.sessions.entry(session).or_default();
     }
 
-    /// Removes a session; the sets it held go back to the ready queue (a
-    /// stale claim in the database is fenced off by its lock id and released
-    /// by the janitor).
+    /// Removes a session and forgets its grants. Their claims stay in the
+    /// database: the worker releases them as it finishes, or they expire.
     pub fn remove_session(&mut self, session: SessionId) -> Vec<SetId> {
         self.sessions.remove(&session);
-        let orphaned: Vec<(SetId, TriggerId)> = self
-            .in_flight
-            .iter()
-            .filter(|(_, (s, _))| *s == session)
-            .map(|(set, (_, trigger))| (*set, *trigger))
-            .collect();
-        for (set, trigger) in &orphaned {
+        let orphaned: Vec<SetId> =
+            self.in_flight.iter().filter(|(_, (s, _))| *s == session).map(|(set, _)| *set).collect();
+        for set in &orphaned {
             self.finish(*set);
-            self.push_ready(*set, *trigger);
         }
-        orphaned.into_iter().map(|(set, _)| set).collect()
+        orphaned
     }
 
+    /// Adds capacity to a session, up to [`MAX_SESSION_CREDITS`] (credits of
+    /// sets it holds count too).
     pub fn add_credits(&mut self, session: SessionId, credits: u32) {
+        let held = self.in_flight.values().filter(|(s, _)| *s == session).count() as u32;
         if let Some(s) = self.sessions.get_mut(&session) {
-            s.credits = s.credits.saturating_add(credits);
+            let cap = MAX_SESSION_CREDITS.saturating_sub(held);
+            s.credits = s.credits.saturating_add(credits).min(cap);
         }
+    }
+
+    pub fn credits(&self) -> u32 {
+        self.sessions.values().map(|s| s.credits).fold(0, u32::saturating_add)
+    }
+
+    /// How many sets of each trigger may be granted now: its limit minus its
+    /// sets in flight, and no more than the credits there are.
+    pub fn rooms(&self) -> Vec<(TriggerId, u32)> {
+        let credits = self.credits();
+        if credits == 0 {
+            return Vec::new();
+        }
+        let mut rooms: Vec<(TriggerId, u32)> = self
+            .limits
+            .iter()
+            .filter_map(|(trigger, limit)| {
+                let busy = self.in_flight_per_trigger.get(trigger).copied().unwrap_or(0);
+                let room = limit.saturating_sub(busy).min(credits);
+                (room > 0).then_some((*trigger, room))
+            })
+            .collect();
+        rooms.sort();
+        rooms
+    }
+
+    /// Hands claimed sets to sessions: each to the session with the most
+    /// credits left (ties: the one granted least). Returns the grants and
+    /// the sets no session had credit for (to give back).
+    pub fn assign(&mut self, claimed: impl IntoIterator<Item = (SetId, TriggerId)>) -> (Vec<Grant>, Vec<SetId>) {
+        let mut grants = Vec::new();
+        let mut unassigned = Vec::new();
+        for (set_id, trigger) in claimed {
+            if self.in_flight.contains_key(&set_id) {
+                // Claimed again while we think it is in flight: the old
+                // claim expired (its worker died); the new one replaces it.
+                self.finish(set_id);
+            }
+            let Some(session) = self.best_session() else {
+                unassigned.push(set_id);
+                continue;
+            };
+            let s = self.sessions.get_mut(&session).expect("best session exists");
+            s.credits -= 1;
+            s.granted += 1;
+            self.in_flight.insert(set_id, (session, trigger));
+            *self.in_flight_per_trigger.entry(trigger).or_default() += 1;
+            grants.push(Grant { session, set_id, trigger_id: trigger });
+        }
+        (grants, unassigned)
     }
 
     /// A granted set came back; its worker's capacity returns either way.
     /// Returns the set's trigger if it was in flight for that session; an
-    /// outcome from a session that no longer holds the set (it was re-granted
-    /// after its claim expired) changes nothing else.
+    /// outcome from a session that no longer holds the set changes nothing
+    /// else.
     pub fn complete(&mut self, session: SessionId, set_id: SetId) -> Option<TriggerId> {
-        self.add_credits(session, 1);
         match self.in_flight.get(&set_id) {
             Some((holder, _)) if *holder == session => {
-                let rewake = self.rewake.contains(&set_id);
-                let trigger = self.finish(set_id)?;
-                if rewake {
-                    self.push_ready(set_id, trigger);
-                }
-                Some(trigger)
+                let trigger = self.finish(set_id);
+                self.add_credits(session, 1);
+                trigger
             }
-            _ => None,
-        }
-    }
-
-    /// A claim expired: take the set back from whoever held it and queue it.
-    pub fn reclaim(&mut self, set_id: SetId, trigger: TriggerId) {
-        self.finish(set_id);
-        self.push_ready(set_id, trigger);
-    }
-
-    /// Forgets a set entirely (e.g. its trigger was deleted).
-    pub fn forget_trigger(&mut self, trigger: TriggerId) {
-        if let Some(queue) = self.ready.remove(&trigger) {
-            for set in queue {
-                self.known.remove(&set);
+            _ => {
+                self.add_credits(session, 1);
+                None
             }
         }
-        self.rotation.retain(|t| *t != trigger);
     }
 
     fn finish(&mut self, set_id: SetId) -> Option<TriggerId> {
         let (_, trigger) = self.in_flight.remove(&set_id)?;
-        self.known.remove(&set_id);
-        self.rewake.remove(&set_id);
         if let Some(n) = self.in_flight_per_trigger.get_mut(&trigger) {
             *n = n.saturating_sub(1);
         }
         Some(trigger)
     }
 
-    /// Hands out as many grants as credits, ready sets and per-trigger limits
-    /// allow: triggers in rotation, each grant to the session with the most
-    /// credits so work spreads over nodes.
-    pub fn dispatch(&mut self) -> Vec<Grant> {
-        let mut grants = Vec::new();
-        let mut skipped = 0;
-        while skipped < self.rotation.len() {
-            let Some(session) = self.best_session() else { break };
-            let Some(trigger) = self.rotation.pop_front() else { break };
-            let limit = self.limits.get(&trigger).copied().unwrap_or(self.default_limit);
-            let in_flight = self.in_flight_per_trigger.entry(trigger).or_default();
-            if *in_flight >= limit {
-                // At its limit: keep its place, try the next trigger.
-                self.rotation.push_back(trigger);
-                skipped += 1;
-                continue;
-            }
-            skipped = 0;
-            let queue = self.ready.get_mut(&trigger).expect("rotation only holds triggers with ready sets");
-            let set_id = queue.pop_front().expect("queues in rotation are not empty");
-            if queue.is_empty() {
-                self.ready.remove(&trigger);
-            } else {
-                self.rotation.push_back(trigger);
-            }
-            *in_flight += 1;
-            self.in_flight.insert(set_id, (session, trigger));
-            self.sessions.get_mut(&session).expect("best session exists").credits -= 1;
-            grants.push(Grant { session, set_id, trigger_id: trigger });
-        }
-        grants
-    }
-
     fn best_session(&self) -> Option<SessionId> {
-        self.sessions.iter().filter(|(_, s)| s.credits > 0).max_by_key(|(id, s)| (s.credits, **id)).map(|(id, _)| *id)
-    }
-
-    pub fn ready_len(&self) -> usize {
-        self.ready.values().map(VecDeque::len).sum()
+        self.sessions
+            .iter()
+            .filter(|(_, s)| s.credits > 0)
+            .max_by_key(|(id, s)| (s.credits, std::cmp::Reverse(s.granted), **id))
+            .map(|(id, _)| *id)
     }
 
     pub fn in_flight_len(&self) -> usize {
         self.in_flight.len()
     }
 
-    pub fn is_in_flight(&self, set_id: SetId) -> bool {
-        self.in_flight.contains_key(&set_id)
+    pub fn sessions_len(&self) -> usize {
+        self.sessions.len()
     }
 }
 
@@ -216,97 +196,83 @@ mod tests {
     }
 
     #[test]
-    fn test_grants_need_credits_and_never_duplicate_a_set() {
-        let mut m = Model::new(100);
-        let s = Uuid::from_u128(1);
-        assert!(m.push_ready(10, t(1)));
-        assert!(!m.push_ready(10, t(1)), "a queued set is not queued twice");
-        assert!(m.dispatch().is_empty(), "no session, no grant");
-        m.add_session(s);
-        assert!(m.dispatch().is_empty(), "no credits, no grant");
-        m.add_credits(s, 5);
-        let grants = m.dispatch();
-        assert_eq!(grants, [Grant { session: s, set_id: 10, trigger_id: t(1) }]);
-        assert!(!m.push_ready(10, t(1)), "an in-flight set is not queued again");
-        assert_eq!(m.ready_len(), 0);
-        assert_eq!(m.complete(s, 10), Some(t(1)));
-        assert_eq!(m.ready_len(), 1, "announced while in flight: queued again after its outcome");
-        assert!(!m.push_ready(10, t(1)), "a queued set is not queued twice");
-        assert_eq!(m.dispatch().len(), 1);
-        assert_eq!(m.complete(s, 10), Some(t(1)));
-        assert_eq!(m.ready_len(), 0, "not announced while in flight: not queued again");
-        assert!(m.push_ready(10, t(1)), "after its outcome it can be queued again");
-    }
-
-    #[test]
-    fn test_triggers_are_served_round_robin() {
-        let mut m = Model::new(100);
-        for set in 0..3 {
-            m.push_ready(set, t(1));
-        }
-        m.push_ready(100, t(2));
-        let s = Uuid::from_u128(1);
+    fn test_rooms_follow_limits_in_flight_and_credits() {
+        let mut m = Model::new();
+        m.set_limit(t(1), 3);
+        m.set_limit(t(2), 0);
+        assert!(m.rooms().is_empty(), "no credits, no room");
+        let s = Uuid::from_u128(10);
         m.add_session(s);
         m.add_credits(s, 2);
-        let grants: Vec<_> = m.dispatch().iter().map(|g| g.set_id).collect();
-        assert_eq!(grants, [0, 100]);
+        assert_eq!(m.rooms(), [(t(1), 2)], "a zero limit (disabled trigger) gets no room; room <= credits");
+        m.add_credits(s, 8);
+        assert_eq!(m.rooms(), [(t(1), 3)]);
+        let (grants, rest) = m.assign([(1, t(1)), (2, t(1))]);
+        assert_eq!(grants.len(), 2);
+        assert!(rest.is_empty());
+        assert_eq!(m.rooms(), [(t(1), 1)], "in flight counts against the limit");
+        assert_eq!(m.complete(s, 1), Some(t(1)));
+        assert_eq!(m.rooms(), [(t(1), 2)]);
+        m.forget_trigger(t(1));
+        assert!(m.rooms().is_empty());
     }
 
     #[test]
-    fn test_per_trigger_limit_holds_back_only_that_trigger() {
-        let mut m = Model::new(100);
-        m.set_limit(t(1), 1);
-        m.push_ready(1, t(1));
-        m.push_ready(2, t(1));
-        m.push_ready(3, t(2));
-        let s = Uuid::from_u128(1);
-        m.add_session(s);
-        m.add_credits(s, 10);
-        let mut grants: Vec<_> = m.dispatch().iter().map(|g| g.set_id).collect();
-        grants.sort();
-        assert_eq!(grants, [1, 3]);
-        m.complete(s, 1);
-        assert_eq!(m.dispatch().iter().map(|g| g.set_id).collect::<Vec<_>>(), [2]);
-    }
-
-    #[test]
-    fn test_a_zero_limit_holds_a_disabled_trigger_back() {
-        let mut m = Model::new(100);
-        m.set_limit(t(1), 0);
-        m.push_ready(1, t(1));
-        m.push_ready(2, t(2));
-        let s = Uuid::from_u128(1);
-        m.add_session(s);
-        m.add_credits(s, 10);
-        assert_eq!(m.dispatch().iter().map(|g| g.set_id).collect::<Vec<_>>(), [2]);
-        assert_eq!(m.ready_len(), 1);
-        m.set_limit(t(1), 5);
-        assert_eq!(m.dispatch().iter().map(|g| g.set_id).collect::<Vec<_>>(), [1]);
-    }
-
-    #[test]
-    fn test_grants_spread_over_sessions_and_return_on_disconnect() {
-        let mut m = Model::new(100);
+    fn test_grants_need_credits_and_spread_over_sessions() {
+        let mut m = Model::new();
         let (a, b) = (Uuid::from_u128(1), Uuid::from_u128(2));
         m.add_session(a);
         m.add_session(b);
         m.add_credits(a, 2);
         m.add_credits(b, 2);
-        for set in 0..4 {
-            m.push_ready(set, t(1));
-        }
-        let grants = m.dispatch();
+        let (grants, rest) = m.assign((0..5).map(|i| (i, t(1))));
         assert_eq!(grants.iter().filter(|g| g.session == a).count(), 2);
         assert_eq!(grants.iter().filter(|g| g.session == b).count(), 2);
+        assert_eq!(rest, [4], "no credit left for the fifth");
+        assert_eq!(m.credits(), 0);
         let mut orphaned = m.remove_session(a);
         orphaned.sort();
         assert_eq!(orphaned.len(), 2);
-        assert_eq!(m.ready_len(), 2);
+        assert_eq!(m.in_flight_len(), 2);
         // A late outcome from the departed session is ignored.
         assert_eq!(m.complete(a, orphaned[0]), None);
-        assert_eq!(m.ready_len(), 2);
-        m.add_credits(b, 2);
-        assert_eq!(m.dispatch().len(), 2);
-        assert!(m.dispatch().is_empty());
+        assert_eq!(m.credits(), 0, "a departed session gets no credit back");
+        let held: Vec<SetId> = grants.iter().filter(|g| g.session == b).map(|g| g.set_id).collect();
+        assert_eq!(m.complete(b, held[0]), Some(t(1)));
+        assert_eq!(m.credits(), 1);
+    }
+
+    #[test]
+    fn test_a_greedy_session_is_capped() {
+        let mut m = Model::new();
+        let (greedy, node) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        m.add_session(greedy);
+        m.add_session(node);
+        m.add_credits(greedy, u32::MAX);
+        m.add_credits(node, 32);
+        assert_eq!(m.credits(), MAX_SESSION_CREDITS + 32);
+        // Grants alternate once the greedy session is down to the other's credit.
+        let (grants, _) = m.assign((0..(MAX_SESSION_CREDITS as i64 + 32)).map(|i| (i, t(1))));
+        assert_eq!(grants.iter().filter(|g| g.session == node).count(), 32);
+        // Asking again while holding its cap adds nothing.
+        m.add_credits(greedy, u32::MAX);
+        assert_eq!(m.credits(), 0);
+    }
+
+    #[test]
+    fn test_a_set_claimed_again_replaces_its_expired_grant() {
+        let mut m = Model::new();
+        let (a, b) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        m.add_session(a);
+        m.add_credits(a, 1);
+        m.assign([(7, t(1))]);
+        m.add_session(b);
+        m.add_credits(b, 1);
+        let (grants, _) = m.assign([(7, t(1))]);
+        assert_eq!(grants[0].session, b);
+        assert_eq!(m.in_flight_len(), 1);
+        assert_eq!(m.complete(a, 7), None, "the old holder's outcome changes nothing");
+        assert_eq!(m.complete(b, 7), Some(t(1)));
+        assert_eq!(m.in_flight_len(), 0);
     }
 }

@@ -237,7 +237,7 @@ impl SetService {
         .await?;
         let view = store::get(&mut *tx, id).await?.ok_or(SetError::NotFound(id))?;
         tx.commit().await?;
-        self.scheduler.ready(vec![(id, set.trigger_id)]).await;
+        self.scheduler.wake().await;
         tracing::info!(set_id = id, trigger_id = %set.trigger_id, work_order_id = ?work_order, "blocked set retried");
         Ok(SetView::new(view))
     }
@@ -271,7 +271,7 @@ impl SetService {
             json!({
                 "set_id": id,
                 "work_order_id": work_order,
-                "work_order_state": head.wo_state,
+                "work_order_state": head.wo_state.map(|s| s.as_str()),
                 "attempts": head.wo_attempts,
                 "topic": set.topic,
                 "partition": head.partition,
@@ -284,7 +284,7 @@ impl SetService {
         }
         let view = store::get(&mut *tx, id).await?.ok_or(SetError::NotFound(id))?;
         tx.commit().await?;
-        self.scheduler.ready(vec![(id, set.trigger_id)]).await;
+        self.scheduler.wake().await;
         tracing::info!(set_id = id, trigger_id = %set.trigger_id, work_order_id = %work_order,
             partition = head.partition, offset = head.offset, "head message skipped");
         Ok(SetView::new(view))

@@ -19,8 +19,6 @@
 //! `running`) finds the work order pending under a live claim and gets
 //! UNAVAILABLE, so the runner reports again.
 
-use std::fmt;
-
 use chrono::Utc;
 use serde_json::json;
 use sqlx::PgPool;
@@ -39,44 +37,8 @@ pub const MAX_PAGE_SIZE: i64 = 1_000;
 /// order running forever).
 pub const MAX_ERROR_BYTES: usize = 8 * 1024;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WorkOrderState {
-    Pending,
-    Running,
-    Success,
-    Failed,
-    Skipped,
-}
-
-impl WorkOrderState {
-    pub const ALL: [WorkOrderState; 5] = [
-        WorkOrderState::Pending,
-        WorkOrderState::Running,
-        WorkOrderState::Success,
-        WorkOrderState::Failed,
-        WorkOrderState::Skipped,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            WorkOrderState::Pending => "pending",
-            WorkOrderState::Running => "running",
-            WorkOrderState::Success => "success",
-            WorkOrderState::Failed => "failed",
-            WorkOrderState::Skipped => "skipped",
-        }
-    }
-
-    pub fn parse(stored: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|s| s.as_str() == stored)
-    }
-}
-
-impl fmt::Display for WorkOrderState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+/// The stored states of a work order: the shared state machine's.
+pub use kt_common::dispatch::WorkOrderState;
 
 #[derive(Debug, Clone)]
 pub struct WorkOrderListQuery {
@@ -183,8 +145,8 @@ impl WorkOrderService {
             }
         }
         tx.commit().await?;
-        if let Some(set) = ready {
-            self.scheduler.ready(vec![set]).await;
+        if ready.is_some() {
+            self.scheduler.wake().await;
         }
         tracing::info!(work_order_id = %id, trigger_id = %row.trigger_id, set_id = row.set_id, success, "work order completed");
         Ok(row)

@@ -41,8 +41,9 @@ pub async fn get(db: impl PgExecutor<'_>, id: Uuid) -> Result<Option<WorkOrderRo
         .await
 }
 
-/// Up to `limit` work orders with id > `after`, in id order (v7 ids, so
-/// creation order), without bodies.
+/// Up to `limit` work orders with id > `after`, in id order (ids derive from
+/// the message, so this is a stable order, not creation order), without
+/// bodies.
 pub async fn list_all(db: impl PgExecutor<'_>, after: Uuid, limit: i64) -> Result<Vec<WorkOrderRow>, sqlx::Error> {
     sqlx::query_as(&format!("SELECT {SUMMARY_COLUMNS} FROM work_orders w WHERE w.id > $1 ORDER BY w.id LIMIT $2"))
         .bind(after)

@@ -6,6 +6,8 @@
 use std::collections::{BTreeMap, HashSet};
 
 use chrono::{DateTime, Utc};
+use kt_common::dispatch::announce::{KEYED_SET_UPSERT, UNKEYED_SET_INSERT};
+use kt_common::dispatch::SETS_CHANNEL;
 use sqlx::{Acquire, Executor, PgConnection, Postgres, Transaction};
 use uuid::Uuid;
 
@@ -167,7 +169,7 @@ async fn insert_new_messages(
             header_values.push(h.value.as_deref());
         }
     }
-    let (fresh, stored, ready): (i64, i64, i64) = sqlx::query_as(
+    let sql = format!(
         r#"
         WITH input AS (
             SELECT *
@@ -189,7 +191,7 @@ async fn insert_new_messages(
             INSERT INTO messages
                 (trigger_id, topic, partition, "offset", key, value, header_names, header_values, ts)
             SELECT $1, i.topic, i.partition, i."offset", i.key, i.value,
-                   COALESCE(h.names, '{}'), COALESCE(h.vals, '{}'), i.ts
+                   COALESCE(h.names, '{{}}'), COALESCE(h.vals, '{{}}'), i.ts
             FROM input i
             JOIN fresh f ON f.topic = i.topic AND f.partition = i.partition AND f."offset" = i."offset"
             LEFT JOIN headers h ON h.row_no = i.row_no
@@ -199,60 +201,45 @@ async fn insert_new_messages(
             ON CONFLICT DO NOTHING
             RETURNING topic, partition, "offset", key
         ),
-        -- Candidate sets (migration 0003): a keyed message joins the set of
-        -- its (trigger, topic, key); an unkeyed message is a set of its own.
-        -- Sorted, so concurrent batches lock set rows in the same order.
-        --
-        -- An existing set is only written when that changes something: an
-        -- idle one wakes up, and a claimed one gets its `ingest_seq` bumped
-        -- so the worker draining it cannot mark it idle past these messages.
-        -- Any other set (ready, waiting, blocked; unclaimed) already has a
-        -- head that precedes them: it is only locked (ON CONFLICT locks the
-        -- latest row version even when the WHERE is false), which orders
-        -- this batch against a concurrent claim, and is not rewritten, so a
-        -- steady stream of messages for busy keys costs no set updates.
+        -- Candidate sets (kt_common::dispatch::announce): a keyed message
+        -- joins the set of its (trigger, topic, key); an unkeyed message is
+        -- a set of its own. Sorted, so concurrent batches lock set rows in
+        -- the same order.
         keyed_sets AS (
             INSERT INTO message_sets (trigger_id, topic, key)
             SELECT DISTINCT $1::uuid, topic, key FROM stored WHERE key IS NOT NULL
             ORDER BY 2, 3
-            ON CONFLICT (trigger_id, topic, key) WHERE key IS NOT NULL DO UPDATE
-               SET ingest_seq = message_sets.ingest_seq + 1,
-                   state = CASE WHEN message_sets.state = 'idle' THEN 'ready' ELSE message_sets.state END,
-                   queued = CASE WHEN message_sets.state = 'idle' THEN false ELSE message_sets.queued END,
-                   updated_at = now()
-             WHERE message_sets.state = 'idle' OR message_sets.lock_id IS NOT NULL
-            -- New or woken sets are unclaimed: the control plane must hear of them.
-            RETURNING lock_id IS NULL AS announce
+            {KEYED_SET_UPSERT}
         ),
         unkeyed_sets AS (
             INSERT INTO message_sets (trigger_id, topic, partition, "offset")
             SELECT $1, topic, partition, "offset" FROM stored WHERE key IS NULL
-            ON CONFLICT DO NOTHING
-            RETURNING 1
+            {UNKEYED_SET_INSERT}
         )
         SELECT (SELECT count(*) FROM fresh),
                (SELECT count(*) FROM stored),
                (SELECT count(*) FROM keyed_sets WHERE announce) + (SELECT count(*) FROM unkeyed_sets)
-        "#,
-    )
-    .bind(trigger_id)
-    .bind(&topics)
-    .bind(&partitions)
-    .bind(&offsets)
-    .bind(&keys)
-    .bind(&values)
-    .bind(&timestamps)
-    .bind(&header_rows)
-    .bind(&header_names)
-    .bind(&header_values)
-    .fetch_one(&mut *conn)
-    .await?;
+        "#
+    );
+    let (fresh, stored, ready): (i64, i64, i64) = sqlx::query_as(&sql)
+        .bind(trigger_id)
+        .bind(&topics)
+        .bind(&partitions)
+        .bind(&offsets)
+        .bind(&keys)
+        .bind(&values)
+        .bind(&timestamps)
+        .bind(&header_rows)
+        .bind(&header_names)
+        .bind(&header_values)
+        .fetch_one(&mut *conn)
+        .await?;
     if ready > 0 {
         // Delivered at commit (and only then): the control plane takes the
         // sets this batch made ready. Skipped when there are none: a
         // notifying commit serializes on a global lock.
         sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(SETS_NOTIFY_CHANNEL)
+            .bind(SETS_CHANNEL)
             .bind(trigger_id.to_string())
             .execute(&mut *conn)
             .await?;
@@ -261,7 +248,7 @@ async fn insert_new_messages(
 }
 
 /// The channel the control plane's scheduler listens on for ready sets.
-pub const SETS_NOTIFY_CHANNEL: &str = "kt_sets";
+pub const SETS_NOTIFY_CHANNEL: &str = SETS_CHANNEL;
 
 /// Records `message` in `ingest_failures` together with its dedup record, so
 /// a redelivered copy is a duplicate rather than a second failure. Returns

@@ -1,10 +1,9 @@
 //! Workers: a node's capacity to act on message sets. The node holds one
 //! `WorkService.Work` stream to the control plane, offers its capacity as
-//! credits, receives granted sets, processes each in its own task
-//! ([`process`]) and reports outcomes, which return the credits.
+//! credits, receives granted (already claimed) sets, acts on them in rounds
+//! ([`engine`]) and reports each set's outcome, which returns its credit.
 
-mod process;
-pub mod store;
+pub mod engine;
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -15,21 +14,23 @@ use kt_common::secret::Secret;
 use kt_common::trigger::{TriggerSecrets, TriggerSpec};
 use kt_proto::internal::work_service_client::WorkServiceClient;
 use kt_proto::internal::worker_message::Msg;
-use kt_proto::internal::{Credit, SetOutcome, SetOutcomeKind, SetOutcomes, WorkerHello, WorkerMessage};
+use kt_proto::internal::{Credit, SetOutcomes, WorkerHello, WorkerMessage};
 use sqlx::PgPool;
 use tokio::sync::mpsc;
-use tokio::task::JoinSet;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::metadata::MetadataValue;
 use uuid::Uuid;
 
-pub use process::{Context, Outcome, TIME_SLICE};
+pub use engine::{Context, Engine, TIME_SLICE};
 
 use crate::delivery::WebhookClient;
 
 /// Messages queued towards the control plane on the work stream.
 const OUTBOUND_CAPACITY: usize = 1_024;
+/// How long a stopping node waits for the grants the control plane sent
+/// before it saw the node leave (to give them back).
+const GIVE_BACK_WAIT: Duration = Duration::from_secs(5);
 /// Reconnect backoff of the work stream.
 const RECONNECT: Backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
 
@@ -147,52 +148,54 @@ async fn session(
     let mut grants = client.work(ReceiverStream::new(rx)).await?.into_inner();
     tracing::info!(node_id = %config.node_id, capacity = config.capacity, "work stream connected");
 
-    let mut tasks: JoinSet<(i64, String, Outcome)> = JoinSet::new();
+    let mut engine = Engine::new(ctx.clone());
     let result = loop {
         tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
             grant = grants.message() => match grant {
-                Ok(Some(grant)) => {
-                    for set in grant.sets {
-                        let ctx = ctx.clone();
-                        let trigger = Uuid::parse_str(&set.trigger_id).ok().and_then(|id| triggers.get(&id));
-                        tasks.spawn(async move {
-                            let outcome = match trigger {
-                                Some(trigger) => process::process_set(&ctx, set.set_id, trigger).await,
-                                // Not in this node's assignment yet: ask again shortly.
-                                None => Outcome { kind: SetOutcomeKind::Retry, retry_at_unix_ms: 0 },
-                            };
-                            (set.set_id, set.trigger_id, outcome)
-                        });
-                    }
-                }
+                Ok(Some(grant)) => engine.grant(grant.sets, triggers),
                 Ok(None) => break Err(anyhow::anyhow!("control plane closed the work stream")),
                 Err(status) => break Err(status.into()),
             },
-            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
-                let mut outcomes = vec![to_proto(done?)];
-                while let Some(more) = tasks.try_join_next() {
-                    outcomes.push(to_proto(more?));
-                }
-                if out.send(WorkerMessage { msg: Some(Msg::Outcomes(SetOutcomes { outcomes })) }).await.is_err() {
-                    break Err(anyhow::anyhow!("work stream closed"));
-                }
-            }
+            Some(()) = engine.next(), if engine.busy() => {}
+        }
+        if !send_outcomes(&out, &mut engine).await {
+            break Err(anyhow::anyhow!("work stream closed"));
         }
     };
-    // Sets in hand finish and release their claims whatever happened to the
-    // stream; their outcomes reach the control plane if the stream is still
-    // up, otherwise it re-grants them (fenced by the claims).
-    let mut outcomes = Vec::new();
-    while let Some(done) = tasks.join_next().await {
-        outcomes.push(to_proto(done?));
+    // Sets in hand finish their current delivery and are released whatever
+    // happened to the stream; their outcomes reach the control plane if the
+    // stream is still up (otherwise their claims are already released).
+    // Grants that still arrive were claimed for us: they are given back.
+    engine.drain();
+    let mut open = result.is_ok();
+    while engine.busy() {
+        tokio::select! {
+            Some(()) = engine.next() => {}
+            grant = grants.message(), if open => match grant {
+                Ok(Some(grant)) => engine.grant(grant.sets, triggers),
+                _ => open = false,
+            },
+        }
+        send_outcomes(&out, &mut engine).await;
     }
-    if !outcomes.is_empty() {
-        let _ = out.send(WorkerMessage { msg: Some(Msg::Outcomes(SetOutcomes { outcomes })) }).await;
+    // Half-close: the control plane ends the session, and the grant stream
+    // ends after the grants it had already sent, which are given back too.
+    drop(out);
+    let deadline = tokio::time::Instant::now() + GIVE_BACK_WAIT;
+    while open {
+        match tokio::time::timeout_at(deadline, grants.message()).await {
+            Ok(Ok(Some(grant))) => engine.grant(grant.sets, triggers),
+            _ => open = false,
+        }
     }
+    while engine.next().await.is_some() {}
+    debug_assert_eq!(engine.held(), 0);
     result
 }
 
-fn to_proto((set_id, trigger_id, outcome): (i64, String, Outcome)) -> SetOutcome {
-    SetOutcome { set_id, trigger_id, kind: outcome.kind.into(), retry_at_unix_ms: outcome.retry_at_unix_ms }
+/// Sends the engine's new outcomes, if any; false when the stream is gone.
+async fn send_outcomes(out: &mpsc::Sender<WorkerMessage>, engine: &mut Engine) -> bool {
+    let outcomes = engine.take_outcomes();
+    outcomes.is_empty() || out.send(WorkerMessage { msg: Some(Msg::Outcomes(SetOutcomes { outcomes })) }).await.is_ok()
 }

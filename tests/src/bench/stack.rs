@@ -6,7 +6,6 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use kt_control_plane::scheduler::NOTIFY_CHANNEL;
 use kt_data_plane::consumer::IngestSettings;
 use kt_proto::v1::trigger_service_client::TriggerServiceClient;
 use kt_proto::v1::{CreateTriggerRequest, DeleteTriggerRequest, KafkaSource, Trigger, WebhookTarget};
@@ -259,32 +258,15 @@ pub async fn store_messages(
     Ok(Backlog { messages: n, sets: if keys > 0 { keys.min(n) } else { n }, load_time: started.elapsed() })
 }
 
-/// Writes the candidate sets of the stored messages of `trigger` the way
-/// ingest does (keyed: one row per (trigger, topic, key); keyless: one per
-/// message; state 'ready', not queued) and NOTIFYs the control plane in the
-/// same transaction. Returns the instant just before the commit: from then
-/// on the sets are visible and announced.
+/// Creates the candidate sets of the stored messages of `trigger` exactly
+/// as ingest does (`kt_common::dispatch::announce`) and notifies the control
+/// plane in the same transaction. Returns the instant just before the
+/// commit: from then on the sets are visible and announced.
 pub async fn announce_sets(pool: &PgPool, trigger: Uuid, topic: &str, keyed: bool) -> anyhow::Result<Instant> {
     let mut tx = pool.begin().await?;
-    let sql = if keyed {
-        "INSERT INTO message_sets (trigger_id, topic, key)
-         SELECT $1, $2, key FROM messages
-          WHERE trigger_id = $1 AND topic = $2 AND key IS NOT NULL
-          GROUP BY key ORDER BY min(partition), min(\"offset\")
-         ON CONFLICT (trigger_id, topic, key) WHERE key IS NOT NULL DO UPDATE
-            SET ingest_seq = message_sets.ingest_seq + 1,
-                state = CASE WHEN message_sets.state = 'idle' THEN 'ready' ELSE message_sets.state END,
-                queued = CASE WHEN message_sets.state = 'idle' THEN false ELSE message_sets.queued END,
-                updated_at = now()"
-    } else {
-        "INSERT INTO message_sets (trigger_id, topic, partition, \"offset\")
-         SELECT $1, $2, partition, \"offset\" FROM messages
-          WHERE trigger_id = $1 AND topic = $2 AND key IS NULL
-          ORDER BY partition, \"offset\"
-         ON CONFLICT DO NOTHING"
-    };
-    sqlx::query(sql).bind(trigger).bind(topic).execute(&mut *tx).await.context("writing the message sets failed")?;
-    sqlx::query("SELECT pg_notify($1, $2)").bind(NOTIFY_CHANNEL).bind(trigger.to_string()).execute(&mut *tx).await?;
+    kt_common::dispatch::announce::announce_stored(&mut tx, trigger, topic, keyed)
+        .await
+        .context("writing the message sets failed")?;
     let at = Instant::now();
     tx.commit().await?;
     Ok(at)
@@ -349,7 +331,7 @@ mod tests {
         let pool = db.pool().await.unwrap();
         kt_common::db::migrate(&pool).await.unwrap();
         let mut listener = PgListener::connect_with(&pool).await.unwrap();
-        listener.listen(NOTIFY_CHANNEL).await.unwrap();
+        listener.listen(kt_control_plane::scheduler::NOTIFY_CHANNEL).await.unwrap();
         let mut notifications = listener.into_stream();
 
         let keyed = trigger_row(&pool).await;
@@ -360,7 +342,7 @@ mod tests {
         assert_eq!(n.payload(), keyed.to_string());
         assert_eq!(count(&pool, "SELECT count(*) FROM messages WHERE trigger_id = $1", keyed).await, 1_000);
         assert_eq!(count(&pool, "SELECT count(*) FROM message_records WHERE trigger_id = $1", keyed).await, 1_000);
-        let ready = "SELECT count(*) FROM message_sets WHERE trigger_id = $1 AND state = 'ready' AND NOT queued";
+        let ready = "SELECT count(*) FROM message_sets WHERE trigger_id = $1 AND state = 'ready' AND lock_id IS NULL";
         assert_eq!(count(&pool, ready, keyed).await, 10);
         // A key lives in one partition with increasing offsets, as Kafka keeps it.
         let spread = "SELECT count(*) FROM (SELECT key FROM messages WHERE trigger_id = $1

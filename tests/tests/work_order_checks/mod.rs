@@ -491,7 +491,6 @@ pub async fn stuck(pool: &PgPool) -> String {
         id: i64,
         key: Option<Vec<u8>>,
         state: String,
-        queued: bool,
         lock_id: Option<Uuid>,
         lock_expires: Option<DateTime<Utc>>,
         retry_at: Option<DateTime<Utc>>,
@@ -509,7 +508,7 @@ pub async fn stuck(pool: &PgPool) -> String {
     }
     let sets: Vec<SetRow> =
         sqlx::query_as(
-            "SELECT s.id, s.key, s.state, s.queued, s.lock_id, s.lock_expires, s.retry_at,
+            "SELECT s.id, s.key, s.state, s.lock_id, s.lock_expires, s.retry_at,
                     (SELECT count(*) FROM messages m WHERE m.trigger_id = s.trigger_id AND m.topic = s.topic
                         AND (m.key = s.key OR (s.key IS NULL AND m.partition = s.partition AND m.\"offset\" = s.\"offset\")))
                     AS messages

@@ -1,0 +1,595 @@
+//! The round engine: a node acts on many granted sets at once.
+//!
+//! Granted sets arrive already claimed (the control plane wrote their lock
+//! ids). The engine reads the candidates of every set granted since its last
+//! read in one statement, POSTs them concurrently, and commits outcomes in
+//! groups as they complete: whatever finished while the previous commit
+//! ran goes into the next one (at most [`MAX_COMMITS`] at a time), so a slow
+//! target never holds up the commits of fast ones. A success's commit reads
+//! the set's next candidate in the same statement, and that candidate is
+//! POSTed only then: a key's next message goes out only after its
+//! predecessor's success is committed. A set is handed back (released) when
+//! it is empty, waits, is blocked, or has used up its [`TIME_SLICE`].
+//!
+//! The work order is written with its outcome, not before the POST: its id
+//! is derived from the message, so a node killed mid-POST leaves a set whose
+//! claim expires and whose next holder POSTs the same work order, with the
+//! same `Idempotency-Key`, again (at least once towards the target; exactly
+//! one work order per message in the database).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use chrono::Utc;
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt as _, StreamExt as _};
+use kt_common::backoff::Backoff;
+use kt_common::dispatch::grant;
+use kt_common::dispatch::round::{self, AfterSuccess, Failure, Posted, Success};
+use kt_common::dispatch::{work_order_id, AfterAttempt, Attempt, Candidate, SetState, WorkOrderState};
+use kt_proto::internal::{SetGrant, SetOutcome, SetOutcomeKind};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use super::{TriggerConfig, TriggerDirectory};
+use crate::delivery::{build_body, next_step, DeliveryOutcome, MessageForBody, RetryDecision, WebhookClient};
+
+/// Longest a worker keeps draining one set before handing it back, so a
+/// single hot key cannot hold a worker forever.
+pub const TIME_SLICE: Duration = Duration::from_millis(500);
+/// Group commits in flight at once.
+pub const MAX_COMMITS: usize = 2;
+/// Most outcomes in one group commit, and most sets in one read.
+const MAX_BATCH: usize = 512;
+/// A read or commit that fails (database unreachable) is tried again with
+/// this backoff, this many times, before its sets are given up (their
+/// claims expire and the control plane grants them again).
+const DB_RETRY: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+const DB_TRIES: u32 = 10;
+/// Before a set of a trigger this node does not know yet is handed back.
+const UNKNOWN_TRIGGER_DELAY: Duration = Duration::from_millis(200);
+
+/// Shared by every task of a node's engine.
+pub struct Context {
+    pub pool: PgPool,
+    pub webhook: WebhookClient,
+}
+
+struct Held {
+    lock: Uuid,
+    trigger_id: String,
+    trigger: Arc<TriggerConfig>,
+    /// When this claim began: the time slice runs from here.
+    since: Instant,
+}
+
+/// A finished POST, waiting for its group commit.
+struct Delivered {
+    candidate: Candidate,
+    partition: i32,
+    offset: i64,
+    body: String,
+    attempt: Attempt,
+    outcome: DeliveryOutcome,
+    previous_attempts: u32,
+    first_attempt_at: Option<chrono::DateTime<Utc>>,
+}
+
+enum Slow {
+    /// The claim was released (or lost): report this.
+    Done(SetOutcomeKind, i64),
+    /// Read the set's candidate again.
+    Reread,
+}
+
+enum Event {
+    Read { claims: Vec<(i64, Uuid)>, result: Result<Vec<Candidate>, sqlx::Error>, tries: u32 },
+    Delivered(Box<Delivered>),
+    Committed { batch: Batch, result: Result<Committed, sqlx::Error>, tries: u32 },
+    Slow { set_id: i64, result: Result<Slow, sqlx::Error> },
+    Unheld { set_id: i64, trigger_id: String, result: Result<Slow, sqlx::Error> },
+    GivenBack { grants: Vec<SetGrant>, result: Result<(), sqlx::Error> },
+}
+
+#[derive(Default)]
+struct Batch {
+    successes: Vec<Success>,
+    failures: Vec<Failure>,
+}
+
+struct Committed {
+    successes: Vec<(i64, AfterSuccess)>,
+    /// Sets whose failed attempt was recorded (their claim held).
+    failures: Vec<i64>,
+}
+
+pub struct Engine {
+    ctx: Arc<Context>,
+    held: HashMap<i64, Held>,
+    to_read: Vec<(i64, Uuid)>,
+    reading: bool,
+    pending: Batch,
+    commits: usize,
+    tasks: FuturesUnordered<BoxFuture<'static, Event>>,
+    /// Shutting down or reconnecting: every set is released after its
+    /// current delivery.
+    draining: bool,
+    outcomes: Vec<SetOutcome>,
+}
+
+impl Engine {
+    pub fn new(ctx: Arc<Context>) -> Self {
+        Self {
+            ctx,
+            held: HashMap::new(),
+            to_read: Vec::new(),
+            reading: false,
+            pending: Batch::default(),
+            commits: 0,
+            tasks: FuturesUnordered::new(),
+            draining: false,
+            outcomes: Vec::new(),
+        }
+    }
+
+    /// Sets in hand (granted and not handed back yet).
+    pub fn held(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Whether anything is under way (then [`Engine::next`] yields).
+    pub fn busy(&self) -> bool {
+        !self.tasks.is_empty()
+    }
+
+    /// Release every set after its current delivery.
+    pub fn drain(&mut self) {
+        self.draining = true;
+    }
+
+    /// Takes the outcomes to report since the last call.
+    pub fn take_outcomes(&mut self) -> Vec<SetOutcome> {
+        std::mem::take(&mut self.outcomes)
+    }
+
+    /// The next event of the work under way; `None` when idle.
+    pub async fn next(&mut self) -> Option<()> {
+        let event = self.tasks.next().await?;
+        self.handle(event);
+        Some(())
+    }
+
+    /// Takes granted sets in hand and reads their candidates (with any
+    /// other sets waiting for a read).
+    pub fn grant(&mut self, grants: Vec<SetGrant>, triggers: &TriggerDirectory) {
+        if self.draining {
+            return self.give_back(grants);
+        }
+        for g in grants {
+            let Ok(lock) = Uuid::parse_str(&g.lock_id) else {
+                tracing::warn!(set_id = g.set_id, "grant without a valid lock id; ignored");
+                self.report(g.set_id, &g.trigger_id, SetOutcomeKind::Busy, 0);
+                continue;
+            };
+            let trigger = Uuid::parse_str(&g.trigger_id).ok().and_then(|id| triggers.get(&id));
+            let Some(trigger) = trigger else {
+                // Not in this node's assignment yet: hand it back shortly.
+                let pool = self.ctx.pool.clone();
+                let (set_id, trigger_id) = (g.set_id, g.trigger_id.clone());
+                self.report_later(set_id, trigger_id, async move {
+                    tokio::time::sleep(UNKNOWN_TRIGGER_DELAY).await;
+                    round::release_ready(&pool, set_id, lock).await?;
+                    Ok(Slow::Done(SetOutcomeKind::Retry, 0))
+                });
+                continue;
+            };
+            self.held.insert(g.set_id, Held { lock, trigger_id: g.trigger_id, trigger, since: Instant::now() });
+            self.to_read.push((g.set_id, lock));
+        }
+        self.maybe_read();
+    }
+
+    /// Gives claims back unworked (the node is stopping); the sets stay as
+    /// they were, grantable again at once.
+    fn give_back(&mut self, grants: Vec<SetGrant>) {
+        let pool = self.ctx.pool.clone();
+        self.tasks.push(
+            async move {
+                let claims: Vec<(i64, Uuid)> =
+                    grants.iter().filter_map(|g| Some((g.set_id, Uuid::parse_str(&g.lock_id).ok()?))).collect();
+                let result = grant::give_back(&pool, &claims).await.map(|_| ());
+                Event::GivenBack { grants, result }
+            }
+            .boxed(),
+        );
+    }
+
+    fn maybe_read(&mut self) {
+        if self.reading || self.to_read.is_empty() {
+            return;
+        }
+        let take = self.to_read.len().min(MAX_BATCH);
+        let claims: Vec<(i64, Uuid)> = self.to_read.drain(..take).collect();
+        self.spawn_read(claims, 0);
+    }
+
+    fn spawn_read(&mut self, claims: Vec<(i64, Uuid)>, tries: u32) {
+        self.reading = true;
+        let pool = self.ctx.pool.clone();
+        self.tasks.push(
+            async move {
+                if tries > 0 {
+                    tokio::time::sleep(DB_RETRY.delay(tries)).await;
+                }
+                let result = round::read_candidates(&pool, &claims).await;
+                Event::Read { claims, result, tries }
+            }
+            .boxed(),
+        );
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Read { claims, result, tries } => {
+                self.reading = false;
+                match result {
+                    Ok(candidates) => {
+                        let mut missing: HashMap<i64, ()> = claims.iter().map(|c| (c.0, ())).collect();
+                        for c in candidates {
+                            missing.remove(&c.set_id);
+                            self.act(c);
+                        }
+                        // Gone (deleted) or taken over since it was granted.
+                        for (set_id, ()) in missing {
+                            self.finish(set_id, SetOutcomeKind::Busy, 0);
+                        }
+                    }
+                    Err(error) if tries + 1 < DB_TRIES => {
+                        tracing::warn!(%error, sets = claims.len(), "cannot read granted sets; trying again");
+                        self.spawn_read(claims, tries + 1);
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, sets = claims.len(), "cannot read granted sets; handing them back");
+                        for (set_id, _) in claims {
+                            self.finish(set_id, SetOutcomeKind::Retry, 0);
+                        }
+                    }
+                }
+                self.maybe_read();
+            }
+            Event::Delivered(d) => self.on_delivered(*d),
+            Event::Committed { batch, result, tries } => {
+                self.commits -= 1;
+                match result {
+                    Ok(committed) => self.on_committed(batch, committed),
+                    Err(error) if tries + 1 < DB_TRIES => {
+                        tracing::warn!(%error, outcomes = batch.successes.len() + batch.failures.len(), "cannot record outcomes; trying again");
+                        self.spawn_commit(batch, tries + 1);
+                    }
+                    Err(error) => {
+                        tracing::error!(%error, "cannot record outcomes; giving the sets up (their claims expire)");
+                        let sets: Vec<i64> = batch
+                            .successes
+                            .iter()
+                            .map(|s| s.posted.set_id)
+                            .chain(batch.failures.iter().map(|f| f.posted.set_id))
+                            .collect();
+                        for set_id in sets {
+                            self.finish(set_id, SetOutcomeKind::Retry, 0);
+                        }
+                    }
+                }
+                self.maybe_commit();
+            }
+            Event::GivenBack { grants, result } => {
+                if let Err(error) = &result {
+                    tracing::warn!(%error, sets = grants.len(), "cannot give claims back; they expire");
+                }
+                let kind = if result.is_ok() { SetOutcomeKind::Ready } else { SetOutcomeKind::Retry };
+                for g in grants {
+                    self.report(g.set_id, &g.trigger_id, kind, 0);
+                }
+            }
+            Event::Unheld { set_id, trigger_id, result } => {
+                let kind = match result {
+                    Ok(Slow::Done(kind, _)) => kind,
+                    Ok(Slow::Reread) | Err(_) => SetOutcomeKind::Retry,
+                };
+                self.report(set_id, &trigger_id, kind, 0);
+            }
+            Event::Slow { set_id, result } => match result {
+                Ok(Slow::Done(kind, retry_at)) => self.finish(set_id, kind, retry_at),
+                Ok(Slow::Reread) => {
+                    if let Some(h) = self.held.get(&set_id) {
+                        self.to_read.push((set_id, h.lock));
+                        self.maybe_read();
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(set_id, %error, "cannot act on set; handing it back");
+                    self.finish(set_id, SetOutcomeKind::Retry, 0);
+                }
+            },
+        }
+    }
+
+    /// Acts on a set's candidate: deliver it, or settle the set.
+    fn act(&mut self, c: Candidate) {
+        let Some(held) = self.held.get(&c.set_id) else { return };
+        let (set_id, lock) = (c.set_id, held.lock);
+        let trigger = held.trigger.clone();
+        if c.set_state() == SetState::Waiting {
+            if let Some(at) = c.retry_at.filter(|at| *at > Utc::now()) {
+                let after = AfterAttempt::RetryAt(at);
+                return self.slow(set_id, move |pool| async move { park(&pool, set_id, lock, after).await }.boxed());
+            }
+        }
+        let Some((partition, offset)) = c.head.position() else {
+            let (keyed, seq) = (c.set_key.is_some(), c.ingest_seq);
+            return self.slow(set_id, move |pool| {
+                async move {
+                    Ok(match round::finish_empty(&pool, set_id, lock, keyed, seq).await? {
+                        Some(SetState::Ready) => Slow::Done(SetOutcomeKind::Ready, 0),
+                        Some(_) => Slow::Done(SetOutcomeKind::Idle, 0),
+                        None => Slow::Done(SetOutcomeKind::Busy, 0),
+                    })
+                }
+                .boxed()
+            });
+        };
+        let (body, previous_attempts, first_attempt_at) = match c.head.work_order() {
+            None => (build_body(&body_input(&c, partition, offset)), 0, None),
+            Some(wo) if wo.state.is_finished() => {
+                return self.slow(set_id, move |pool| {
+                    async move {
+                        Ok(if round::delete_finished_head(&pool, set_id, lock, &c).await? {
+                            Slow::Reread
+                        } else {
+                            Slow::Done(SetOutcomeKind::Busy, 0)
+                        })
+                    }
+                    .boxed()
+                });
+            }
+            Some(wo) if wo.state == WorkOrderState::Failed => {
+                let after = AfterAttempt::Failed;
+                return self.slow(set_id, move |pool| async move { park(&pool, set_id, lock, after).await }.boxed());
+            }
+            Some(wo) if wo.state == WorkOrderState::Running => {
+                let after = AfterAttempt::Running;
+                return self.slow(set_id, move |pool| async move { park(&pool, set_id, lock, after).await }.boxed());
+            }
+            Some(wo) => {
+                let body = c.head.wo_body.clone().unwrap_or_else(|| build_body(&body_input(&c, partition, offset)));
+                (body, wo.attempts, wo.first_attempt_at)
+            }
+        };
+        if previous_attempts == 0 {
+            metrics::counter!("kt_work_orders_created_total").increment(1);
+        }
+        let ctx = self.ctx.clone();
+        let wo = work_order_id(c.trigger_id, &c.topic, partition, offset);
+        self.tasks.push(
+            async move {
+                let at = Utc::now();
+                let clock = Instant::now();
+                let outcome = ctx
+                    .webhook
+                    .deliver(&trigger.spec.webhook, &trigger.secrets, Bytes::from(body.clone()), &wo.to_string())
+                    .await;
+                let elapsed = clock.elapsed();
+                metrics::histogram!("kt_delivery_seconds").record(elapsed.as_secs_f64());
+                let attempt = Attempt { at, ms: elapsed.as_millis() as u64, outcome: "success", error: None };
+                Event::Delivered(Box::new(Delivered {
+                    candidate: c,
+                    partition,
+                    offset,
+                    body,
+                    attempt,
+                    outcome,
+                    previous_attempts,
+                    first_attempt_at,
+                }))
+            }
+            .boxed(),
+        );
+    }
+
+    fn on_delivered(&mut self, d: Delivered) {
+        let set_id = d.candidate.set_id;
+        let Some(held) = self.held.get(&set_id) else { return };
+        let trigger = &held.trigger;
+        let attempts = d.previous_attempts + 1;
+        let (after, label, error) = match d.outcome {
+            DeliveryOutcome::Succeeded => {
+                metrics::counter!("kt_work_orders_succeeded_total").increment(1);
+                let keep = !self.draining && held.since.elapsed() < TIME_SLICE;
+                let posted = posted(held.lock, d.candidate, d.partition, d.offset, d.body, d.attempt);
+                self.pending.successes.push(Success { posted, keep });
+                return self.maybe_commit();
+            }
+            DeliveryOutcome::Accepted => (AfterAttempt::Running, "accepted", None),
+            DeliveryOutcome::RetryableFailure { error, retry_after } => {
+                let first = d.first_attempt_at.unwrap_or(d.attempt.at);
+                let now = Utc::now();
+                let after = match next_step(&trigger.spec.retry, attempts, first, now, retry_after) {
+                    RetryDecision::RetryAt(delay) => {
+                        AfterAttempt::RetryAt(now + chrono::Duration::from_std(delay).unwrap_or_default())
+                    }
+                    RetryDecision::GiveUp => AfterAttempt::Failed,
+                };
+                (after, "failure", Some(error))
+            }
+            DeliveryOutcome::PermanentFailure { error } => (AfterAttempt::Failed, "failure", Some(error)),
+        };
+        let wo = work_order_id(d.candidate.trigger_id, &d.candidate.topic, d.partition, d.offset);
+        if after == AfterAttempt::Failed {
+            metrics::counter!("kt_work_orders_failed_total").increment(1);
+            // Error level: a newly blocked set is reported to Sentry (when
+            // configured) with these ids; the error text never holds secrets.
+            tracing::error!(trigger_id = %trigger.id, set_id, work_order_id = %wo, attempts, error = error.as_deref().unwrap_or(""), "work order failed for good; set blocked");
+        } else if let Some(error) = &error {
+            tracing::info!(trigger_id = %trigger.id, set_id, work_order_id = %wo, attempts, %error, "delivery failed; will retry");
+        }
+        let attempt = Attempt { outcome: label, error, ..d.attempt };
+        let posted = posted(held.lock, d.candidate, d.partition, d.offset, d.body, attempt);
+        self.pending.failures.push(Failure { posted, after });
+        self.maybe_commit();
+    }
+
+    fn maybe_commit(&mut self) {
+        if self.commits >= MAX_COMMITS || (self.pending.successes.is_empty() && self.pending.failures.is_empty()) {
+            return;
+        }
+        let s = self.pending.successes.len().min(MAX_BATCH);
+        let f = self.pending.failures.len().min(MAX_BATCH);
+        let batch = Batch {
+            successes: self.pending.successes.drain(..s).collect(),
+            failures: self.pending.failures.drain(..f).collect(),
+        };
+        self.spawn_commit(batch, 0);
+    }
+
+    fn spawn_commit(&mut self, batch: Batch, tries: u32) {
+        self.commits += 1;
+        let pool = self.ctx.pool.clone();
+        self.tasks.push(
+            async move {
+                if tries > 0 {
+                    tokio::time::sleep(DB_RETRY.delay(tries)).await;
+                }
+                let result = commit(&pool, &batch).await;
+                Event::Committed { batch, result, tries }
+            }
+            .boxed(),
+        );
+    }
+
+    fn on_committed(&mut self, batch: Batch, committed: Committed) {
+        for (set_id, after) in committed.successes {
+            match after {
+                AfterSuccess::Next(c) => self.act(*c),
+                AfterSuccess::Released(SetState::Idle) | AfterSuccess::Dropped => {
+                    self.finish(set_id, SetOutcomeKind::Idle, 0)
+                }
+                AfterSuccess::Released(_) => self.finish(set_id, SetOutcomeKind::Ready, 0),
+                AfterSuccess::Lost => {
+                    tracing::warn!(set_id, "claim lost (expired and taken over); stopping");
+                    self.finish(set_id, SetOutcomeKind::Busy, 0)
+                }
+            }
+        }
+        for f in batch.failures {
+            let set_id = f.posted.set_id;
+            if committed.failures.contains(&set_id) {
+                let (kind, at) = outcome_after(f.after);
+                self.finish(set_id, kind, at);
+            } else {
+                tracing::warn!(set_id, "claim lost (expired and taken over); stopping");
+                self.finish(set_id, SetOutcomeKind::Busy, 0);
+            }
+        }
+    }
+
+    /// Runs a rare, single-set transition (park, empty, finished head) as
+    /// its own statement.
+    fn slow(
+        &mut self,
+        set_id: i64,
+        action: impl FnOnce(PgPool) -> BoxFuture<'static, Result<Slow, sqlx::Error>> + Send + 'static,
+    ) {
+        let pool = self.ctx.pool.clone();
+        self.tasks.push(async move { Event::Slow { set_id, result: action(pool).await } }.boxed());
+    }
+
+    /// Like [`Engine::slow`] for a set that is not held (its trigger is not
+    /// known here).
+    fn report_later(
+        &mut self,
+        set_id: i64,
+        trigger_id: String,
+        action: impl std::future::Future<Output = Result<Slow, sqlx::Error>> + Send + 'static,
+    ) {
+        self.tasks.push(async move { Event::Unheld { set_id, trigger_id, result: action.await } }.boxed());
+    }
+
+    /// The set leaves our hands: report it.
+    fn finish(&mut self, set_id: i64, kind: SetOutcomeKind, retry_at_unix_ms: i64) {
+        if let Some(held) = self.held.remove(&set_id) {
+            self.outcomes.push(SetOutcome { set_id, trigger_id: held.trigger_id, kind: kind.into(), retry_at_unix_ms });
+        }
+    }
+
+    fn report(&mut self, set_id: i64, trigger_id: &str, kind: SetOutcomeKind, retry_at_unix_ms: i64) {
+        self.outcomes.push(SetOutcome {
+            set_id,
+            trigger_id: trigger_id.to_owned(),
+            kind: kind.into(),
+            retry_at_unix_ms,
+        });
+    }
+}
+
+/// One group commit: successes alone are one autocommit statement; with
+/// failures, both statements share a transaction.
+async fn commit(pool: &PgPool, batch: &Batch) -> Result<Committed, sqlx::Error> {
+    if batch.failures.is_empty() {
+        let successes = round::commit_successes(pool, &batch.successes).await?;
+        return Ok(Committed { successes, failures: Vec::new() });
+    }
+    let mut tx = pool.begin().await?;
+    let successes = if batch.successes.is_empty() {
+        Vec::new()
+    } else {
+        round::commit_successes(&mut *tx, &batch.successes).await?
+    };
+    let failures = round::record_failures(&mut *tx, &batch.failures).await?;
+    tx.commit().await?;
+    Ok(Committed { successes, failures })
+}
+
+async fn park(pool: &PgPool, set_id: i64, lock: Uuid, after: AfterAttempt) -> Result<Slow, sqlx::Error> {
+    Ok(if round::park(pool, set_id, lock, after).await? {
+        let (kind, at) = outcome_after(after);
+        Slow::Done(kind, at)
+    } else {
+        Slow::Done(SetOutcomeKind::Busy, 0)
+    })
+}
+
+fn outcome_after(after: AfterAttempt) -> (SetOutcomeKind, i64) {
+    match after {
+        AfterAttempt::RetryAt(at) => (SetOutcomeKind::Waiting, at.timestamp_millis()),
+        AfterAttempt::Running => (SetOutcomeKind::Waiting, 0),
+        AfterAttempt::Failed => (SetOutcomeKind::Blocked, 0),
+    }
+}
+
+fn posted(lock_id: Uuid, c: Candidate, partition: i32, offset: i64, body: String, attempt: Attempt) -> Posted {
+    Posted {
+        set_id: c.set_id,
+        lock_id,
+        trigger_id: c.trigger_id,
+        topic: c.topic,
+        set_key: c.set_key,
+        partition,
+        offset,
+        body,
+        attempt,
+    }
+}
+
+fn body_input(c: &Candidate, partition: i32, offset: i64) -> MessageForBody {
+    MessageForBody {
+        topic: c.topic.clone(),
+        partition,
+        offset,
+        key: c.head.key.clone(),
+        value: c.head.value.clone(),
+        ts_ms: c.head.ts.map(|t| t.timestamp_millis()),
+        headers: c.head.headers(),
+    }
+}
