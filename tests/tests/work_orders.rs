@@ -162,6 +162,12 @@ async fn test_a_failing_key_blocks_only_itself_until_retried() {
     .await
     .unwrap();
     assert_ordered_once(&s.receiver.successes());
+    // A work order is recorded with its outcome, just after the target answered.
+    wait_for("every work order recorded", WAIT, || async {
+        (count(&s.pool, "SELECT count(*) FROM work_orders WHERE state = 'success'").await == 40).then_some(())
+    })
+    .await
+    .unwrap();
     assert_eq!(count(&s.pool, "SELECT count(*) FROM work_orders").await, 40);
 }
 
