@@ -224,7 +224,7 @@ pub enum WorkOrdersCmd {
     /// One work order with its attempts.
     Get {
         id: String,
-        /// Print only the JSON body POSTed to the target.
+        /// Print only the body POSTed to the target: exact, or pretty-printed for a table (-o table, the default on a terminal).
         #[arg(long)]
         body: bool,
     },

@@ -73,10 +73,15 @@ pub fn json_text<M: Typed>(msg: &M, pretty: bool) -> String {
 /// The message as YAML, in the proto3 JSON shape, fields in declaration order.
 pub fn yaml_text<M: Typed>(msg: &M) -> String {
     let mut buf = Vec::new();
-    dynamic(msg)
-        .serialize_with_options(&mut serde_yaml::Serializer::new(&mut buf), &output_options())
-        .expect("a message serializes as YAML");
-    String::from_utf8(buf).expect("YAML is UTF-8")
+    let mut serializer = serde_yaml::Serializer::new(&mut buf);
+    dynamic(msg).serialize_with_options(&mut serializer, &output_options()).expect("a message serializes as YAML");
+    // The document's last line break is written when the serializer ends.
+    drop(serializer);
+    let mut text = String::from_utf8(buf).expect("YAML is UTF-8");
+    if !text.ends_with('\n') {
+        text.push('\n');
+    }
+    text
 }
 
 /// A message from proto3 JSON (lowerCamelCase or proto field names).

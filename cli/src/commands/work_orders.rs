@@ -56,12 +56,7 @@ pub async fn run(ctx: &Ctx, cmd: WorkOrdersCmd) -> Result<()> {
         WorkOrdersCmd::Get { id, body } => {
             let wo = api.call(api.work_orders().get_work_order(GetWorkOrderRequest { id })).await?;
             if body {
-                // The exact body, pretty-printed when it is JSON.
-                let text = match serde_json::from_str::<serde_json::Value>(&wo.body) {
-                    Ok(v) => serde_json::to_string_pretty(&v).map_err(anyhow::Error::from)?,
-                    Err(_) => wo.body.clone(),
-                };
-                return output::write_stdout(&(text + "\n"));
+                return output::write_stdout(&(body_text(&wo.body, ctx.format == Format::Table) + "\n"));
             }
             print_message(ctx.format, &wo, describe)
         }
@@ -74,6 +69,19 @@ pub async fn run(ctx: &Ctx, cmd: WorkOrdersCmd) -> Result<()> {
             let wo = api.call(api.work_orders().complete_work_order(req)).await?;
             print_message(ctx.format, &wo, |w| table(std::slice::from_ref(w), &HashMap::new()))
         }
+    }
+}
+
+/// The body as POSTed; on a terminal pretty-printed, keys in their order.
+fn body_text(body: &str, pretty: bool) -> String {
+    if !pretty {
+        return body.to_owned();
+    }
+    let mut out = Vec::new();
+    let mut from = serde_json::Deserializer::from_str(body);
+    match serde_transcode::transcode(&mut from, &mut serde_json::Serializer::pretty(&mut out)) {
+        Ok(()) => String::from_utf8(out).unwrap_or_else(|_| body.to_owned()),
+        Err(_) => body.to_owned(),
     }
 }
 
@@ -148,4 +156,20 @@ fn describe(w: &WorkOrder) -> String {
     }
     out.push_str(&format!("body: {} bytes (kt work-orders get {} --body)\n", w.body.len(), w.id));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_body_keeps_its_key_order_when_pretty() {
+        let body = r#"{"data":{"z":1,"a":2},"request":{"topic":"t"}}"#;
+        assert_eq!(body_text(body, false), body);
+        assert_eq!(
+            body_text(body, true),
+            "{\n  \"data\": {\n    \"z\": 1,\n    \"a\": 2\n  },\n  \"request\": {\n    \"topic\": \"t\"\n  }\n}"
+        );
+        assert_eq!(body_text("not json", true), "not json");
+    }
 }
