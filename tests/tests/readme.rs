@@ -1,10 +1,54 @@
-//! Executes the README's grpcurl walkthrough against a real control plane,
-//! exactly as written except for the listen address.
+//! Executes the README's walkthroughs (the stack on `kt`, managing triggers
+//! with `kt` and with grpcurl) against a real control plane, exactly as
+//! written except for the listen address.
 
 use std::collections::BTreeMap;
 
 use kt_tests::readme::{blocks, grpcurl, readme_path, run_blocks};
-use kt_tests::{ControlPlaneOptions, TestControlPlane, TestDb};
+use kt_tests::{workspace_binary, ControlPlaneOptions, TestControlPlane, TestDb};
+
+/// PATH with the workspace's `kt` in front.
+fn kt_path() -> String {
+    let kt = workspace_binary("kt").unwrap();
+    format!("{}:{}", kt.parent().unwrap().display(), std::env::var("PATH").unwrap_or_default())
+}
+
+#[tokio::test]
+async fn test_readme_kt_walkthrough_runs_as_written() {
+    let db = TestDb::create().await.unwrap();
+    let cp = TestControlPlane::start(&db, ControlPlaneOptions::default()).await.unwrap();
+    let readme = std::fs::read_to_string(readme_path()).unwrap();
+    let dir = std::env::temp_dir().join(format!("kt-readme-kt-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut walkthrough = blocks(&readme, "kt").unwrap();
+    for block in &mut walkthrough {
+        block.code = format!("cd '{}'\n{}", dir.display(), block.code);
+    }
+    // kt's default server is 127.0.0.1:50051; KT_SERVER points it here.
+    let env = BTreeMap::from([
+        ("PATH".to_owned(), kt_path()),
+        ("HOME".to_owned(), dir.display().to_string()),
+        ("KT_SERVER".to_owned(), cp.url()),
+    ]);
+    let outputs = run_blocks(&walkthrough, &env).await.unwrap();
+
+    let created: serde_json::Value =
+        serde_json::from_str(&outputs[0]).unwrap_or_else(|e| panic!("{e}: {}", outputs[0]));
+    assert!(created["kafka"]["groupId"].as_str().unwrap().starts_with("kafka-triggers-"), "{created}");
+    let lifecycle = &outputs[1];
+    assert!(lifecycle.contains("\"refunds\""), "update applied: {lifecycle}");
+    assert!(lifecycle.contains("\"generation\": \"5\""), "update, disable, enable, replace: {lifecycle}");
+    assert!(lifecycle.contains("\"maxAttempts\": 8"), "the edited file replaced the configuration: {lifecycle}");
+    assert!(lifecycle.contains("\"deleted\": true"), "{lifecycle}");
+    let pool = db.pool().await.unwrap();
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM triggers").fetch_one(&pool).await.unwrap();
+    assert_eq!(left, 0, "the walkthrough deletes its trigger");
+    let invalid = &outputs[2];
+    for field in ["\n  trigger.kafka.topics[0]: ", "\n  trigger.webhook.url: "] {
+        assert!(invalid.contains(field), "one violation per line: {invalid}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
 
 #[tokio::test]
 async fn test_readme_trigger_walkthrough_runs_as_written() {
@@ -74,6 +118,11 @@ async fn test_readme_stack_walkthrough_runs_as_written() {
     for block in &mut walkthrough {
         block.code = format!("cd '{}'\n{}", dir.display(), block.code);
     }
+    let env_text = std::fs::read_to_string(&env_file).unwrap();
+    assert!(env_text.contains("KT_SERVER=http://127.0.0.1:"), "{env_text}");
+    let kt_dir = workspace_binary("kt").unwrap().parent().unwrap().display().to_string();
+    assert!(env_text.contains(&format!("PATH=\"{kt_dir}:$PATH\"")), "kt on the PATH: {env_text}");
+    // Without kt on the test's own PATH: `source .stack/env` provides it.
     let grpcurl_dir = std::path::Path::new(&grpcurl).parent().unwrap().display().to_string();
     let env = BTreeMap::from([
         ("PATH".to_owned(), format!("{grpcurl_dir}:{}", std::env::var("PATH").unwrap_or_default())),
@@ -83,8 +132,12 @@ async fn test_readme_stack_walkthrough_runs_as_written() {
         .await
         .expect("the walkthrough finishes in time")
         .unwrap();
-    assert!(outputs[1].contains("EVENT_KIND_WORK_ORDER_SUCCEEDED"), "{}", outputs[1]);
+    assert!(outputs[0].contains("\"WORK_ORDER_STATE_SUCCESS\""), "{}", outputs[0]);
+    assert_eq!(outputs[1].lines().count(), 3, "one line per event: {}", outputs[1]);
+    assert!(outputs[1].lines().all(|l| l.contains("EVENT_KIND_WORK_ORDER_SUCCEEDED")), "{}", outputs[1]);
     assert!(outputs[2].contains("MESSAGE_SET_STATE_BLOCKED"), "{}", outputs[2]);
+    assert!(outputs[2].contains("\"blockedSets\": \"1\""), "kt triggers status: {}", outputs[2]);
+    assert!(outputs[3].contains("EVENT_KIND_SET_UNBLOCKED"), "the retry: {}", outputs[3]);
 
     // The stack printed user-7's deliveries: failures, then both in order.
     let printed = std::fs::read_to_string(dir.join("stack.log")).unwrap();

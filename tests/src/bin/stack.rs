@@ -185,15 +185,27 @@ fn write_env_file(
     if let Some(dir) = args.env_file.parent() {
         std::fs::create_dir_all(dir)?;
     }
+    // KT_SERVER is where `kt` connects.
     let mut text = format!(
-        "KT_BROKERS={brokers}\nKT_CONTROL_PLANE={}\nKT_WEBHOOK={}\nKT_TOPIC={}\n",
-        cp.addr, receiver.addr, args.topic
+        "KT_BROKERS={brokers}\nKT_CONTROL_PLANE={}\nKT_SERVER=http://{}\nKT_WEBHOOK={}\nKT_TOPIC={}\n",
+        cp.addr, cp.addr, receiver.addr, args.topic
     );
     if let Some(id) = trigger_id {
         text.push_str(&format!("KT_TRIGGER_ID={id}\n"));
     }
+    // `kt` is built next to this binary (scripts/stack.sh, cargo build
+    // --workspace): sourcing the file puts it on the PATH.
+    if let Some(dir) = kt_dir() {
+        text.push_str(&format!("PATH=\"{}:$PATH\"\n", dir.display()));
+    }
     std::fs::write(&args.env_file, text).with_context(|| format!("failed to write {}", args.env_file.display()))?;
     Ok(())
+}
+
+/// The directory of the `kt` binary built beside this one, if any.
+fn kt_dir() -> Option<std::path::PathBuf> {
+    let dir = std::env::current_exe().ok()?.parent()?.to_path_buf();
+    dir.join("kt").is_file().then_some(dir)
 }
 
 fn print_next_steps(args: &Args, brokers: &str, cp: &SocketAddr, receiver: &WebhookReceiver, trigger_id: Option<&str>) {
@@ -210,6 +222,16 @@ fn print_next_steps(args: &Args, brokers: &str, cp: &SocketAddr, receiver: &Webh
     println!("next, in another terminal (see README \"Walkthrough\"):");
     println!("  source {}", args.env_file.display());
     println!("  printf 'user-1:{{\"n\":1}}\\nuser-2:{{\"n\":2}}\\nuser-1:{{\"n\":3}}\\n' | kcat -P -b $KT_BROKERS -t $KT_TOPIC -K:");
+    match kt_dir() {
+        Some(dir) => {
+            println!("  kt work-orders list        # kt is {}", dir.join("kt").display());
+            println!("  kt events --follow         # Ctrl-C prints the cursor to resume from");
+            println!("  kt top");
+        }
+        None => println!(
+            "  cargo build -p kt-cli      # then kt is target/debug/kt; see README \"Managing triggers with kt\""
+        ),
+    }
     println!("  grpcurl -plaintext $KT_CONTROL_PLANE list");
     println!();
     println!("deliveries are printed below; Ctrl-C stops everything");
