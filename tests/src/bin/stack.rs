@@ -185,9 +185,10 @@ fn write_env_file(
     if let Some(dir) = args.env_file.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    // KT_SERVER is where `kt` connects.
+    // KT_SERVER is where `kt` connects: exported, since `kt` reads it from
+    // its environment (the others are used by the shell that sources this).
     let mut text = format!(
-        "KT_BROKERS={brokers}\nKT_CONTROL_PLANE={}\nKT_SERVER=http://{}\nKT_WEBHOOK={}\nKT_TOPIC={}\n",
+        "KT_BROKERS={brokers}\nKT_CONTROL_PLANE={}\nexport KT_SERVER=http://{}\nKT_WEBHOOK={}\nKT_TOPIC={}\n",
         cp.addr, cp.addr, receiver.addr, args.topic
     );
     if let Some(id) = trigger_id {
