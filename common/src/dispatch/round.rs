@@ -8,6 +8,8 @@
 //! Rows are bound in (trigger, topic, key) order, the order in which ingest
 //! locks set rows, so a group commit and an ingest batch cannot deadlock.
 
+use std::sync::LazyLock;
+
 use chrono::{DateTime, Utc};
 use sqlx::types::Json;
 use sqlx::PgExecutor;
@@ -25,12 +27,8 @@ fn candidate_select() -> String {
     format!("{}, {HEAD_COLUMNS}", pass.join(", "))
 }
 
-/// The candidates of the sets claimed with these (set, lock id) pairs; a set
-/// whose claim no longer holds is missing from the result. One statement,
-/// no write: the claim was written when the set was granted.
-pub async fn read_candidates(db: impl PgExecutor<'_>, claims: &[(i64, Uuid)]) -> Result<Vec<Candidate>, sqlx::Error> {
-    let ids: Vec<i64> = claims.iter().map(|c| c.0).collect();
-    let locks: Vec<Uuid> = claims.iter().map(|c| c.1).collect();
+/// The statement of [`read_candidates`], built once.
+static READ_SQL: LazyLock<String> = LazyLock::new(|| {
     let src = "(SELECT s.id AS set_id, i.lock_id, s.trigger_id, s.topic, s.key AS set_key,
                        s.partition AS set_partition, s.\"offset\" AS set_offset, s.state, s.retry_at, s.ingest_seq,
                        NULL::int4 AS after_partition, NULL::int8 AS after_offset
@@ -39,8 +37,16 @@ pub async fn read_candidates(db: impl PgExecutor<'_>, claims: &[(i64, Uuid)]) ->
                  -- Repeated as an array condition so the planner probes the
                  -- primary key instead of scanning the table.
                  WHERE s.id = ANY($1))";
-    let sql = format!("SELECT {} FROM {}", candidate_select(), candidates_of(src, CANDIDATE_PASS));
-    sqlx::query_as(&sql).bind(&ids).bind(&locks).fetch_all(db).await
+    format!("SELECT {} FROM {}", candidate_select(), candidates_of(src, CANDIDATE_PASS))
+});
+
+/// The candidates of the sets claimed with these (set, lock id) pairs; a set
+/// whose claim no longer holds is missing from the result. One statement,
+/// no write: the claim was written when the set was granted.
+pub async fn read_candidates(db: impl PgExecutor<'_>, claims: &[(i64, Uuid)]) -> Result<Vec<Candidate>, sqlx::Error> {
+    let ids: Vec<i64> = claims.iter().map(|c| c.0).collect();
+    let locks: Vec<Uuid> = claims.iter().map(|c| c.1).collect();
+    sqlx::query_as(&READ_SQL).bind(&ids).bind(&locks).fetch_all(db).await
 }
 
 /// A candidate that was POSTed: its set and claim, the message, the exact
@@ -125,21 +131,8 @@ struct SuccessRow {
     kept: bool,
 }
 
-/// Commits a group of successes in one statement: per set, the work order
-/// (inserted as succeeded, or an earlier attempt's row updated), its message
-/// deleted, one event; then the set keeps its claim with its next
-/// candidate, or is released (idle when empty and nothing arrived since the
-/// snapshot, else ready), or, unkeyed, removed. The next candidate is read
-/// in the same statement as the first message after the delivered one.
-///
-/// Returns one entry per input, in input order.
-pub async fn commit_successes(
-    db: impl PgExecutor<'_>,
-    successes: &[Success],
-) -> Result<Vec<(i64, AfterSuccess)>, sqlx::Error> {
-    let c = PostedColumns::new(successes.iter().map(|s| &s.posted).collect());
-    let keeps: Vec<bool> = c.order.iter().map(|i| successes[*i].keep).collect();
-
+/// The statement of [`commit_successes`], built once.
+static COMMIT_SQL: LazyLock<String> = LazyLock::new(|| {
     let src = "(SELECT s.id AS set_id, i.lock_id, s.trigger_id, s.topic, s.key AS set_key,
                        s.partition AS set_partition, s.\"offset\" AS set_offset, s.state, s.retry_at, s.ingest_seq,
                        i.d_partition AS after_partition, i.d_offset AS after_offset,
@@ -148,7 +141,7 @@ pub async fn commit_successes(
                  WHERE s.id = ANY($1))";
     let mut pass = CANDIDATE_PASS.to_vec();
     pass.extend(["after_partition", "after_offset", "wo_id", "body", "attempt", "at", "keep", "ord"]);
-    let sql = format!(
+    format!(
         "WITH input AS (
             SELECT * FROM unnest($1::int8[], $2::uuid[], $3::int4[], $4::int8[], $5::uuid[], $6::text[],
                                  $7::jsonb[], $8::timestamptz[], $9::bool[])
@@ -206,8 +199,25 @@ pub async fn commit_successes(
            LEFT JOIN fence f ON f.id = c.set_id",
         candidates = candidates_of(src, &pass),
         select = candidate_select(),
-    );
-    let rows: Vec<SuccessRow> = sqlx::query_as(&sql)
+    )
+});
+
+/// Commits a group of successes in one statement: per set, the work order
+/// (inserted as succeeded, or an earlier attempt's row updated), its message
+/// deleted, one event; then the set keeps its claim with its next
+/// candidate, or is released (idle when empty and nothing arrived since the
+/// snapshot, else ready), or, unkeyed, removed. The next candidate is read
+/// in the same statement as the first message after the delivered one.
+///
+/// Returns one entry per input, in input order.
+pub async fn commit_successes(
+    db: impl PgExecutor<'_>,
+    successes: &[Success],
+) -> Result<Vec<(i64, AfterSuccess)>, sqlx::Error> {
+    let c = PostedColumns::new(successes.iter().map(|s| &s.posted).collect());
+    let keeps: Vec<bool> = c.order.iter().map(|i| successes[*i].keep).collect();
+
+    let rows: Vec<SuccessRow> = sqlx::query_as(&COMMIT_SQL)
         .bind(&c.ids)
         .bind(&c.locks)
         .bind(&c.partitions)
