@@ -3,6 +3,7 @@
 //! helpers that wait on conditions with a timeout instead of sleeping.
 
 pub mod bench;
+pub mod postgres;
 pub mod process;
 pub mod readme;
 pub mod webhook;
@@ -39,7 +40,12 @@ pub struct TestDb {
 
 impl TestDb {
     pub async fn create() -> anyhow::Result<Self> {
-        let admin_url = admin_database_url();
+        Self::create_on(&admin_database_url()).await
+    }
+
+    /// A database on the server of `admin_url` (e.g. a [`postgres::PgCluster`]).
+    pub async fn create_on(admin_url: &str) -> anyhow::Result<Self> {
+        let admin_url = admin_url.to_owned();
         let name = format!("kt_test_{}", Uuid::new_v4().simple());
         let mut admin = PgConnection::connect(&admin_url).await.with_context(|| {
             format!("cannot reach Postgres at {admin_url}; run scripts/test.sh or set DATABASE_URL")
