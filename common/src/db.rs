@@ -24,6 +24,18 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Er
         .await
 }
 
+/// A pool beside `pool`, to the same server, whose connections always use
+/// generic plans. For statements whose parameters are arrays of a round
+/// (the scheduler's claims): a custom plan for each call costs as much as
+/// running it, and the generic plan is the same plan.
+pub fn generic_plan_pool(pool: &PgPool, max_connections: u32) -> PgPool {
+    let options = pool.connect_options().as_ref().clone().options([("plan_cache_mode", "force_generic_plan")]);
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_lazy_with(options)
+}
+
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     MIGRATOR.run(pool).await
 }

@@ -31,6 +31,12 @@ use crate::status::StatusBoard;
 use crate::store::{run_dedup_cleanup, DedupCleanupSettings};
 use crate::worker::{TriggerDirectory, WorkerConfig};
 
+/// Message sets a node works on at once by default. A set in hand costs a
+/// few hundred bytes and, while its POST runs, one connection to the
+/// target; the per-trigger `tuning.max_in_flight` bounds what one target
+/// sees.
+pub const DEFAULT_WORKERS: usize = 256;
+
 /// Everything a node needs; [`Config::new`] fills the defaults.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -59,7 +65,7 @@ impl Config {
             control_plane_url: control_plane_url.into(),
             node_token: None,
             node_id: generate_node_id(),
-            workers: 32,
+            workers: DEFAULT_WORKERS,
             db_max_connections: 10,
             ingest: IngestSettings::default(),
             dedup: DedupCleanupSettings::default(),

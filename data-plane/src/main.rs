@@ -36,8 +36,9 @@ struct Args {
     node_id: Option<String>,
 
     /// Message sets this node works on at once (each delivers one work order
-    /// at a time); 0 makes an ingest-only node.
-    #[arg(long, env = "KT_WORKERS", default_value_t = 32)]
+    /// at a time; a trigger's `tuning.max_in_flight` caps its own share); 0
+    /// makes an ingest-only node.
+    #[arg(long, env = "KT_WORKERS", default_value_t = kt_data_plane::DEFAULT_WORKERS)]
     workers: usize,
 
     /// Address for the Prometheus metrics endpoint (e.g. 127.0.0.1:9101);

@@ -115,7 +115,8 @@ impl Scheduler {
             model: Model::new(),
             sessions: HashMap::new(),
             leases: HashMap::new(),
-            pool: pool.clone(),
+            // The task is the only user, one statement at a time.
+            pool: kt_common::db::generic_plan_pool(&pool, 1),
             dirty: true,
             next_retry: None,
         };
@@ -167,6 +168,7 @@ struct SchedulerTask {
     model: Model,
     sessions: HashMap<SessionId, SessionHandle>,
     leases: HashMap<TriggerId, f64>,
+    /// Its own connection, on generic plans (see `generic_plan_pool`).
     pool: PgPool,
     /// Something may be grantable that was not when we last filled.
     dirty: bool,
