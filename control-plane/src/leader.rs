@@ -1,7 +1,9 @@
 //! High availability: several control-plane replicas share one Postgres and
 //! exactly one is active. The active one holds a session-level advisory lock
 //! on a connection of its own; the others wait for it. A replica that loses
-//! that connection (and so, possibly, the lock) stops serving at once.
+//! that connection (and so, possibly, the lock) stops serving at once and
+//! stands by again, trying for the lock like any standby (see `run` in the
+//! crate root): a lone replica outlives a Postgres restart.
 //!
 //! Fencing: two replicas may both believe they are active for at most one
 //! check interval. Nothing they do in that window can break an invariant:
@@ -20,6 +22,9 @@ pub const LEADER_LOCK_KEY: i64 = 0x6b74_5f6c_6561_6465;
 /// How often a standby tries for the lock, and the leader checks it still
 /// has its connection.
 pub const CHECK_INTERVAL: Duration = Duration::from_millis(500);
+/// While the database cannot be reached, a standby says so this often (it
+/// keeps trying every [`CHECK_INTERVAL`]).
+const UNREACHABLE_LOG_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Leadership held; dropping it releases the lock (the connection closes).
 pub struct Leadership {
@@ -37,6 +42,7 @@ impl Drop for Leadership {
 /// Waits until this replica holds the lock (or `shutdown`: `Ok(None)`).
 pub async fn acquire(database_url: &str, shutdown: &CancellationToken) -> anyhow::Result<Option<Leadership>> {
     let mut announced = false;
+    let mut warned: Option<tokio::time::Instant> = None;
     loop {
         let attempt = async {
             let mut conn =
@@ -59,7 +65,11 @@ pub async fn acquire(database_url: &str, shutdown: &CancellationToken) -> anyhow
                 announced = true;
             }
             Ok(None) => {}
-            Err(error) => tracing::warn!(%error, "cannot try the leader lock; retrying"),
+            Err(error) if warned.is_none_or(|at| at.elapsed() >= UNREACHABLE_LOG_INTERVAL) => {
+                tracing::warn!(error = format!("{error:#}"), "cannot try the leader lock; standing by and retrying");
+                warned = Some(tokio::time::Instant::now());
+            }
+            Err(error) => tracing::debug!(error = format!("{error:#}"), "cannot try the leader lock; retrying"),
         }
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(None),

@@ -112,24 +112,106 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     Ok(Running { addr, task })
 }
 
-/// Runs until `shutdown` is cancelled: stands by while another replica is
-/// active, then serves as long as it holds the leader lock. Losing the lock
-/// is an error, so a supervisor restarts the process (as a standby).
-pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let Some(leadership) = leader::acquire(&config.database_url, &shutdown).await? else {
-        return Ok(());
-    };
-    let serving = shutdown.child_token();
-    let stop = serving.clone();
-    let lost = leadership.lost.clone();
-    tokio::spawn(async move {
-        lost.cancelled().await;
-        stop.cancel();
-    });
-    let running = start(config, serving).await?;
-    running.task.await.context("server task panicked")??;
-    if leadership.lost.is_cancelled() {
-        anyhow::bail!("lost the leader lock; stopped serving so another replica can take over");
+/// How long a replica that stepped down waits for the calls of its term to
+/// finish before it stands by regardless. The port is closed and nothing
+/// is granted any more by then; what still runs is fenced in the database.
+pub const STEP_DOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Runs until `shutdown` is cancelled, in leadership terms: stands by while
+/// another replica is active (or the database is unreachable), serves as
+/// long as it holds the leader lock, and on losing it stops serving at once
+/// and stands by again. It returns early only on a fatal error (e.g. the
+/// address cannot be bound, the migrations do not match this build).
+pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    metrics::gauge!("kt_control_plane_active").set(0.0);
+    loop {
+        let Some(leadership) = leader::acquire(&config.database_url, &shutdown).await? else {
+            return Ok(());
+        };
+        // Everything leader-only (scheduler, node sessions and work
+        // streams, event tail, retention, the listener) lives on this token.
+        let term = shutdown.child_token();
+        let stop = term.clone();
+        let lost = leadership.lost.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = lost.cancelled() => stop.cancel(),
+                _ = stop.cancelled() => {}
+            }
+        });
+        let running = match start(config.clone(), term.clone()).await {
+            Ok(running) => running,
+            Err(error) if database_unavailable(&error) => {
+                term.cancel();
+                drop(leadership);
+                tracing::warn!(error = format!("{error:#}"), "cannot start serving: database unavailable; standing by");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(leader::CHECK_INTERVAL) => continue,
+                }
+            }
+            Err(error) => {
+                term.cancel();
+                return Err(error);
+            }
+        };
+        // Every term listens where the first one did (also when the port
+        // was the OS's choice), so nodes and clients find this replica again.
+        config.grpc_listen = running.addr;
+        metrics::gauge!("kt_control_plane_active").set(1.0);
+        let outcome = serve_term(running.task, &term, &shutdown).await;
+        term.cancel();
+        metrics::gauge!("kt_control_plane_active").set(0.0);
+        let lost = leadership.lost.is_cancelled();
+        drop(leadership);
+        if shutdown.is_cancelled() {
+            return outcome;
+        }
+        if !lost {
+            return outcome.and_then(|()| Err(anyhow::anyhow!("the gRPC server stopped on its own")));
+        }
+        if let Err(error) = outcome {
+            tracing::warn!(error = format!("{error:#}"), "the last term ended with an error");
+        }
+        tracing::info!("standing by; trying to take the leader lock again");
     }
-    Ok(())
+}
+
+/// Waits for the server of a term to end. It ends on its own only on an
+/// error; when the term is cancelled (leader lock lost, or shutdown) it
+/// drains, which on a step-down is waited for at most [`STEP_DOWN_GRACE`].
+async fn serve_term(
+    mut task: JoinHandle<anyhow::Result<()>>,
+    term: &CancellationToken,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let joined = |r: Result<anyhow::Result<()>, tokio::task::JoinError>| r.context("server task panicked")?;
+    tokio::select! {
+        result = &mut task => return joined(result),
+        _ = term.cancelled() => {}
+    }
+    if shutdown.is_cancelled() {
+        return joined(task.await);
+    }
+    tracing::warn!("stepped down: no longer the active control plane");
+    match tokio::time::timeout(STEP_DOWN_GRACE, &mut task).await {
+        Ok(result) => joined(result),
+        Err(_) => {
+            tracing::warn!(
+                grace_ms = STEP_DOWN_GRACE.as_millis() as u64,
+                "calls of the last term still running; standing by while they finish"
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Whether `error` (from [`start`]) is the database being unreachable: worth
+/// waiting out, unlike a configuration error.
+fn database_unavailable(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<sqlx::Error>()
+            .is_some_and(|e| kt_common::db::classify(e) == kt_common::db::DbErrorKind::Unavailable)
+    })
 }

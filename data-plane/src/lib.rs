@@ -146,6 +146,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             settings: std::sync::Arc::new(config.ingest.clone()),
             board: board.clone(),
             client_id: format!("kafka-triggers/{}", config.node_id),
+            node_id: config.node_id.clone(),
         },
         supervisor_cancel.clone(),
     );

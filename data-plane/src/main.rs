@@ -51,6 +51,31 @@ struct Args {
     #[arg(long, env = "KT_DEDUP_RETENTION_HOURS", default_value_t = 168)]
     dedup_retention_hours: u64,
 
+    /// Kafka consumer group session timeout, in milliseconds: a node that
+    /// stops heartbeating (killed, cut off) keeps its partitions this long
+    /// before the group hands them to the other nodes. The broker bounds it
+    /// (group.min/max.session.timeout.ms, 6 s to 30 min on Apache Kafka).
+    #[arg(long, env = "KT_KAFKA_SESSION_TIMEOUT_MS", default_value_t = 10_000)]
+    kafka_session_timeout_ms: u64,
+
+    /// Kafka consumer max.poll.interval.ms, which is also the group's
+    /// rebalance timeout: how long a rebalance waits for members to rejoin.
+    /// Some brokers (Tansu) make every join wait this long: set it low there.
+    #[arg(long, env = "KT_KAFKA_MAX_POLL_INTERVAL_MS", default_value_t = 300_000)]
+    kafka_max_poll_interval_ms: u64,
+
+    /// Static consumer group membership (KIP-345): the node's consumers
+    /// join with a group.instance.id derived from --node-id and the
+    /// trigger, so a node restarted under the same id within the session
+    /// timeout gets its partitions back without a rebalance. Its consumers
+    /// then do not leave the group when they stop: a node stopped for good
+    /// hands over after the session timeout. auto: on when --node-id is
+    /// given (a generated id is new on every start); off: dynamic
+    /// membership, for brokers that do not implement static membership
+    /// (Tansu never reassigns a dead static member's partitions).
+    #[arg(long, env = "KT_KAFKA_STATIC_MEMBERSHIP", value_enum, default_value_t = StaticMembership::Auto)]
+    kafka_static_membership: StaticMembership,
+
     /// Maximum Postgres connections of this node.
     #[arg(long, env = "KT_DB_MAX_CONNECTIONS", default_value_t = 10)]
     db_max_connections: u32,
@@ -62,6 +87,15 @@ struct Args {
     /// Sentry DSN; none: errors are only logged.
     #[arg(long, env = "SENTRY_DSN", hide_env_values = true)]
     sentry_dsn: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum StaticMembership {
+    Auto,
+    #[value(alias = "true")]
+    On,
+    #[value(alias = "false")]
+    Off,
 }
 
 #[tokio::main]
@@ -76,11 +110,19 @@ async fn main() -> anyhow::Result<()> {
     }
     let mut config = Config::new(args.database_url, args.control_plane_url);
     config.node_token = args.node_token.filter(|t| !t.is_empty()).map(Secret::new);
-    if let Some(id) = args.node_id.filter(|id| !id.trim().is_empty()) {
+    let fixed_id = args.node_id.filter(|id| !id.trim().is_empty());
+    config.ingest.static_membership = match args.kafka_static_membership {
+        StaticMembership::Auto => fixed_id.is_some(),
+        StaticMembership::On => true,
+        StaticMembership::Off => false,
+    };
+    if let Some(id) = fixed_id {
         config.node_id = id.trim().to_owned();
     }
     config.workers = args.workers;
     config.db_max_connections = args.db_max_connections;
+    config.ingest.session_timeout = Duration::from_millis(args.kafka_session_timeout_ms.max(1));
+    config.ingest.max_poll_interval = Duration::from_millis(args.kafka_max_poll_interval_ms.max(1));
     config.dedup.retention = Duration::from_secs(args.dedup_retention_hours.saturating_mul(3600));
     let shutdown = telemetry::shutdown_on_signal();
     run(config, shutdown).await.inspect_err(|e| tracing::error!(error = format!("{e:#}"), "data plane failed"))

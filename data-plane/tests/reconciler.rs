@@ -35,6 +35,7 @@ fn node(db: &TestDb) -> Node {
         settings: fast_settings_arc(),
         board: board.clone(),
         client_id: "kt-test".into(),
+        node_id: "kt-test".into(),
     };
     let (supervisor, task) = spawn_supervisor(env, cancel.clone());
     Node { supervisor, board, cancel, task }

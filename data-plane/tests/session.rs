@@ -128,6 +128,7 @@ fn supervisor(
         settings: fast_settings_arc(),
         board: board.clone(),
         client_id: "kt-test".into(),
+        node_id: "kt-test".into(),
     };
     spawn_supervisor(env, cancel.clone())
 }

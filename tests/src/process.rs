@@ -1,6 +1,7 @@
-//! A `data-plane` node as a child process of the test: the real binary, its
-//! flags and signal handling, for faults only a process has (`kill -9`,
-//! SIGTERM). Its output is kept (the last lines) for failure messages.
+//! A `data-plane` node or a `control-plane` replica as a child process of
+//! the test: the real binary, its flags and signal handling, for faults only
+//! a process has (`kill -9`, SIGTERM, an exit). Its output is kept (the last
+//! lines) for failure messages and for what its log says.
 
 use std::collections::VecDeque;
 use std::process::{ExitStatus, Stdio};
@@ -85,36 +86,9 @@ impl DataPlaneProcess {
             .env("KT_WORKERS", opts.workers.to_string())
             .env("RUST_LOG", &opts.rust_log)
             .env("NO_COLOR", "1")
-            .envs(opts.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        let mut child = command.spawn().with_context(|| format!("failed to run {}", bin.display()))?;
-        let output = Arc::new(Mutex::new(VecDeque::new()));
-        if let Some(out) = child.stdout.take() {
-            tokio::spawn(keep_lines(out, output.clone()));
-        }
-        if let Some(err) = child.stderr.take() {
-            tokio::spawn(keep_lines(err, output.clone()));
-        }
-        let pid = child.id();
-        let (kill_tx, kill_rx) = oneshot::channel();
-        let (exit_tx, exit) = watch::channel(None);
-        // One task owns the child: it reaps it whenever it exits, so the
-        // test can ask "still running?" without a `&mut`.
-        tokio::spawn(async move {
-            let status = tokio::select! {
-                status = child.wait() => status,
-                _ = kill_rx => {
-                    let _ = child.start_kill();
-                    child.wait().await
-                }
-            };
-            let status = status.unwrap_or_else(|_| std::os::unix::process::ExitStatusExt::from_raw(-1));
-            let _ = exit_tx.send(Some(status));
-        });
-        Ok(Self { node_id: opts.node_id.clone(), pid, kill: Some(kill_tx), exit, output })
+            .envs(opts.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let (pid, kill, exit, output) = spawn_kept(command, &bin)?;
+        Ok(Self { node_id: opts.node_id.clone(), pid, kill: Some(kill), exit, output })
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -186,6 +160,115 @@ impl DataPlaneProcess {
     pub fn lines_containing(&self, needle: &str) -> Vec<String> {
         self.output.lock().unwrap().iter().filter(|l| l.contains(needle)).cloned().collect()
     }
+}
+
+/// A `control-plane` replica (`serve`) as a child of the test, on a fixed
+/// address; killed (SIGKILL) when dropped. It logs JSON, so a test can read
+/// when it became active and when it stepped down.
+pub struct ControlPlaneProcess {
+    pub name: String,
+    pub addr: std::net::SocketAddr,
+    kill: Option<oneshot::Sender<()>>,
+    exit: watch::Receiver<Option<ExitStatus>>,
+    output: Arc<Mutex<VecDeque<String>>>,
+}
+
+impl ControlPlaneProcess {
+    /// Starts `target/<profile>/control-plane` against `database_url`,
+    /// listening on `addr`, with the test encryption key, 1 s heartbeats
+    /// and `rust_log`.
+    pub fn spawn(name: &str, database_url: &str, addr: std::net::SocketAddr, rust_log: &str) -> anyhow::Result<Self> {
+        let bin = workspace_binary("control-plane")?;
+        let mut command = Command::new(&bin);
+        for var in SCRUBBED_ENV.iter().chain(&["KT_API_TOKEN", "KT_GRPC_LISTEN", "KT_OLD_ENCRYPTION_KEYS"]) {
+            command.env_remove(var);
+        }
+        command
+            .env("DATABASE_URL", database_url)
+            .env("KT_GRPC_LISTEN", addr.to_string())
+            .env("KT_ENCRYPTION_KEY", crate::TEST_ENCRYPTION_KEY)
+            .env("KT_HEARTBEAT_SECONDS", "1")
+            .env("KT_LOG_FORMAT", "json")
+            .env("RUST_LOG", rust_log)
+            .env("NO_COLOR", "1");
+        let (_, kill, exit, output) = spawn_kept(command, &bin)?;
+        Ok(Self { name: name.to_owned(), addr, kill: Some(kill), exit, output })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// How the process ended, if it has.
+    pub fn exited(&self) -> Option<ExitStatus> {
+        *self.exit.borrow()
+    }
+
+    /// An error with the process's output if it is not running any more.
+    pub fn ensure_running(&self) -> anyhow::Result<()> {
+        match self.exited() {
+            None => Ok(()),
+            Some(status) => {
+                anyhow::bail!("control-plane {} exited ({status}); its output:\n{}", self.name, self.output())
+            }
+        }
+    }
+
+    /// `kill -9`; returns once it is gone.
+    pub async fn kill(&mut self) -> anyhow::Result<ExitStatus> {
+        if let Some(kill) = self.kill.take() {
+            let _ = kill.send(());
+        }
+        let mut exit = self.exit.clone();
+        let status = tokio::time::timeout(Duration::from_secs(10), exit.wait_for(Option::is_some))
+            .await
+            .map_err(|_| anyhow::anyhow!("control-plane {} still running after SIGKILL", self.name))??;
+        Ok((*status).expect("waited for an exit status"))
+    }
+
+    /// The last lines the process printed.
+    pub fn output(&self) -> String {
+        let lines = self.output.lock().unwrap();
+        lines.iter().map(String::as_str).collect::<Vec<_>>().join("\n")
+    }
+
+    /// Output lines containing `needle`, oldest first.
+    pub fn lines_containing(&self, needle: &str) -> Vec<String> {
+        self.output.lock().unwrap().iter().filter(|l| l.contains(needle)).cloned().collect()
+    }
+}
+
+type Kept = (Option<u32>, oneshot::Sender<()>, watch::Receiver<Option<ExitStatus>>, Arc<Mutex<VecDeque<String>>>);
+
+/// Spawns `command` (stdout and stderr piped) with one task owning the
+/// child: it keeps the last output lines and reaps the child whenever it
+/// exits, so the test can ask "still running?" without a `&mut`; sending
+/// (or dropping) the returned sender SIGKILLs it.
+fn spawn_kept(mut command: Command, bin: &std::path::Path) -> anyhow::Result<Kept> {
+    command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+    let mut child = command.spawn().with_context(|| format!("failed to run {}", bin.display()))?;
+    let output = Arc::new(Mutex::new(VecDeque::new()));
+    if let Some(out) = child.stdout.take() {
+        tokio::spawn(keep_lines(out, output.clone()));
+    }
+    if let Some(err) = child.stderr.take() {
+        tokio::spawn(keep_lines(err, output.clone()));
+    }
+    let pid = child.id();
+    let (kill_tx, kill_rx) = oneshot::channel();
+    let (exit_tx, exit) = watch::channel(None);
+    tokio::spawn(async move {
+        let status = tokio::select! {
+            status = child.wait() => status,
+            _ = kill_rx => {
+                let _ = child.start_kill();
+                child.wait().await
+            }
+        };
+        let status = status.unwrap_or_else(|_| std::os::unix::process::ExitStatusExt::from_raw(-1));
+        let _ = exit_tx.send(Some(status));
+    });
+    Ok((pid, kill_tx, exit, output))
 }
 
 async fn keep_lines(stream: impl AsyncRead + Unpin, output: Arc<Mutex<VecDeque<String>>>) {

@@ -231,3 +231,25 @@ async fn test_data_path_events_reach_the_stream() {
         }
     }
 }
+
+/// A control plane that stops serving (shutdown, or a replica stepping
+/// down) ends its open event streams with UNAVAILABLE and the cursor to
+/// resume from, instead of keeping them, and with them its drain, open.
+/// Regression test: before, `stop` waited for as long as a client followed.
+#[tokio::test]
+async fn test_open_event_streams_end_when_the_control_plane_stops() {
+    let db = TestDb::create().await.unwrap();
+    let cp = TestControlPlane::start(&db, ControlPlaneOptions::default()).await.unwrap();
+    let mut events = EventServiceClient::new(cp.channel().await.unwrap());
+    let mut live = events.stream_events(StreamEventsRequest::default()).await.unwrap().into_inner();
+    TriggerServiceClient::new(cp.channel().await.unwrap())
+        .create_trigger(CreateTriggerRequest { trigger: Some(sample_trigger("a", "b:1", "t")) })
+        .await
+        .unwrap();
+    let seen = next(&mut live).await;
+    tokio::time::timeout(WAIT, cp.stop()).await.expect("the control plane stopped in time").unwrap();
+    let end = tokio::time::timeout(WAIT, live.message()).await.expect("the stream ended in time");
+    let status = end.expect_err("the stream ends with a status");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains(&seen.cursor), "{status:?}");
+}

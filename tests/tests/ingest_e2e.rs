@@ -94,11 +94,11 @@ async fn kill_mid_ingest(kill_point: KillPoint) {
     }
 
     // The dead process stays a member of the group for its session timeout
-    // (30 s, the binary's default; it has no flag for it). Its successor is
-    // started the way a supervisor would, a few seconds later: on the mock
-    // cluster a member that joins while the dead one may still be counted at
-    // the leader election (due at join + 29 s) waits one more rebalance
-    // round (~60 s in all instead of ~30 s).
+    // (10 s, the binary's default `--kafka-session-timeout-ms`). Its
+    // successor is started the way a supervisor would, a few seconds later:
+    // on the mock cluster a member that joins while the dead one may still be
+    // counted at the leader election (due at join + 9 s) waits one more
+    // rebalance round (~20 s in all instead of ~10 s).
     tokio::time::sleep(Duration::from_secs(5)).await;
     let mut opts = s.child_options("node-successor");
     opts.rust_log = "warn,kt_data_plane::consumer=info".into();

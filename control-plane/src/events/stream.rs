@@ -93,13 +93,18 @@ pub async fn current(pool: &PgPool) -> Result<Cursor, sqlx::Error> {
 pub struct EventHub {
     pool: PgPool,
     tx: broadcast::Sender<Arc<EventRow>>,
+    /// Cancelled when the hub stops (shutdown, or this replica stepped
+    /// down): subscribers end their streams then instead of waiting for
+    /// events that will not come, which would also hold up the server's
+    /// drain.
+    stopped: CancellationToken,
 }
 
 impl EventHub {
     /// Starts the tail until `shutdown`.
     pub async fn start(pool: PgPool, shutdown: CancellationToken) -> Result<Self, sqlx::Error> {
         let (tx, _) = broadcast::channel(BROADCAST_CAPACITY);
-        let hub = EventHub { pool: pool.clone(), tx };
+        let hub = EventHub { pool: pool.clone(), tx, stopped: shutdown.clone() };
         let start = current(&pool).await?;
         tokio::spawn(hub.clone().tail(start, shutdown.clone()));
         Ok(hub)
@@ -111,6 +116,11 @@ impl EventHub {
 
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<EventRow>> {
         self.tx.subscribe()
+    }
+
+    /// Resolves when the hub has stopped.
+    pub async fn stopped(&self) {
+        self.stopped.cancelled().await
     }
 
     pub fn subscribers(&self) -> usize {

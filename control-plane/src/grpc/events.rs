@@ -85,8 +85,7 @@ impl EventService for EventHandler {
         // Subscribe before replaying so nothing falls between the two.
         let live = self.hub.subscribe();
         let (tx, rx) = mpsc::channel(CLIENT_CAPACITY);
-        let pool = self.hub.pool().clone();
-        tokio::spawn(follow(pool, Filter { triggers, kinds }, after, live, tx));
+        tokio::spawn(follow(self.hub.clone(), Filter { triggers, kinds }, after, live, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
@@ -94,17 +93,18 @@ impl EventService for EventHandler {
 type Out = mpsc::Sender<Result<Event, Status>>;
 
 async fn follow(
-    pool: sqlx::PgPool,
+    hub: EventHub,
     filter: Filter,
     after: Option<Cursor>,
     mut live: broadcast::Receiver<Arc<EventRow>>,
     tx: Out,
 ) {
     metrics::gauge!("kt_event_stream_subscribers").increment(1.0);
+    let pool = hub.pool();
     let mut sent: Option<Cursor> = after;
     if let Some(mut cursor) = after {
         loop {
-            let rows = match read_after(&pool, cursor, PAGE).await {
+            let rows = match read_after(pool, cursor, PAGE).await {
                 Ok(rows) => rows,
                 Err(error) => {
                     tracing::warn!(%error, "event replay failed");
@@ -129,6 +129,15 @@ async fn follow(
     loop {
         let row = tokio::select! {
             _ = tx.closed() => return done(),
+            _ = hub.stopped() => {
+                // Not awaited: a client that does not read must not keep
+                // this stream (and the server's drain) open.
+                let resume = sent.map(|c| c.to_string()).unwrap_or_default();
+                let _ = tx.try_send(Err(Status::unavailable(format!(
+                    "this control plane stopped serving; reconnect (to the active replica) with after_cursor = \"{resume}\" to resume"
+                ))));
+                return done();
+            }
             row = live.recv() => row,
         };
         match row {

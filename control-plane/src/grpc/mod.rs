@@ -12,14 +12,14 @@ mod work_orders;
 
 use std::time::Duration;
 
+use futures::Stream;
 use kt_proto::internal::node_service_server::NodeServiceServer;
 use kt_proto::internal::work_service_server::WorkServiceServer;
 use kt_proto::v1::event_service_server::EventServiceServer;
 use kt_proto::v1::message_set_service_server::MessageSetServiceServer;
 use kt_proto::v1::trigger_service_server::TriggerServiceServer;
 use kt_proto::v1::work_order_service_server::WorkOrderServiceServer;
-use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 pub use auth::AuthLayer;
@@ -29,7 +29,9 @@ use crate::sets::SetService;
 use crate::work_orders::WorkOrderService;
 use crate::AppState;
 
-/// Serves until `shutdown` is cancelled, then drains in-flight calls.
+/// Serves until `shutdown` is cancelled, then drains in-flight calls. The
+/// listener closes at once: a replica that stopped serving refuses new
+/// connections (clients move on to the next replica) while it drains.
 pub async fn serve(
     state: AppState,
     auth: AuthLayer,
@@ -73,7 +75,19 @@ pub async fn serve(
         .add_service(EventServiceServer::new(events::EventHandler { hub: state.events.clone() }))
         .add_service(NodeServiceServer::new(node_handler))
         .add_service(WorkServiceServer::new(work::WorkHandler { scheduler: state.scheduler.clone() }))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
+        .serve_with_incoming_shutdown(accept_until(listener, shutdown.clone()), shutdown.cancelled_owned())
         .await?;
     Ok(())
+}
+
+/// The connections `listener` accepts until `stop`; the listener is dropped
+/// (its port closed) as soon as `stop` is cancelled, not after the drain.
+fn accept_until(listener: TcpListener, stop: CancellationToken) -> impl Stream<Item = std::io::Result<TcpStream>> {
+    futures::stream::unfold((listener, stop), |(listener, stop)| async move {
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => None,
+            accepted = listener.accept() => Some((accepted.map(|(stream, _)| stream), (listener, stop))),
+        }
+    })
 }

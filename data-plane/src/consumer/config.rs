@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use kt_common::trigger::{Sasl, TriggerSecrets, TriggerSpec};
+use kt_proto::ids::TriggerId;
 use rdkafka::ClientConfig;
 
 use super::IngestSettings;
@@ -24,12 +25,14 @@ pub struct KafkaConfig {
 
 impl KafkaConfig {
     /// The configuration of the consumer for one trigger. `client_id` names
-    /// this node in broker logs.
+    /// this node in broker logs; `instance_id` (see [`group_instance_id`])
+    /// makes it a static member of the trigger's group.
     pub fn for_trigger(
         spec: &TriggerSpec,
         secrets: &TriggerSecrets,
         settings: &IngestSettings,
         client_id: &str,
+        instance_id: Option<&str>,
     ) -> Self {
         let k = &spec.kafka;
         let mut c = ClientConfig::new();
@@ -53,12 +56,16 @@ impl KafkaConfig {
             .set("partition.assignment.strategy", "range,roundrobin")
             .set("enable.partition.eof", "false")
             .set("session.timeout.ms", millis(settings.session_timeout))
-            .set("heartbeat.interval.ms", millis(settings.heartbeat_interval))
-            .set("max.poll.interval.ms", millis(settings.max_poll_interval))
+            .set("heartbeat.interval.ms", millis(settings.heartbeat_interval.min(settings.session_timeout / 3)))
+            // librdkafka refuses a poll interval below the session timeout.
+            .set("max.poll.interval.ms", millis(settings.max_poll_interval.max(settings.session_timeout)))
             // Statistics carry committed offsets and high watermarks for the
             // status reports.
             .set("statistics.interval.ms", millis(settings.progress_interval))
             .set("socket.connection.setup.timeout.ms", (u64::from(k.connect_timeout_seconds) * 1000).to_string());
+        if let Some(instance_id) = instance_id {
+            c.set("group.instance.id", instance_id);
+        }
         let protocol = match (k.ssl, k.sasl) {
             (false, Sasl::None) => "plaintext",
             (true, Sasl::None) => "ssl",
@@ -134,6 +141,34 @@ impl fmt::Debug for KafkaConfig {
     }
 }
 
+/// Kafka's limit on a `group.instance.id` (the rules of topic names).
+const INSTANCE_ID_MAX_LEN: usize = 249;
+
+/// The `group.instance.id` of the consumer that node `node_id` runs for
+/// `trigger_id`: the same on every start of a node under that id, so the
+/// group recognises the restarted node as the member it was; distinct per
+/// trigger, since triggers may share a group. Kafka allows only
+/// `[A-Za-z0-9._-]` and 249 characters: any other character becomes `_`,
+/// and a node id changed that way (or shortened) gets a hash of the
+/// original appended, so two node ids never map to one instance id.
+pub fn group_instance_id(node_id: &str, trigger_id: TriggerId) -> String {
+    let suffix = format!(".{}", trigger_id.0);
+    let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    let mut node: String = node_id.chars().map(|c| if legal(c) { c } else { '_' }).collect();
+    let budget = INSTANCE_ID_MAX_LEN - suffix.len();
+    if node != node_id || node.len() > budget || node.is_empty() {
+        let hash = format!("-{:016x}", fnv1a(node_id.as_bytes()));
+        node.truncate(budget - hash.len());
+        node.push_str(&hash);
+    }
+    node + &suffix
+}
+
+/// 64-bit FNV-1a: stable across builds and platforms, unlike std's hasher.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
 /// `text` with every secret of `secrets` masked: for error messages that
 /// librdkafka builds from configuration values.
 pub fn scrub(text: &str, secrets: &TriggerSecrets) -> String {
@@ -188,7 +223,8 @@ mod tests {
 
     #[test]
     fn test_config_maps_the_connection_settings() {
-        let c = KafkaConfig::for_trigger(&spec(false, Sasl::None), &secrets(), &IngestSettings::default(), "node-1");
+        let c =
+            KafkaConfig::for_trigger(&spec(false, Sasl::None), &secrets(), &IngestSettings::default(), "node-1", None);
         assert_eq!(c.get("bootstrap.servers"), Some("a:9092,[::1]:9093"));
         assert_eq!(c.get("group.id"), Some("g1"));
         assert_eq!(c.get("enable.auto.offset.store"), Some("false"));
@@ -208,7 +244,7 @@ mod tests {
             (true, Sasl::ScramSha512, "sasl_ssl", Some("SCRAM-SHA-512")),
         ];
         for (ssl, sasl, protocol, mechanism) in cases {
-            let c = KafkaConfig::for_trigger(&spec(ssl, sasl), &secrets(), &IngestSettings::default(), "n");
+            let c = KafkaConfig::for_trigger(&spec(ssl, sasl), &secrets(), &IngestSettings::default(), "n", None);
             assert_eq!(c.get("security.protocol"), Some(protocol));
             assert_eq!(c.get("sasl.mechanism"), mechanism);
             if mechanism.is_some() {
@@ -227,7 +263,7 @@ mod tests {
     fn test_fetch_max_bytes_is_set_only_when_tuned() {
         let mut s = spec(false, Sasl::None);
         s.tuning.fetch_max_bytes = 65_536;
-        let c = KafkaConfig::for_trigger(&s, &secrets(), &IngestSettings::default(), "n");
+        let c = KafkaConfig::for_trigger(&s, &secrets(), &IngestSettings::default(), "n", None);
         assert_eq!(c.get("fetch.max.bytes"), Some("65536"));
         assert_eq!(c.get("message.max.bytes"), Some("65536"));
         // librdkafka accepts the combination.
@@ -236,12 +272,49 @@ mod tests {
 
     #[test]
     fn test_credentials_never_appear_in_printed_config() {
-        let c = KafkaConfig::for_trigger(&spec(true, Sasl::Plain), &secrets(), &IngestSettings::default(), "n");
+        let c = KafkaConfig::for_trigger(&spec(true, Sasl::Plain), &secrets(), &IngestSettings::default(), "n", None);
         let printed = format!("{c:?} {:?}", c.redacted());
         assert!(!printed.contains("hunter2"), "{printed}");
         assert!(!printed.contains("sekrit"), "{printed}");
         assert!(printed.contains("sasl.password"));
         assert!(printed.contains(REDACTED));
+    }
+
+    #[test]
+    fn test_group_membership_settings() {
+        let settings = IngestSettings {
+            session_timeout: std::time::Duration::from_millis(6_000),
+            heartbeat_interval: std::time::Duration::from_secs(3),
+            ..IngestSettings::default()
+        };
+        let c = KafkaConfig::for_trigger(&spec(false, Sasl::None), &secrets(), &settings, "n", Some("node-1.x"));
+        assert_eq!(c.get("group.instance.id"), Some("node-1.x"));
+        assert_eq!(c.get("session.timeout.ms"), Some("6000"));
+        assert_eq!(c.get("heartbeat.interval.ms"), Some("2000"), "at most a third of the session timeout");
+        c.client_config().create_native_config().expect("valid librdkafka config");
+        let dynamic = KafkaConfig::for_trigger(&spec(false, Sasl::None), &secrets(), &settings, "n", None);
+        assert_eq!(dynamic.get("group.instance.id"), None);
+    }
+
+    #[test]
+    fn test_group_instance_ids_are_stable_legal_and_distinct() {
+        let t1 = TriggerId(uuid::Uuid::from_u128(1));
+        let t2 = TriggerId(uuid::Uuid::from_u128(2));
+        let id = group_instance_id("node-1", t1);
+        assert_eq!(id, "node-1.00000000-0000-0000-0000-000000000001");
+        assert_eq!(group_instance_id("node-1", t1), id, "stable across calls (and so restarts)");
+        assert_ne!(group_instance_id("node-1", t2), id, "one per trigger");
+        assert_ne!(group_instance_id("node-2", t1), id, "one per node");
+        let long = "n".repeat(400);
+        let cases = ["node 1", "node_1", "nœud/1", "", long.as_str(), &long[..399]];
+        let ids: Vec<String> = cases.iter().map(|n| group_instance_id(n, t1)).collect();
+        for (node, id) in cases.iter().zip(&ids) {
+            assert!(id.len() <= INSTANCE_ID_MAX_LEN, "{node}: {} characters", id.len());
+            assert!(id.chars().all(|c| c.is_ascii_alphanumeric() || ".-_".contains(c)), "{node}: {id}");
+            assert!(id.ends_with(".00000000-0000-0000-0000-000000000001"), "{id}");
+        }
+        let distinct: std::collections::BTreeSet<&String> = ids.iter().collect();
+        assert_eq!(distinct.len(), ids.len(), "no two node ids share an instance id: {ids:?}");
     }
 
     #[test]

@@ -24,7 +24,7 @@ use kt_common::trigger::{validate_trigger, TriggerSecrets, TriggerSpec};
 use kt_proto::ids::TriggerId;
 use kt_proto::v1;
 
-pub use config::{scrub, KafkaConfig};
+pub use config::{group_instance_id, scrub, KafkaConfig};
 pub use pipeline::{run_pipeline, PipelineEnv, PipelineError};
 pub use rate::RateLimiter;
 
@@ -35,6 +35,10 @@ use crate::store::PersistSettings;
 /// that finishes early goes on at once while the next batch fills; more
 /// would only add memory.
 pub const MAX_BATCHES_IN_FLIGHT: usize = 2;
+
+/// The default session timeout: a dead node's partitions move to the others
+/// within about this long (plus a heartbeat and the rebalance itself).
+pub const DEFAULT_SESSION_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Tunables of every pipeline on a node (per-trigger ones are in the
 /// trigger's spec). Durations are injected so tests can shrink them.
@@ -50,9 +54,23 @@ pub struct IngestSettings {
     /// librdkafka's auto.commit.interval.ms: how often stored offsets are
     /// committed.
     pub commit_interval: Duration,
+    /// librdkafka's session.timeout.ms: how long the group waits for a
+    /// silent member (a node killed, or cut off) before it reassigns the
+    /// member's partitions.
     pub session_timeout: Duration,
+    /// librdkafka's heartbeat.interval.ms; at most a third of the session
+    /// timeout is used, so a few lost heartbeats never cost the membership.
     pub heartbeat_interval: Duration,
     pub max_poll_interval: Duration,
+    /// Static group membership (KIP-345): each consumer joins with a
+    /// `group.instance.id` derived from the node id and the trigger, so a
+    /// node restarted under the same id within the session timeout gets its
+    /// partitions back without a rebalance; its consumers then do not leave
+    /// the group when they close (their partitions move after the session
+    /// timeout). Only worth it with a node id that survives restarts: off
+    /// by default (dynamic membership: leave on close, a new member on every
+    /// start); the binary turns it on for a fixed `--node-id`.
+    pub static_membership: bool,
     /// Retries while the database cannot store a batch.
     pub persist: PersistSettings,
     /// Delay before a failed pipeline is started again.
@@ -80,9 +98,10 @@ impl Default for IngestSettings {
             batch_linger: Duration::from_millis(5),
             pause_after: Duration::from_millis(500),
             commit_interval: Duration::from_secs(1),
-            session_timeout: Duration::from_secs(30),
-            heartbeat_interval: Duration::from_secs(3),
+            session_timeout: DEFAULT_SESSION_TIMEOUT,
+            heartbeat_interval: Duration::from_secs(1),
             max_poll_interval: Duration::from_secs(300),
+            static_membership: false,
             persist: PersistSettings::default(),
             restart_backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
             healthy_after: Duration::from_secs(60),

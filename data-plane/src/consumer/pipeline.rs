@@ -27,7 +27,7 @@ use super::message::to_ingest_message;
 use super::offsets::{any_uncommitted, next_offset, plan_starts, Checkpoints, StartPosition, TopicPartition};
 use super::persister::{run_persister, Ack, Batch, DbWriter};
 use super::rate::RateLimiter;
-use super::{scrub, IngestSettings, KafkaConfig, PipelineDef, MAX_BATCHES_IN_FLIGHT};
+use super::{group_instance_id, scrub, IngestSettings, KafkaConfig, PipelineDef, MAX_BATCHES_IN_FLIGHT};
 use crate::status::PipelineStatus;
 use crate::store::{load_checkpoints, BatchOutcome, IngestMessage};
 
@@ -43,6 +43,9 @@ pub struct PipelineEnv {
     pub settings: Arc<IngestSettings>,
     /// librdkafka client.id: names this node in broker logs.
     pub client_id: String,
+    /// This node's id: its consumers' static group membership is derived
+    /// from it (when [`IngestSettings::static_membership`] is on).
+    pub node_id: String,
     pub status: PipelineStatus,
 }
 
@@ -66,7 +69,8 @@ pub enum PipelineError {
 pub async fn run_pipeline(def: PipelineDef, env: PipelineEnv, cancel: CancellationToken) -> Result<(), PipelineError> {
     let trigger_id = def.trigger_id;
     let settings = env.settings.clone();
-    let config = KafkaConfig::for_trigger(&def.spec, &def.secrets, &settings, &env.client_id);
+    let instance_id = settings.static_membership.then(|| group_instance_id(&env.node_id, trigger_id));
+    let config = KafkaConfig::for_trigger(&def.spec, &def.secrets, &settings, &env.client_id, instance_id.as_deref());
     // KafkaConfig's Debug masks the credentials.
     tracing::info!(%trigger_id, generation = def.generation, config = ?config, "starting pipeline");
     let consumer: IngestConsumer = config

@@ -32,6 +32,8 @@ pub struct SupervisorEnv {
     pub board: StatusBoard,
     /// librdkafka client.id of this node's consumers.
     pub client_id: String,
+    /// This node's id (static group membership is derived from it).
+    pub node_id: String,
 }
 
 /// What one reconciliation changed.

@@ -33,6 +33,7 @@ pub(super) async fn supervise(
             pool: env.pool.clone(),
             settings: settings.clone(),
             client_id: env.client_id.clone(),
+            node_id: env.node_id.clone(),
             status: status.clone(),
         };
         // Its own task, so that a panic is a failure to restart from, not

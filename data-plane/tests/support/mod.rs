@@ -246,6 +246,10 @@ pub fn fast_settings() -> IngestSettings {
         session_timeout: Duration::from_secs(6),
         heartbeat_interval: Duration::from_millis(500),
         max_poll_interval: Duration::from_secs(30),
+        // The mock cluster takes group.instance.id but does not implement
+        // static membership: a restarted consumer would join as a new member
+        // while its closed predecessor stays until the session timeout.
+        static_membership: false,
         persist: PersistSettings { retry_backoff: Backoff::new(Duration::from_millis(50), Duration::from_millis(500)) },
         restart_backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(1)),
         healthy_after: Duration::from_secs(10),
@@ -326,6 +330,7 @@ impl RunningPipeline {
             pool: pool.clone(),
             settings,
             client_id: "kt-test".into(),
+            node_id: "kt-test".into(),
             status: board.pipeline(def.trigger_id.to_string(), def.generation),
         };
         let cancel = tokio_util::sync::CancellationToken::new();

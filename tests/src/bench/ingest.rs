@@ -134,8 +134,13 @@ async fn limit_consume(opts: &Options, broker: &Broker, topic: &str, n: usize) -
     };
     let v = kt_common::trigger::validate_trigger(&t, "", None)
         .map_err(|violations| anyhow::anyhow!("invalid limit trigger: {violations:?}"))?;
-    let config =
-        KafkaConfig::for_trigger(&v.spec, &v.secrets, &stack::ingest_settings(&opts.kafka_config), "kt-bench-limit");
+    let config = KafkaConfig::for_trigger(
+        &v.spec,
+        &v.secrets,
+        &stack::ingest_settings(&opts.kafka_config),
+        "kt-bench-limit",
+        None,
+    );
     let consumer: StreamConsumer = config.client_config().create().context("failed to create the bare consumer")?;
     let started = Instant::now();
     consumer.subscribe(&[topic])?;
