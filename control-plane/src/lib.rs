@@ -215,3 +215,30 @@ fn database_unavailable(error: &anyhow::Error) -> bool {
             .is_some_and(|e| kt_common::db::classify(e) == kt_common::db::DbErrorKind::Unavailable)
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_only_an_unreachable_database_is_waited_out() {
+        let io = || std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let unavailable = [
+            anyhow::Error::new(sqlx::Error::PoolTimedOut).context("failed to connect to the database"),
+            anyhow::Error::new(sqlx::migrate::MigrateError::Execute(sqlx::Error::Io(io())))
+                .context("failed to apply database migrations"),
+        ];
+        for error in &unavailable {
+            assert!(database_unavailable(error), "{error:#}");
+        }
+        let fatal = [
+            anyhow::Error::new(io()).context("failed to listen on 127.0.0.1:1"),
+            anyhow::Error::new(sqlx::migrate::MigrateError::VersionMissing(7))
+                .context("failed to apply database migrations"),
+            anyhow::Error::new(sqlx::Error::RowNotFound),
+        ];
+        for error in &fatal {
+            assert!(!database_unavailable(error), "{error:#}");
+        }
+    }
+}
