@@ -11,11 +11,14 @@ pub mod ingest;
 pub mod latency;
 pub mod ordered;
 pub mod report;
+pub mod server;
 pub mod stack;
 
 use std::time::Duration;
 
 use serde_json::Value;
+
+pub use server::PostgresServer;
 
 /// What the command line chose; each scenario picks the fields it uses.
 #[derive(Debug, Clone)]
@@ -43,6 +46,9 @@ pub struct Options {
     /// librdkafka settings applied last to the node's consumers and the
     /// bare-consumer limit alike (`--kafka-config key=value`).
     pub kafka_config: Vec<(String, String)>,
+    /// Where the databases are created: the bench's own cluster, or
+    /// `--database-url`'s server.
+    pub postgres: PostgresServer,
 }
 
 impl Options {

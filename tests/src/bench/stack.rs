@@ -14,7 +14,6 @@ use tonic::transport::Channel;
 use uuid::Uuid;
 
 use super::copy::{self, Row, Table};
-use super::report;
 use super::Options;
 use crate::{ControlPlaneOptions, TestControlPlane, TestDb, TestNode};
 
@@ -53,12 +52,12 @@ impl Stack {
     /// A fresh database, a control plane and a node whose `workers` is
     /// `workers` (`None`: the node's default), connected.
     pub async fn start(opts: &Options, workers: Option<usize>) -> anyhow::Result<Self> {
-        let db = TestDb::create().await?;
+        let db = TestDb::create_on(&opts.postgres.admin_url).await?;
         let cp = TestControlPlane::start(&db, ControlPlaneOptions::default())
             .await
             .context("failed to start the control plane")?;
         let pool = kt_common::db::connect(&db.url, 5).await?;
-        record_postgres_settings(&pool).await?;
+        super::server::record_settings(&pool).await?;
         let triggers = TriggerServiceClient::new(cp.channel().await?);
         let mut configured = 0;
         let node = TestNode::start(&db, &cp.url(), |c| {
@@ -142,27 +141,6 @@ impl Stack {
         }
         self.pool.close().await;
     }
-}
-
-/// Reads the server settings reported with the results, once; warns when
-/// autovacuum is off (nothing then refreshes planner statistics or removes
-/// dead rows, which a production server does).
-async fn record_postgres_settings(pool: &PgPool) -> anyhow::Result<()> {
-    static WARNED: std::sync::Once = std::sync::Once::new();
-    let rows: Vec<(String, String)> = sqlx::query_as("SELECT name, setting FROM pg_settings WHERE name = ANY($1)")
-        .bind(report::POSTGRES_SETTINGS)
-        .fetch_all(pool)
-        .await?;
-    if rows.iter().any(|(k, v)| k == "autovacuum" && v == "off") {
-        WARNED.call_once(|| {
-            eprintln!(
-                "warning: autovacuum is off on this Postgres server: statistics go stale and dead rows pile \
-                 up during long runs, unlike on a production server"
-            )
-        });
-    }
-    report::set_postgres_settings(rows.into_iter().map(|(k, v)| (k, serde_json::Value::from(v))).collect());
-    Ok(())
 }
 
 /// Polls `check` every [`POLL`] until it yields a value; fails after
