@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 
 use super::broker::Broker;
+use super::limits::Limits;
 use super::report::{round, with_memory};
 use super::stack::{self, Stack};
 use super::Options;
@@ -33,6 +34,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Value> {
     let depth = opts.depth.max(1);
     let sample = opts.sample.min(small).max(1);
     anyhow::ensure!(small > 0 && large >= small, "need 0 < --small <= --large");
+    let limits = Limits::measure(SCENARIO, opts).await;
     let broker = Broker::start(opts.brokers.as_deref())?;
     let topic = broker.create_topic("backlog", opts.partitions).await?;
 
@@ -52,6 +54,10 @@ pub async fn run(opts: &Options) -> anyhow::Result<Value> {
     o.insert("keys_large".into(), l.keys.into());
     o.insert("load_seconds_small".into(), round(s.load_seconds, 2).into());
     o.insert("load_seconds_large".into(), round(l.load_seconds, 2).into());
+    // Work orders per second of the sample from the small backlog; the
+    // large one's ratio beside it.
+    limits.report(&mut o, 1e6 / s.per_msg_us);
+    o.insert("ratio_to_limit_1m".into(), limits.ratio(1e6 / l.per_msg_us).map(|r| round(r, 3)).into());
     Ok(with_memory(o))
 }
 

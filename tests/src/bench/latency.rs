@@ -15,6 +15,7 @@ use serde_json::{Map, Value};
 
 use super::broker::Broker;
 use super::copy::{key_of, value_of};
+use super::limits::Limits;
 use super::report::{micros_at, per_second, percentile, round, unix_micros, with_memory};
 use super::stack::Stack;
 use super::Options;
@@ -33,6 +34,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Value> {
     let keys = opts.first_keys(1_000);
     let total = rate as usize * seconds as usize;
 
+    let limits = Limits::measure(SCENARIO, opts).await;
     let broker = Broker::start(opts.brokers.as_deref())?;
     let topic = broker.create_topic("latency", opts.partitions).await?;
     let opts = &mock_compensation(opts, &broker);
@@ -82,7 +84,10 @@ pub async fn run(opts: &Options) -> anyhow::Result<Value> {
         Ok(stages) => o.insert("stages_ms".into(), stages),
         Err(e) => o.insert("stages_ms".into(), format!("unavailable: {e:#}").into()),
     };
-    o.insert("achieved_rate".into(), per_second(total, produce.elapsed).into());
+    let achieved = per_second(total, produce.elapsed);
+    o.insert("achieved_rate".into(), achieved.into());
+    // The steady rate the system kept up with, against what it could take.
+    limits.report(&mut o, achieved);
     o.insert("producer_behind_max_ms".into(), round(produce.behind_max.as_secs_f64() * 1e3, 2).into());
     o.insert("work_orders_succeeded".into(), trigger_successes.into());
     o.insert(

@@ -9,6 +9,7 @@ pub mod broker;
 pub mod copy;
 pub mod ingest;
 pub mod latency;
+pub mod limits;
 pub mod ordered;
 pub mod report;
 pub mod server;
@@ -84,4 +85,29 @@ macro_rules! progress {
     ($scenario:expr, $($arg:tt)*) => {
         eprintln!("[{} {:>8.1}s] {}", $scenario, $crate::bench::report::since_start().as_secs_f64(), format!($($arg)*))
     };
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// The command line's defaults, on the shared test server.
+    pub(crate) fn options() -> Options {
+        Options {
+            brokers: None,
+            messages: None,
+            keys: None,
+            partitions: 6,
+            rate: 500,
+            seconds: 30,
+            small: 10_000,
+            large: 1_000_000,
+            sample: 5_000,
+            depth: 10,
+            workers: None,
+            timeout: Duration::from_secs(900),
+            kafka_config: Vec::new(),
+            postgres: PostgresServer::external(crate::admin_database_url()),
+        }
+    }
 }

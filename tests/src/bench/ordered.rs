@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 
 use super::broker::Broker;
+use super::limits::Limits;
 use super::report::{per_second, round, with_memory};
 use super::stack::{self, Stack, POLL};
 use super::Options;
@@ -34,6 +35,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Vec<Value>> {
     let n = opts.messages.unwrap_or(20_000);
     let key_counts = opts.keys.clone().unwrap_or_else(|| vec![1, 100, 10_000]);
     anyhow::ensure!(n > 0, "--messages must be positive");
+    let limits = Limits::measure(SCENARIO, opts).await;
     let broker = Broker::start(opts.brokers.as_deref())?;
     // The triggers read this (empty) topic; their backlog is stored directly.
     let topic = broker.create_topic("ordered", opts.partitions).await?;
@@ -65,6 +67,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Vec<Value>> {
                 o.insert("duplicate_deliveries".into(), (keyed.duplicates + keyless.duplicates).into());
                 o.insert("node_workers".into(), stack.workers.into());
                 o.insert("partitions".into(), opts.partitions.into());
+                limits.report(&mut o, keyed.rate);
                 out.push(with_memory(o));
             }
             (Err(e), _) | (_, Err(e)) => {
