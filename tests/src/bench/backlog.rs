@@ -83,7 +83,7 @@ async fn measure(
     let started = stack::announce_sets(&stack.pool, trigger, topic, true).await?;
     let done = stack::wait_successes(SCENARIO, &stack.pool, trigger, sample as i64 + 1, POLL, opts.timeout).await;
     stack.stop().await;
-    let elapsed = done? - started;
+    let elapsed = done?.at - started;
     let per_msg_us = elapsed.as_secs_f64() * 1e6 / sample as f64;
     progress!(SCENARIO, "{backlog}: {sample} work orders in {:.2}s ({per_msg_us:.0} us each)", elapsed.as_secs_f64());
     Ok(Sampled { per_msg_us, keys, load_seconds: stored.load_time.as_secs_f64() })

@@ -11,6 +11,7 @@ pub mod ingest;
 pub mod latency;
 pub mod limits;
 pub mod ordered;
+pub mod pgstats;
 pub mod report;
 pub mod server;
 pub mod stack;

@@ -130,9 +130,16 @@ impl Stack {
         Ok(())
     }
 
-    /// Stops the node (gracefully, bounded) and the control plane; the
-    /// database goes when `self` is dropped.
-    pub async fn stop(mut self) {
+    /// Stops the node (gracefully, bounded) and the control plane, and
+    /// removes the database.
+    pub async fn stop(self) {
+        drop(self.stop_keeping_database().await);
+    }
+
+    /// Stops like [`Stack::stop`] but hands the database back: once every
+    /// connection of the stack is gone, the server's statistics of it are
+    /// complete and can still be read. It is removed when dropped.
+    pub async fn stop_keeping_database(mut self) -> TestDb {
         if let Some(node) = self.node.take() {
             let _ = tokio::time::timeout(Duration::from_secs(30), node.stop()).await;
         }
@@ -140,6 +147,7 @@ impl Stack {
             let _ = tokio::time::timeout(Duration::from_secs(30), cp.stop()).await;
         }
         self.pool.close().await;
+        self.db
     }
 }
 
@@ -170,6 +178,14 @@ pub async fn successes(pool: &PgPool, trigger: Uuid) -> Result<i64, sqlx::Error>
         .await
 }
 
+/// When [`wait_successes`] saw its target, and how many polls it took:
+/// each one statement and one transaction of the bench's own in the
+/// database.
+pub struct Waited {
+    pub at: Instant,
+    pub polls: i64,
+}
+
 /// Waits until `target` work orders of `trigger` succeeded, polling every
 /// `interval` and printing progress; returns when (the poll that saw it).
 pub async fn wait_successes(
@@ -179,13 +195,15 @@ pub async fn wait_successes(
     target: i64,
     interval: Duration,
     timeout: Duration,
-) -> anyhow::Result<Instant> {
+) -> anyhow::Result<Waited> {
     let started = Instant::now();
     let mut last_print = Instant::now();
+    let mut polls = 0;
     loop {
         let done = successes(pool, trigger).await?;
+        polls += 1;
         if done >= target {
-            return Ok(Instant::now());
+            return Ok(Waited { at: Instant::now(), polls });
         }
         if started.elapsed() >= timeout {
             anyhow::bail!(
