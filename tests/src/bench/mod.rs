@@ -15,6 +15,7 @@ pub mod pgstats;
 pub mod report;
 pub mod server;
 pub mod stack;
+pub mod sustained;
 
 use std::time::Duration;
 
@@ -35,6 +36,10 @@ pub struct Options {
     /// `latency`: produce rate (messages per second) and duration.
     pub rate: u32,
     pub seconds: u64,
+    /// `sustained`: the rates stepped through (empty: the default steps)
+    /// and how long each lasts.
+    pub steps: Vec<u32>,
+    pub step_seconds: u64,
     /// `backlog`: the small and large backlog sizes and the sample measured.
     pub small: usize,
     pub large: usize,
@@ -67,13 +72,15 @@ pub struct ScenarioError {
     pub error: anyhow::Error,
 }
 
-/// Runs one scenario; `ordered` yields one object per key count.
+/// Runs one scenario; `ordered` yields one object per key count,
+/// `sustained` one with its steps inside.
 pub async fn run(scenario: &'static str, opts: &Options) -> Result<Vec<Value>, ScenarioError> {
     report::reset_peak_rss();
     let result = match scenario {
         "ingest" => ingest::run(opts).await.map(|v| vec![v]),
         "ordered" => ordered::run(opts).await,
         "latency" => latency::run(opts).await.map(|v| vec![v]),
+        "sustained" => sustained::run(opts).await.map(|v| vec![v]),
         "backlog" => backlog::run(opts).await.map(|v| vec![v]),
         other => Err(anyhow::anyhow!("unknown scenario {other}")),
     };
@@ -101,6 +108,8 @@ pub(crate) mod tests {
             partitions: 6,
             rate: 500,
             seconds: 30,
+            steps: Vec::new(),
+            step_seconds: 20,
             small: 10_000,
             large: 1_000_000,
             sample: 5_000,

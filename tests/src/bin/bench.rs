@@ -5,10 +5,11 @@
 //! in-process Kafka mock unless --brokers is given, a control plane, a
 //! data-plane node and a webhook target. Progress goes to stderr; stdout
 //! gets exactly one JSON object per line per scenario (per key count for
-//! `ordered`).
+//! `ordered`; `sustained` puts its steps in one line).
 //!
 //!   cargo run --release -p kt-tests --bin bench -- all
 //!   cargo run --release -p kt-tests --bin bench -- latency --rate 200 --seconds 5
+//!   cargo run --release -p kt-tests --bin bench -- sustained --steps 500,1000 --step-seconds 10
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -25,6 +26,8 @@ enum Scenario {
     Ordered,
     /// Produce -> delivery latency under a steady rate.
     Latency,
+    /// Produce -> delivery latency and backlog while the rate steps up.
+    Sustained,
     /// Per-message dispatch cost with a 10k vs a 1M backlog.
     Backlog,
     /// Every scenario, in this order.
@@ -50,7 +53,7 @@ struct Cli {
     #[arg(long)]
     messages: Option<usize>,
     /// Key counts, comma-separated: ordered runs each (default 1,100,10000);
-    /// ingest and latency use the first (default 1000).
+    /// ingest, latency and sustained use the first (default 1000).
     #[arg(long, value_delimiter = ',')]
     keys: Option<Vec<usize>>,
     /// Partitions of the topics the bench creates.
@@ -62,6 +65,12 @@ struct Cli {
     /// latency: seconds of steady production.
     #[arg(long, default_value_t = 30)]
     seconds: u64,
+    /// sustained: the rates (messages per second) stepped through, in order.
+    #[arg(long, value_delimiter = ',', default_values_t = bench::sustained::DEFAULT_STEPS.to_vec())]
+    steps: Vec<u32>,
+    /// sustained: seconds of production per step.
+    #[arg(long, default_value_t = 20)]
+    step_seconds: u64,
     /// backlog: the small backlog.
     #[arg(long, default_value_t = 10_000)]
     small: usize,
@@ -111,8 +120,9 @@ fn main() -> ExitCode {
         Scenario::Ingest => &["ingest"],
         Scenario::Ordered => &["ordered"],
         Scenario::Latency => &["latency"],
+        Scenario::Sustained => &["sustained"],
         Scenario::Backlog => &["backlog"],
-        Scenario::All => &["ingest", "ordered", "latency", "backlog"],
+        Scenario::All => &["ingest", "ordered", "latency", "sustained", "backlog"],
     };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -145,6 +155,8 @@ fn main() -> ExitCode {
         partitions: cli.partitions,
         rate: cli.rate,
         seconds: cli.seconds,
+        steps: cli.steps,
+        step_seconds: cli.step_seconds,
         small: cli.small,
         large: cli.large,
         sample: cli.sample,
