@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 
 use super::broker::Broker;
+use super::limits::Limits;
 use super::report::{round, with_memory};
 use super::stack::{self, Stack};
 use super::Options;
@@ -33,6 +34,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Value> {
     let depth = opts.depth.max(1);
     let sample = opts.sample.min(small).max(1);
     anyhow::ensure!(small > 0 && large >= small, "need 0 < --small <= --large");
+    let limits = Limits::measure(SCENARIO, opts).await;
     let broker = Broker::start(opts.brokers.as_deref())?;
     let topic = broker.create_topic("backlog", opts.partitions).await?;
 
@@ -52,6 +54,10 @@ pub async fn run(opts: &Options) -> anyhow::Result<Value> {
     o.insert("keys_large".into(), l.keys.into());
     o.insert("load_seconds_small".into(), round(s.load_seconds, 2).into());
     o.insert("load_seconds_large".into(), round(l.load_seconds, 2).into());
+    // Work orders per second of the sample from the small backlog; the
+    // large one's ratio beside it.
+    limits.report(&mut o, 1e6 / s.per_msg_us);
+    o.insert("ratio_to_limit_1m".into(), limits.ratio(1e6 / l.per_msg_us).map(|r| round(r, 3)).into());
     Ok(with_memory(o))
 }
 
@@ -77,7 +83,7 @@ async fn measure(
     let started = stack::announce_sets(&stack.pool, trigger, topic, true).await?;
     let done = stack::wait_successes(SCENARIO, &stack.pool, trigger, sample as i64 + 1, POLL, opts.timeout).await;
     stack.stop().await;
-    let elapsed = done? - started;
+    let elapsed = done?.at - started;
     let per_msg_us = elapsed.as_secs_f64() * 1e6 / sample as f64;
     progress!(SCENARIO, "{backlog}: {sample} work orders in {:.2}s ({per_msg_us:.0} us each)", elapsed.as_secs_f64());
     Ok(Sampled { per_msg_us, keys, load_seconds: stored.load_time.as_secs_f64() })

@@ -55,7 +55,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Value> {
         SCENARIO,
         "limit: bare consumer read {n} messages at {consume:.0}/s ({consume_steady:.0}/s after the first)"
     );
-    let copy = limit_copy(&topic, &produced, keys).await?;
+    let copy = limit_copy(opts, &topic, &produced, keys).await?;
     progress!(SCENARIO, "limit: COPY stored {n} rows at {copy:.0}/s");
 
     let measured = measure_ingest(opts, &broker, &topic, n, &ends).await?;
@@ -168,8 +168,8 @@ async fn limit_consume(opts: &Options, broker: &Broker, topic: &str, n: usize) -
 /// Binary COPY of the same rows (same partitions, offsets, keys, values)
 /// into `messages` and `message_records` of a second fresh database with
 /// the schema migrated; rows per second from BEGIN to COMMIT.
-async fn limit_copy(topic: &str, produced: &[Produced], keys: usize) -> anyhow::Result<f64> {
-    let db = TestDb::create().await?;
+async fn limit_copy(opts: &Options, topic: &str, produced: &[Produced], keys: usize) -> anyhow::Result<f64> {
+    let db = TestDb::create_on(&opts.postgres.admin_url).await?;
     let pool = kt_common::db::connect(&db.url, 2).await?;
     kt_common::db::migrate(&pool).await.context("failed to migrate the COPY database")?;
     let trigger = Uuid::now_v7();

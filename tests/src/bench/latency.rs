@@ -4,7 +4,7 @@
 //! to the producer (`sent_at_us`, microseconds on this process's monotonic
 //! clock); the target stamps its arrival on the same clock.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -15,6 +15,7 @@ use serde_json::{Map, Value};
 
 use super::broker::Broker;
 use super::copy::{key_of, value_of};
+use super::limits::Limits;
 use super::report::{micros_at, per_second, percentile, round, unix_micros, with_memory};
 use super::stack::Stack;
 use super::Options;
@@ -24,7 +25,7 @@ use crate::webhook::WebhookReceiver;
 const SCENARIO: &str = "latency";
 /// Messages sent (and awaited) before measuring: the pipeline has joined its
 /// group and the workers know the trigger.
-const WARM_UP_MESSAGES: usize = 20;
+pub(super) const WARM_UP_MESSAGES: usize = 20;
 const WARM_UP_TIMEOUT: Duration = Duration::from_secs(120);
 
 pub async fn run(opts: &Options) -> anyhow::Result<Value> {
@@ -33,30 +34,14 @@ pub async fn run(opts: &Options) -> anyhow::Result<Value> {
     let keys = opts.first_keys(1_000);
     let total = rate as usize * seconds as usize;
 
-    let broker = Broker::start(opts.brokers.as_deref())?;
-    let topic = broker.create_topic("latency", opts.partitions).await?;
-    let opts = &mock_compensation(opts, &broker);
-    let mut stack = Stack::start(opts, opts.workers).await?;
-    let receiver = WebhookReceiver::start("127.0.0.1:0".parse()?).await?;
+    let limits = Limits::measure(SCENARIO, opts).await;
+    let Pipeline { broker, topic, stack, receiver, trigger, producer, opts } =
+        Pipeline::start(SCENARIO, "latency", opts).await?;
+    let opts = &opts;
     let workers = stack.workers;
-    let (trigger, _) = stack.create_trigger("bench-latency", broker.hosts(), &topic, &receiver.url()).await?;
-    progress!(SCENARIO, "stack up (database {}, node workers {workers}); warming up", stack.database_name());
-
-    // Latency counts from the hand-over to the producer, so the producer
-    // sends at once instead of lingering to batch.
-    let mut config = kt_kafka_testing::producer_config(&broker.bootstrap_servers());
-    config.set("linger.ms", "0");
-    let producer: FutureProducer = config.create().context("failed to create the producer")?;
-
-    let warm = (0..WARM_UP_MESSAGES).map(|i| TestMessage::new(r#"{"warm_up":true}"#).key(format!("warm-up-{i}")));
-    kt_kafka_testing::produce(&producer, &topic, warm).await?;
-    receiver
-        .wait_for_deliveries(WARM_UP_MESSAGES, WARM_UP_TIMEOUT)
-        .await
-        .context("warm-up messages were not delivered (does ingest mark sets ready and are workers running?)")?;
 
     progress!(SCENARIO, "producing {total} messages at {rate}/s for {seconds}s over {keys} keys");
-    let produce = steady_produce(&producer, &topic, rate, total, keys).await?;
+    let produce = steady_produce(SCENARIO, &producer, &topic, rate, 0..total, keys).await?;
     progress!(SCENARIO, "produced; waiting for the last deliveries");
     let waited = receiver.wait_for_deliveries(WARM_UP_MESSAGES + total, opts.timeout).await;
     let mut latencies = latencies_ms(&receiver);
@@ -82,7 +67,10 @@ pub async fn run(opts: &Options) -> anyhow::Result<Value> {
         Ok(stages) => o.insert("stages_ms".into(), stages),
         Err(e) => o.insert("stages_ms".into(), format!("unavailable: {e:#}").into()),
     };
-    o.insert("achieved_rate".into(), per_second(total, produce.elapsed).into());
+    let achieved = per_second(total, produce.elapsed);
+    o.insert("achieved_rate".into(), achieved.into());
+    // The steady rate the system kept up with, against what it could take.
+    limits.report(&mut o, achieved);
     o.insert("producer_behind_max_ms".into(), round(produce.behind_max.as_secs_f64() * 1e3, 2).into());
     o.insert("work_orders_succeeded".into(), trigger_successes.into());
     o.insert(
@@ -101,6 +89,55 @@ pub async fn run(opts: &Options) -> anyhow::Result<Value> {
     Ok(with_memory(o))
 }
 
+/// The full path, warmed up and ready to measure: a stack whose trigger
+/// reads a fresh topic and delivers to the bench's target, and a producer
+/// that sends each message at once. Shared with `sustained`.
+pub(super) struct Pipeline {
+    pub broker: Broker,
+    pub topic: String,
+    pub stack: Stack,
+    pub receiver: WebhookReceiver,
+    pub trigger: uuid::Uuid,
+    pub producer: FutureProducer,
+    /// The options the node runs with (see [`mock_compensation`]).
+    pub opts: Options,
+}
+
+impl Pipeline {
+    /// Starts everything and waits until [`WARM_UP_MESSAGES`] were
+    /// delivered: the pipeline has joined its group and the workers know
+    /// the trigger. The receiver's count includes them.
+    pub(super) async fn start(scenario: &str, name: &str, opts: &Options) -> anyhow::Result<Self> {
+        let broker = Broker::start(opts.brokers.as_deref())?;
+        let topic = broker.create_topic(name, opts.partitions).await?;
+        let opts = mock_compensation(opts, &broker);
+        let mut stack = Stack::start(&opts, opts.workers).await?;
+        let receiver = WebhookReceiver::start("127.0.0.1:0".parse()?).await?;
+        let (trigger, _) =
+            stack.create_trigger(&format!("bench-{name}"), broker.hosts(), &topic, &receiver.url()).await?;
+        progress!(
+            scenario,
+            "stack up (database {}, node workers {}); warming up",
+            stack.database_name(),
+            stack.workers
+        );
+
+        // Latency counts from the hand-over to the producer, so the producer
+        // sends at once instead of lingering to batch.
+        let mut config = kt_kafka_testing::producer_config(&broker.bootstrap_servers());
+        config.set("linger.ms", "0");
+        let producer: FutureProducer = config.create().context("failed to create the producer")?;
+
+        let warm = (0..WARM_UP_MESSAGES).map(|i| TestMessage::new(r#"{"warm_up":true}"#).key(format!("warm-up-{i}")));
+        kt_kafka_testing::produce(&producer, &topic, warm).await?;
+        receiver
+            .wait_for_deliveries(WARM_UP_MESSAGES, WARM_UP_TIMEOUT)
+            .await
+            .context("warm-up messages were not delivered (does ingest mark sets ready and are workers running?)")?;
+        Ok(Self { broker, topic, stack, receiver, trigger, producer, opts })
+    }
+}
+
 /// librdkafka's mock broker answers a fetch that found no data only after
 /// the full `fetch.wait.max.ms` (500 ms by default), even when messages
 /// arrive meanwhile (rdkafka_mock_handlers.c: "This isn't strictly correct
@@ -116,28 +153,31 @@ fn mock_compensation(opts: &Options, broker: &Broker) -> Options {
     opts
 }
 
-struct Produced {
-    elapsed: Duration,
+pub(super) struct Produced {
+    pub elapsed: Duration,
     /// How far the producer loop ever fell behind its schedule.
-    behind_max: Duration,
+    pub behind_max: Duration,
 }
 
-/// Sends message `i` at `start + i / rate` (absolute schedule: no drift),
+/// Sends messages `seqs` (their sequence numbers, which pick their keys),
+/// the `n`-th at `start + n / rate` (absolute schedule: no drift),
 /// stamping `sent_at_us` just before the hand-over; then waits for every
 /// acknowledgement.
-async fn steady_produce(
+pub(super) async fn steady_produce(
+    scenario: &str,
     producer: &FutureProducer,
     topic: &str,
     rate: u32,
-    total: usize,
+    seqs: std::ops::Range<usize>,
     keys: usize,
 ) -> anyhow::Result<Produced> {
+    let total = seqs.len();
     let start = tokio::time::Instant::now();
     let mut pending: Vec<DeliveryFuture> = Vec::with_capacity(total);
     let mut behind_max = Duration::ZERO;
     let mut last_print = Instant::now();
-    for i in 0..total {
-        let due = start + Duration::from_micros(i as u64 * 1_000_000 / u64::from(rate));
+    for (n, i) in seqs.enumerate() {
+        let due = start + Duration::from_micros(n as u64 * 1_000_000 / u64::from(rate));
         tokio::time::sleep_until(due).await;
         behind_max = behind_max.max(tokio::time::Instant::now().saturating_duration_since(due));
         let key = key_of(i, keys);
@@ -160,7 +200,7 @@ async fn steady_produce(
         }
         if last_print.elapsed() >= Duration::from_secs(5) {
             last_print = Instant::now();
-            progress!(SCENARIO, "{}/{total} produced", i + 1);
+            progress!(scenario, "{}/{total} produced", n + 1);
         }
     }
     let elapsed = start.elapsed();
@@ -178,17 +218,20 @@ async fn steady_produce(
 /// Produce → arrival at the target, in milliseconds, of each measured
 /// message (first delivery of each; warm-up messages carry no timestamp).
 fn latencies_ms(receiver: &WebhookReceiver) -> Vec<f64> {
-    let mut seen = HashSet::new();
-    receiver
-        .deliveries()
-        .iter()
-        .filter(|d| (200..300).contains(&d.status))
-        .filter_map(|d| {
-            let sent = d.body["data"]["sent_at_us"].as_u64()?;
-            let seq = d.body["data"]["seq"].as_u64()?;
-            seen.insert(seq).then(|| (micros_at(d.received_at) as f64 - sent as f64) / 1e3)
-        })
-        .collect()
+    latencies_by_seq(receiver).into_values().collect()
+}
+
+/// Produce → arrival at the target, in milliseconds, by sequence number,
+/// of the first delivery of each measured message.
+pub(super) fn latencies_by_seq(receiver: &WebhookReceiver) -> HashMap<u64, f64> {
+    let mut out = HashMap::new();
+    for d in receiver.deliveries().iter().filter(|d| (200..300).contains(&d.status)) {
+        let (Some(sent), Some(seq)) = (d.body["data"]["sent_at_us"].as_u64(), d.body["data"]["seq"].as_u64()) else {
+            continue;
+        };
+        out.entry(seq).or_insert_with(|| (micros_at(d.received_at) as f64 - sent as f64) / 1e3);
+    }
+    out
 }
 
 /// Where the time goes, cumulative from the hand-over to the producer, at

@@ -9,13 +9,19 @@ pub mod broker;
 pub mod copy;
 pub mod ingest;
 pub mod latency;
+pub mod limits;
 pub mod ordered;
+pub mod pgstats;
 pub mod report;
+pub mod server;
 pub mod stack;
+pub mod sustained;
 
 use std::time::Duration;
 
 use serde_json::Value;
+
+pub use server::PostgresServer;
 
 /// What the command line chose; each scenario picks the fields it uses.
 #[derive(Debug, Clone)]
@@ -30,6 +36,10 @@ pub struct Options {
     /// `latency`: produce rate (messages per second) and duration.
     pub rate: u32,
     pub seconds: u64,
+    /// `sustained`: the rates stepped through (empty: the default steps)
+    /// and how long each lasts.
+    pub steps: Vec<u32>,
+    pub step_seconds: u64,
     /// `backlog`: the small and large backlog sizes and the sample measured.
     pub small: usize,
     pub large: usize,
@@ -43,6 +53,9 @@ pub struct Options {
     /// librdkafka settings applied last to the node's consumers and the
     /// bare-consumer limit alike (`--kafka-config key=value`).
     pub kafka_config: Vec<(String, String)>,
+    /// Where the databases are created: the bench's own cluster, or
+    /// `--database-url`'s server.
+    pub postgres: PostgresServer,
 }
 
 impl Options {
@@ -59,13 +72,15 @@ pub struct ScenarioError {
     pub error: anyhow::Error,
 }
 
-/// Runs one scenario; `ordered` yields one object per key count.
+/// Runs one scenario; `ordered` yields one object per key count,
+/// `sustained` one with its steps inside.
 pub async fn run(scenario: &'static str, opts: &Options) -> Result<Vec<Value>, ScenarioError> {
     report::reset_peak_rss();
     let result = match scenario {
         "ingest" => ingest::run(opts).await.map(|v| vec![v]),
         "ordered" => ordered::run(opts).await,
         "latency" => latency::run(opts).await.map(|v| vec![v]),
+        "sustained" => sustained::run(opts).await.map(|v| vec![v]),
         "backlog" => backlog::run(opts).await.map(|v| vec![v]),
         other => Err(anyhow::anyhow!("unknown scenario {other}")),
     };
@@ -78,4 +93,31 @@ macro_rules! progress {
     ($scenario:expr, $($arg:tt)*) => {
         eprintln!("[{} {:>8.1}s] {}", $scenario, $crate::bench::report::since_start().as_secs_f64(), format!($($arg)*))
     };
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// The command line's defaults, on the shared test server.
+    pub(crate) fn options() -> Options {
+        Options {
+            brokers: None,
+            messages: None,
+            keys: None,
+            partitions: 6,
+            rate: 500,
+            seconds: 30,
+            steps: Vec::new(),
+            step_seconds: 20,
+            small: 10_000,
+            large: 1_000_000,
+            sample: 5_000,
+            depth: 10,
+            workers: None,
+            timeout: Duration::from_secs(900),
+            kafka_config: Vec::new(),
+            postgres: PostgresServer::external(crate::admin_database_url()),
+        }
+    }
 }

@@ -4,6 +4,14 @@
 //! COPY exactly as ingest leaves it (messages, dedup records, ready sets),
 //! then announced with NOTIFY; the clock runs from that commit until every
 //! work order succeeded.
+//!
+//! Each run has a stack (database, control plane, node) of its own, so its
+//! database statistics cover that run alone: the window of
+//! `commits_per_work_order` and `statements_per_work_order` opens just
+//! before the announcing transaction and closes once the stopped stack's
+//! connections are gone. It therefore holds the announcement (one commit, a
+//! few statements) and the stack's shutdown, but not the bench's progress
+//! polls, which are counted and subtracted.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -11,6 +19,8 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 
 use super::broker::Broker;
+use super::limits::Limits;
+use super::pgstats::{self, Observer};
 use super::report::{per_second, round, with_memory};
 use super::stack::{self, Stack, POLL};
 use super::Options;
@@ -20,12 +30,18 @@ use crate::webhook::WebhookReceiver;
 const SCENARIO: &str = "ordered";
 /// Bound of the warm-up (workers connecting, trigger assignment).
 const WARM_UP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the stopped stack's connections may take to go: past
+/// Postgres's 10 s idle flush, any left have published their counts anyway.
+const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(12);
 
 struct RunResult {
     rate: f64,
     elapsed: Duration,
     order_violations: usize,
     duplicates: usize,
+    workers: usize,
+    /// The database's statistics of the run (see the module docs).
+    stats: Value,
 }
 
 /// One object per key count; a failed key count yields an error object and
@@ -34,13 +50,12 @@ pub async fn run(opts: &Options) -> anyhow::Result<Vec<Value>> {
     let n = opts.messages.unwrap_or(20_000);
     let key_counts = opts.keys.clone().unwrap_or_else(|| vec![1, 100, 10_000]);
     anyhow::ensure!(n > 0, "--messages must be positive");
+    let limits = Limits::measure(SCENARIO, opts).await;
     let broker = Broker::start(opts.brokers.as_deref())?;
     // The triggers read this (empty) topic; their backlog is stored directly.
     let topic = broker.create_topic("ordered", opts.partitions).await?;
-    let mut stack = Stack::start(opts, opts.workers).await?;
-    progress!(SCENARIO, "stack up (database {}, node workers {})", stack.database_name(), stack.workers);
 
-    let keyless = run_once(&mut stack, &broker, &topic, n, 0, opts).await;
+    let keyless = run_once(&broker, &topic, n, 0, opts).await;
     let mut out = Vec::new();
     for k in key_counts {
         let mut o = Map::new();
@@ -54,7 +69,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Vec<Value>> {
             out.push(Value::Object(o));
             continue;
         }
-        let keyed = run_once(&mut stack, &broker, &topic, n, k, opts).await;
+        let keyed = run_once(&broker, &topic, n, k, opts).await;
         match (&keyed, &keyless) {
             (Ok(keyed), Ok(keyless)) => {
                 o.insert("work_orders_per_s".into(), keyed.rate.into());
@@ -63,8 +78,17 @@ pub async fn run(opts: &Options) -> anyhow::Result<Vec<Value>> {
                 o.insert("ratio_to_keyless".into(), round(keyed.rate / keyless.rate, 3).into());
                 o.insert("order_violations".into(), keyed.order_violations.into());
                 o.insert("duplicate_deliveries".into(), (keyed.duplicates + keyless.duplicates).into());
-                o.insert("node_workers".into(), stack.workers.into());
+                o.insert("commits_per_work_order".into(), keyed.stats["commits_per_work_order"].clone());
+                o.insert("statements_per_work_order".into(), keyed.stats["statements_per_work_order"].clone());
+                o.insert("keyless_commits_per_work_order".into(), keyless.stats["commits_per_work_order"].clone());
+                o.insert(
+                    "keyless_statements_per_work_order".into(),
+                    keyless.stats["statements_per_work_order"].clone(),
+                );
+                o.insert("db_stats".into(), keyed.stats.clone());
+                o.insert("node_workers".into(), keyed.workers.into());
                 o.insert("partitions".into(), opts.partitions.into());
+                limits.report(&mut o, keyed.rate);
                 out.push(with_memory(o));
             }
             (Err(e), _) | (_, Err(e)) => {
@@ -73,21 +97,67 @@ pub async fn run(opts: &Options) -> anyhow::Result<Vec<Value>> {
             }
         }
     }
-    stack.stop().await;
     Ok(out)
 }
 
-/// One backlog of `n` messages over `keys` keys (0: keyless) in a trigger
-/// of its own, processed to the end; the trigger is deleted afterwards.
-async fn run_once(
-    stack: &mut Stack,
-    broker: &Broker,
-    topic: &str,
+/// What one run stores and where.
+struct Run<'a> {
+    broker: &'a Broker,
+    topic: &'a str,
     n: usize,
+    /// 0: keyless.
     keys: usize,
-    opts: &Options,
-) -> anyhow::Result<RunResult> {
+    label: String,
+}
+
+/// One backlog of `n` messages over `keys` keys (0: keyless) on a stack of
+/// its own, processed to the end.
+async fn run_once(broker: &Broker, topic: &str, n: usize, keys: usize, opts: &Options) -> anyhow::Result<RunResult> {
     let label = if keys == 0 { "keyless".to_owned() } else { format!("K={keys}") };
+    let run = Run { broker, topic, n, keys, label };
+    let label = &run.label;
+    let mut stack = Stack::start(opts, opts.workers).await?;
+    let workers = stack.workers;
+    progress!(SCENARIO, "{label}: stack up (database {}, node workers {workers})", stack.database_name());
+    let mut observer = Observer::connect(&opts.postgres.admin_url, stack.database_name()).await?;
+    let measured = measure(&mut stack, &mut observer, &run, opts).await;
+    // Stopped whatever happened, and before the window closes: only then
+    // are the transaction counts of the run all published.
+    let db = stack.stop_keeping_database().await;
+    let (waited, before, receiver, elapsed) = measured?;
+    let left = observer.wait_disconnected(DISCONNECT_TIMEOUT).await?;
+    let after = observer.snapshot().await?;
+    drop(db);
+    let note = match (left, observer.note()) {
+        (0, note) => note.map(str::to_owned),
+        (left, note) => Some(format!(
+            "{left} connection(s) of the stack still open at the end of the window: their last second may be \
+             missing{}",
+            note.map(|n| format!("; {n}")).unwrap_or_default()
+        )),
+    };
+    let stats = pgstats::report(before, after, waited.polls, n, note.as_deref());
+    let rate = per_second(n, elapsed);
+    let (order_violations, duplicates) = check_order(&receiver);
+    progress!(
+        SCENARIO,
+        "{label}: {n} work orders succeeded in {:.2}s ({rate:.0}/s); {} commits, {} statements per work order",
+        elapsed.as_secs_f64(),
+        stats["commits_per_work_order"],
+        stats["statements_per_work_order"]
+    );
+    Ok(RunResult { rate, elapsed, order_violations, duplicates, workers, stats })
+}
+
+/// The measured part of a run: a trigger of its own, warmed up, its backlog
+/// stored, the statistics read, the backlog announced and waited for.
+async fn measure(
+    stack: &mut Stack,
+    observer: &mut Observer,
+    run: &Run<'_>,
+    opts: &Options,
+) -> anyhow::Result<(stack::Waited, pgstats::Counters, WebhookReceiver, Duration)> {
+    let Run { broker, topic, n, keys, ref label } = *run;
     let receiver = WebhookReceiver::start("127.0.0.1:0".parse()?).await?;
     let name = format!("bench-ordered-{}-{}", label.replace('=', ""), &uuid::Uuid::new_v4().simple().to_string()[..6]);
     let (trigger, _) = stack.create_trigger(&name, broker.hosts(), topic, &receiver.url()).await?;
@@ -101,14 +171,11 @@ async fn run_once(
         backlog.sets,
         backlog.load_time.as_secs_f64()
     );
+    let before = observer.snapshot().await?;
     let started = stack::announce_sets(&stack.pool, trigger, topic, keys > 0).await?;
-    let done = stack::wait_successes(SCENARIO, &stack.pool, trigger, n as i64 + 1, POLL, opts.timeout).await?;
-    let elapsed = done - started;
-    let rate = per_second(n, elapsed);
-    progress!(SCENARIO, "{label}: {n} work orders succeeded in {:.2}s ({rate:.0}/s)", elapsed.as_secs_f64());
-    let (order_violations, duplicates) = check_order(&receiver);
-    stack.delete_trigger(trigger).await?;
-    Ok(RunResult { rate, elapsed, order_violations, duplicates })
+    let waited = stack::wait_successes(SCENARIO, &stack.pool, trigger, n as i64 + 1, POLL, opts.timeout).await?;
+    let elapsed = waited.at - started;
+    Ok((waited, before, receiver, elapsed))
 }
 
 /// Deliveries that arrived after a later message of the same key (keyed

@@ -12,15 +12,35 @@ pub const RSS_SCOPE: &str =
 
 static START: OnceLock<(Instant, SystemTime)> = OnceLock::new();
 static POSTGRES: OnceLock<Value> = OnceLock::new();
+static POSTGRES_SERVER: OnceLock<&'static str> = OnceLock::new();
 
 /// Server settings that change what the numbers mean, read once from the
 /// first database the bench creates.
-pub const POSTGRES_SETTINGS: &[&str] =
-    &["autovacuum", "fsync", "synchronous_commit", "shared_buffers", "server_version"];
+pub const POSTGRES_SETTINGS: &[&str] = &[
+    "autovacuum",
+    "autovacuum_naptime",
+    "checkpoint_timeout",
+    "fsync",
+    "full_page_writes",
+    "max_connections",
+    "max_wal_size",
+    "server_version",
+    "shared_buffers",
+    "shared_preload_libraries",
+    "synchronous_commit",
+    "wal_level",
+    "work_mem",
+];
 
 /// Records the Postgres settings reported with every scenario.
 pub fn set_postgres_settings(settings: Value) {
     let _ = POSTGRES.set(settings);
+}
+
+/// Records whether the bench runs on its own cluster (`bench-owned`) or an
+/// existing server (`external`), reported with every scenario.
+pub fn set_postgres_server(kind: &'static str) {
+    let _ = POSTGRES_SERVER.set(kind);
 }
 
 /// The process-wide reference instant: produce timestamps embedded in
@@ -82,6 +102,9 @@ pub fn with_memory(mut object: Map<String, Value>) -> Value {
     object.insert("rss_scope".into(), RSS_SCOPE.into());
     // Other work on the machine skews every number: say how busy it was.
     object.insert("loadavg_1m".into(), load_average().map_or(Value::Null, Value::from));
+    if let Some(kind) = POSTGRES_SERVER.get() {
+        object.insert("postgres_server".into(), (*kind).into());
+    }
     if let Some(pg) = POSTGRES.get() {
         object.insert("postgres".into(), pg.clone());
     }

@@ -14,7 +14,6 @@ use tonic::transport::Channel;
 use uuid::Uuid;
 
 use super::copy::{self, Row, Table};
-use super::report;
 use super::Options;
 use crate::{ControlPlaneOptions, TestControlPlane, TestDb, TestNode};
 
@@ -53,12 +52,12 @@ impl Stack {
     /// A fresh database, a control plane and a node whose `workers` is
     /// `workers` (`None`: the node's default), connected.
     pub async fn start(opts: &Options, workers: Option<usize>) -> anyhow::Result<Self> {
-        let db = TestDb::create().await?;
+        let db = TestDb::create_on(&opts.postgres.admin_url).await?;
         let cp = TestControlPlane::start(&db, ControlPlaneOptions::default())
             .await
             .context("failed to start the control plane")?;
         let pool = kt_common::db::connect(&db.url, 5).await?;
-        record_postgres_settings(&pool).await?;
+        super::server::record_settings(&pool).await?;
         let triggers = TriggerServiceClient::new(cp.channel().await?);
         let mut configured = 0;
         let node = TestNode::start(&db, &cp.url(), |c| {
@@ -131,9 +130,16 @@ impl Stack {
         Ok(())
     }
 
-    /// Stops the node (gracefully, bounded) and the control plane; the
-    /// database goes when `self` is dropped.
-    pub async fn stop(mut self) {
+    /// Stops the node (gracefully, bounded) and the control plane, and
+    /// removes the database.
+    pub async fn stop(self) {
+        drop(self.stop_keeping_database().await);
+    }
+
+    /// Stops like [`Stack::stop`] but hands the database back: once every
+    /// connection of the stack is gone, the server's statistics of it are
+    /// complete and can still be read. It is removed when dropped.
+    pub async fn stop_keeping_database(mut self) -> TestDb {
         if let Some(node) = self.node.take() {
             let _ = tokio::time::timeout(Duration::from_secs(30), node.stop()).await;
         }
@@ -141,28 +147,8 @@ impl Stack {
             let _ = tokio::time::timeout(Duration::from_secs(30), cp.stop()).await;
         }
         self.pool.close().await;
+        self.db
     }
-}
-
-/// Reads the server settings reported with the results, once; warns when
-/// autovacuum is off (nothing then refreshes planner statistics or removes
-/// dead rows, which a production server does).
-async fn record_postgres_settings(pool: &PgPool) -> anyhow::Result<()> {
-    static WARNED: std::sync::Once = std::sync::Once::new();
-    let rows: Vec<(String, String)> = sqlx::query_as("SELECT name, setting FROM pg_settings WHERE name = ANY($1)")
-        .bind(report::POSTGRES_SETTINGS)
-        .fetch_all(pool)
-        .await?;
-    if rows.iter().any(|(k, v)| k == "autovacuum" && v == "off") {
-        WARNED.call_once(|| {
-            eprintln!(
-                "warning: autovacuum is off on this Postgres server: statistics go stale and dead rows pile \
-                 up during long runs, unlike on a production server"
-            )
-        });
-    }
-    report::set_postgres_settings(rows.into_iter().map(|(k, v)| (k, serde_json::Value::from(v))).collect());
-    Ok(())
 }
 
 /// Polls `check` every [`POLL`] until it yields a value; fails after
@@ -192,6 +178,14 @@ pub async fn successes(pool: &PgPool, trigger: Uuid) -> Result<i64, sqlx::Error>
         .await
 }
 
+/// When [`wait_successes`] saw its target, and how many polls it took:
+/// each one statement and one transaction of the bench's own in the
+/// database.
+pub struct Waited {
+    pub at: Instant,
+    pub polls: i64,
+}
+
 /// Waits until `target` work orders of `trigger` succeeded, polling every
 /// `interval` and printing progress; returns when (the poll that saw it).
 pub async fn wait_successes(
@@ -201,13 +195,15 @@ pub async fn wait_successes(
     target: i64,
     interval: Duration,
     timeout: Duration,
-) -> anyhow::Result<Instant> {
+) -> anyhow::Result<Waited> {
     let started = Instant::now();
     let mut last_print = Instant::now();
+    let mut polls = 0;
     loop {
         let done = successes(pool, trigger).await?;
+        polls += 1;
         if done >= target {
-            return Ok(Instant::now());
+            return Ok(Waited { at: Instant::now(), polls });
         }
         if started.elapsed() >= timeout {
             anyhow::bail!(

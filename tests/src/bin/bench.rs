@@ -1,19 +1,21 @@
 //! The benchmark program (DESIGN §6). Runs a scenario, or all of them, with
-//! everything in this process: its own Postgres database (on DATABASE_URL's
-//! server, default postgres://postgres@127.0.0.1:5432/postgres — source
-//! scripts/lib.sh and run kt_ensure_postgres to get one), the in-process
-//! Kafka mock unless --brokers is given, a control plane, a data-plane node
-//! and a webhook target. Progress goes to stderr; stdout gets exactly one
-//! JSON object per line per scenario (per key count for `ordered`).
+//! everything in this process: a throwaway Postgres cluster of its own
+//! (initdb in a temp dir, the server's default settings; removed at exit)
+//! unless --database-url / DATABASE_URL names an existing server, the
+//! in-process Kafka mock unless --brokers is given, a control plane, a
+//! data-plane node and a webhook target. Progress goes to stderr; stdout
+//! gets exactly one JSON object per line per scenario (per key count for
+//! `ordered`; `sustained` puts its steps in one line).
 //!
 //!   cargo run --release -p kt-tests --bin bench -- all
 //!   cargo run --release -p kt-tests --bin bench -- latency --rate 200 --seconds 5
+//!   cargo run --release -p kt-tests --bin bench -- sustained --steps 500,1000 --step-seconds 10
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use kt_tests::bench::{self, Options};
+use kt_tests::bench::{self, Options, PostgresServer};
 use serde_json::json;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -24,6 +26,8 @@ enum Scenario {
     Ordered,
     /// Produce -> delivery latency under a steady rate.
     Latency,
+    /// Produce -> delivery latency and backlog while the rate steps up.
+    Sustained,
     /// Per-message dispatch cost with a 10k vs a 1M backlog.
     Backlog,
     /// Every scenario, in this order.
@@ -34,9 +38,10 @@ enum Scenario {
 #[command(
     name = "bench",
     about = "Kafka triggers benchmark: one JSON summary per scenario on stdout",
-    after_help = "Needs a Postgres server where it may create databases (--database-url / DATABASE_URL; \
-                  `source scripts/lib.sh && kt_ensure_postgres` provides one). Everything else (broker, \
-                  control plane, node, webhook target) runs in this process."
+    after_help = "Starts a throwaway Postgres cluster of its own (needs the PostgreSQL server binaries: \
+                  initdb, pg_ctl, and the pg_stat_statements module) unless --database-url / DATABASE_URL \
+                  names a server where it may create databases. Everything else (broker, control plane, \
+                  node, webhook target) runs in this process."
 )]
 struct Cli {
     scenario: Scenario,
@@ -48,7 +53,7 @@ struct Cli {
     #[arg(long)]
     messages: Option<usize>,
     /// Key counts, comma-separated: ordered runs each (default 1,100,10000);
-    /// ingest and latency use the first (default 1000).
+    /// ingest, latency and sustained use the first (default 1000).
     #[arg(long, value_delimiter = ',')]
     keys: Option<Vec<usize>>,
     /// Partitions of the topics the bench creates.
@@ -60,6 +65,12 @@ struct Cli {
     /// latency: seconds of steady production.
     #[arg(long, default_value_t = 30)]
     seconds: u64,
+    /// sustained: the rates (messages per second) stepped through, in order.
+    #[arg(long, value_delimiter = ',', default_values_t = bench::sustained::DEFAULT_STEPS.to_vec())]
+    steps: Vec<u32>,
+    /// sustained: seconds of production per step.
+    #[arg(long, default_value_t = 20)]
+    step_seconds: u64,
     /// backlog: the small backlog.
     #[arg(long, default_value_t = 10_000)]
     small: usize,
@@ -77,9 +88,11 @@ struct Cli {
     /// ingest scenario always runs the node with 0.
     #[arg(long)]
     workers: Option<usize>,
-    /// Postgres server where the bench creates (and drops) its databases.
-    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
-    database_url: String,
+    /// An existing Postgres server where the bench creates (and drops) its
+    /// databases; without it the bench starts a throwaway cluster of its
+    /// own with the server's default settings (autovacuum on).
+    #[arg(long, env = "DATABASE_URL")]
+    database_url: Option<String>,
     /// librdkafka setting for the node's consumers and the bare-consumer
     /// limit alike, applied last (repeatable): e.g. fetch.queue.backoff.ms=10.
     #[arg(long = "kafka-config", value_name = "KEY=VALUE", value_parser = parse_key_value)]
@@ -96,8 +109,6 @@ fn parse_key_value(s: &str) -> Result<(String, String), String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // TestDb reads the server from DATABASE_URL; set before any thread starts.
-    std::env::set_var("DATABASE_URL", &cli.database_url);
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
@@ -105,27 +116,13 @@ fn main() -> ExitCode {
         )
         .init();
     bench::report::start();
-    let opts = Options {
-        brokers: cli.brokers,
-        messages: cli.messages,
-        keys: cli.keys,
-        partitions: cli.partitions,
-        rate: cli.rate,
-        seconds: cli.seconds,
-        small: cli.small,
-        large: cli.large,
-        sample: cli.sample,
-        depth: cli.depth,
-        workers: cli.workers,
-        timeout: Duration::from_secs(cli.timeout_secs),
-        kafka_config: cli.kafka_config,
-    };
     let scenarios: &[&'static str] = match cli.scenario {
         Scenario::Ingest => &["ingest"],
         Scenario::Ordered => &["ordered"],
         Scenario::Latency => &["latency"],
+        Scenario::Sustained => &["sustained"],
         Scenario::Backlog => &["backlog"],
-        Scenario::All => &["ingest", "ordered", "latency", "backlog"],
+        Scenario::All => &["ingest", "ordered", "latency", "sustained", "backlog"],
     };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -134,10 +131,59 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // The cluster lives until the end of main: every database of every
+    // scenario is on it. The URL goes to the scenarios explicitly, never
+    // through the environment.
+    let (cluster, postgres) = match cli.database_url {
+        Some(url) => (None, PostgresServer::external(url)),
+        None => match runtime.block_on(bench::server::start_owned()) {
+            Ok((cluster, server)) => {
+                eprintln!("== postgres: a throwaway cluster of the bench's own at {}", server.admin_url);
+                (Some(cluster), server)
+            }
+            Err(e) => {
+                println!("{}", json!({"scenario": scenarios[0], "error": format!("{e:#}")}));
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    bench::report::set_postgres_server(postgres.kind());
+    let opts = Options {
+        brokers: cli.brokers,
+        messages: cli.messages,
+        keys: cli.keys,
+        partitions: cli.partitions,
+        rate: cli.rate,
+        seconds: cli.seconds,
+        steps: cli.steps,
+        step_seconds: cli.step_seconds,
+        small: cli.small,
+        large: cli.large,
+        sample: cli.sample,
+        depth: cli.depth,
+        workers: cli.workers,
+        timeout: Duration::from_secs(cli.timeout_secs),
+        kafka_config: cli.kafka_config,
+        postgres,
+    };
     let mut failed = false;
     for scenario in scenarios {
         eprintln!("== {scenario}");
-        match runtime.block_on(bench::run(scenario, &opts)) {
+        // Ctrl-C ends the run cleanly, so the cluster is stopped and its
+        // directory removed rather than left running.
+        let run = runtime.block_on(async {
+            tokio::select! {
+                result = bench::run(scenario, &opts) => Some(result),
+                _ = tokio::signal::ctrl_c() => None,
+            }
+        });
+        let Some(result) = run else {
+            eprintln!("interrupted");
+            println!("{}", json!({"scenario": scenario, "error": "interrupted"}));
+            failed = true;
+            break;
+        };
+        match result {
             Ok(objects) => {
                 for o in objects {
                     failed |= o.get("error").is_some();
@@ -153,6 +199,7 @@ fn main() -> ExitCode {
     }
     // Background tasks of the stacks (dropped already) must not delay exit.
     runtime.shutdown_timeout(Duration::from_secs(5));
+    drop(cluster);
     if failed {
         ExitCode::FAILURE
     } else {
