@@ -34,6 +34,10 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     pub api_token: Option<Secret>,
     pub node_token: Option<Secret>,
+    /// Serve the node protocol without a node token. It hands every
+    /// trigger's decrypted credentials to its peer, so running it open has to
+    /// be asked for by name (`--insecure-open-node-protocol`).
+    pub insecure_open_node_protocol: bool,
     pub keys: Keyring,
     /// How often sessions exchange heartbeats with nodes.
     pub heartbeat: Duration,
@@ -52,6 +56,7 @@ impl Config {
             metrics_listen: None,
             api_token: None,
             node_token: None,
+            insecure_open_node_protocol: false,
             keys: Keyring::default(),
             heartbeat: Duration::from_secs(5),
             max_db_connections: 10,
@@ -79,6 +84,7 @@ pub struct Running {
 
 /// Connects, migrates, binds and starts serving in the background.
 pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Running> {
+    check_node_auth(&config)?;
     let pool = kt_common::db::connect(&config.database_url, config.max_db_connections)
         .await
         .context("failed to connect to the database")?;
@@ -91,7 +97,10 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         tracing::warn!("no API token configured: the public API is open to anyone who can reach {addr}");
     }
     if config.node_token.is_none() {
-        tracing::warn!("no node token configured: any client can register as a data-plane node");
+        tracing::warn!(
+            "INSECURE: the node protocol is open (--insecure-open-node-protocol): anyone who can reach {addr} \
+             receives every trigger's decrypted credentials"
+        );
     }
     if !config.keys.has_key() {
         tracing::warn!("no encryption key configured: triggers with credentials will be refused");
@@ -112,6 +121,20 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     Ok(Running { addr, task })
 }
 
+/// Refuses to serve the node protocol unauthenticated unless that was asked
+/// for: its assignments carry decrypted passwords, client keys and secret
+/// headers, so an open default would give them to anyone who can connect.
+fn check_node_auth(config: &Config) -> anyhow::Result<()> {
+    if config.node_token.is_none() && !config.insecure_open_node_protocol {
+        anyhow::bail!(
+            "refusing to start without a node token: data-plane nodes receive every trigger's decrypted \
+             credentials, so the node protocol must be authenticated. Set --node-token / KT_NODE_TOKEN (and give \
+             the nodes the same token), or pass --insecure-open-node-protocol to run it open on purpose"
+        );
+    }
+    Ok(())
+}
+
 /// How long a replica that stepped down waits for the calls of its term to
 /// finish before it stands by regardless. The port is closed and nothing
 /// is granted any more by then; what still runs is fenced in the database.
@@ -123,6 +146,9 @@ pub const STEP_DOWN_GRACE: Duration = Duration::from_secs(5);
 /// and stands by again. It returns early only on a fatal error (e.g. the
 /// address cannot be bound, the migrations do not match this build).
 pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    // Before waiting for the leader lock: a standby with a bad configuration
+    // should fail now, not when it takes over.
+    check_node_auth(&config)?;
     metrics::gauge!("kt_control_plane_active").set(0.0);
     loop {
         let Some(leadership) = leader::acquire(&config.database_url, &shutdown).await? else {

@@ -31,9 +31,17 @@ struct Cli {
     #[arg(long, env = "KT_API_TOKEN", hide_env_values = true)]
     api_token: Option<String>,
 
-    /// Bearer token data-plane nodes must present; none = any node may join.
+    /// Bearer token data-plane nodes must present. Required: the control
+    /// plane refuses to start without one unless
+    /// --insecure-open-node-protocol is given.
     #[arg(long, env = "KT_NODE_TOKEN", hide_env_values = true)]
     node_token: Option<String>,
+
+    /// Serve the node protocol without a node token. Anyone who can reach
+    /// the port then receives every trigger's decrypted credentials; only
+    /// for a port nothing else can reach.
+    #[arg(long, env = "KT_INSECURE_OPEN_NODE_PROTOCOL")]
+    insecure_open_node_protocol: bool,
 
     /// Base64 of 32 random bytes that encrypts credentials at rest
     /// (`openssl rand -base64 32`). Without it, triggers with credentials are
@@ -100,6 +108,7 @@ async fn main() -> anyhow::Result<()> {
         metrics_listen: cli.metrics_listen,
         api_token: non_empty(cli.api_token),
         node_token: non_empty(cli.node_token),
+        insecure_open_node_protocol: cli.insecure_open_node_protocol,
         keys,
         heartbeat: Duration::from_secs(cli.heartbeat_seconds.max(1)),
         event_retention: Duration::from_secs(cli.event_retention_hours * 3600),

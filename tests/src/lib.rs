@@ -25,6 +25,10 @@ use uuid::Uuid;
 /// A fixed 32-byte test key (base64). Never use outside tests.
 pub const TEST_ENCRYPTION_KEY: &str = "dGVzdC1rZXktMDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY=";
 
+/// The node token of every sandboxed control plane and node (the control
+/// plane refuses to run without one). Never use outside tests.
+pub const TEST_NODE_TOKEN: &str = "test-node-token-0123456789";
+
 /// The server where test databases are created: `DATABASE_URL`, else the
 /// local default.
 pub fn admin_database_url() -> String {
@@ -93,6 +97,7 @@ fn replace_database(url: &str, db: &str) -> String {
 #[derive(Clone, Default)]
 pub struct ControlPlaneOptions {
     pub api_token: Option<String>,
+    /// Defaults to [`TEST_NODE_TOKEN`], which [`TestNode`] presents.
     pub node_token: Option<String>,
     /// Defaults to [`TEST_ENCRYPTION_KEY`]; `Some("")` means no key.
     pub encryption_key: Option<String>,
@@ -115,7 +120,7 @@ impl TestControlPlane {
         let config = kt_control_plane::Config {
             grpc_listen: opts.listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
             api_token: opts.api_token.map(Secret::new),
-            node_token: opts.node_token.map(Secret::new),
+            node_token: Some(Secret::new(opts.node_token.unwrap_or_else(|| TEST_NODE_TOKEN.into()))),
             keys: Keyring::from_base64([key.as_str()])?,
             heartbeat: opts.heartbeat.unwrap_or(Duration::from_millis(500)),
             ..kt_control_plane::Config::new(db.url.clone())
@@ -159,7 +164,8 @@ pub struct TestNode {
 
 impl TestNode {
     /// Starts a node against `db` and the control plane at `cp_url`, with
-    /// test-friendly timings; `tweak` adjusts the config.
+    /// test-friendly timings and [`TEST_NODE_TOKEN`]; `tweak` adjusts the
+    /// config.
     pub async fn start(db: &TestDb, cp_url: &str, tweak: impl FnOnce(&mut kt_data_plane::Config)) -> Self {
         let mut config = kt_data_plane::Config::new(db.url.clone(), cp_url.to_owned());
         config.heartbeat_interval = Duration::from_millis(500);
@@ -167,6 +173,7 @@ impl TestNode {
         config.ingest.heartbeat_interval = Duration::from_millis(500);
         config.ingest.batch_linger = Duration::from_millis(5);
         config.ingest.commit_interval = Duration::from_millis(200);
+        config.node_token = Some(Secret::new(TEST_NODE_TOKEN));
         tweak(&mut config);
         let node_id = config.node_id.clone();
         let shutdown = CancellationToken::new();

@@ -83,6 +83,7 @@ impl DataPlaneProcess {
             .env("DATABASE_URL", &opts.database_url)
             .env("KT_CONTROL_PLANE_URL", &opts.control_plane_url)
             .env("KT_NODE_ID", &opts.node_id)
+            .env("KT_NODE_TOKEN", crate::TEST_NODE_TOKEN)
             .env("KT_WORKERS", opts.workers.to_string())
             .env("RUST_LOG", &opts.rust_log)
             .env("NO_COLOR", "1")
@@ -175,7 +176,7 @@ pub struct ControlPlaneProcess {
 
 impl ControlPlaneProcess {
     /// Starts `target/<profile>/control-plane` against `database_url`,
-    /// listening on `addr`, with the test encryption key, 1 s heartbeats
+    /// listening on `addr`, with the test encryption key and node token, 1 s heartbeats
     /// and `rust_log`.
     pub fn spawn(name: &str, database_url: &str, addr: std::net::SocketAddr, rust_log: &str) -> anyhow::Result<Self> {
         let bin = workspace_binary("control-plane")?;
@@ -187,6 +188,7 @@ impl ControlPlaneProcess {
             .env("DATABASE_URL", database_url)
             .env("KT_GRPC_LISTEN", addr.to_string())
             .env("KT_ENCRYPTION_KEY", crate::TEST_ENCRYPTION_KEY)
+            .env("KT_NODE_TOKEN", crate::TEST_NODE_TOKEN)
             .env("KT_HEARTBEAT_SECONDS", "1")
             .env("KT_LOG_FORMAT", "json")
             .env("RUST_LOG", rust_log)

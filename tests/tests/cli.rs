@@ -5,7 +5,7 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use kt_tests::{workspace_binary, TestDb};
+use kt_tests::{workspace_binary, TestDb, TEST_NODE_TOKEN};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
@@ -39,6 +39,8 @@ async fn test_help_explains_every_flag_and_its_environment_variable() {
                 "KT_API_TOKEN",
                 "--node-token",
                 "KT_NODE_TOKEN",
+                "--insecure-open-node-protocol",
+                "KT_INSECURE_OPEN_NODE_PROTOCOL",
                 "--encryption-key",
                 "KT_ENCRYPTION_KEY",
                 "KT_LOG_FORMAT",
@@ -88,6 +90,7 @@ async fn test_control_plane_logs_json_and_stops_cleanly_on_sigterm() {
     let mut child = Command::new(workspace_binary("control-plane").unwrap())
         .env("DATABASE_URL", &db.url)
         .env("KT_GRPC_LISTEN", "127.0.0.1:0")
+        .env("KT_NODE_TOKEN", TEST_NODE_TOKEN)
         .env("KT_LOG_FORMAT", "json")
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
@@ -113,6 +116,47 @@ async fn test_control_plane_logs_json_and_stops_cleanly_on_sigterm() {
     assert!(Command::new("kill").args(["-TERM", &pid]).status().await.unwrap().success());
     let status = tokio::time::timeout(Duration::from_secs(20), child.wait()).await.expect("stops in time").unwrap();
     assert!(status.success(), "{status:?}");
+}
+
+/// Pins issue #10 item 1: without a node token the node protocol handed
+/// decrypted credentials to anyone; now that takes an explicit flag.
+#[tokio::test]
+async fn test_control_plane_refuses_to_start_without_a_node_token_or_the_insecure_flag() {
+    let db = TestDb::create().await.unwrap();
+    let control_plane = || {
+        let mut command = Command::new(workspace_binary("control-plane").unwrap());
+        command
+            .env("DATABASE_URL", &db.url)
+            .env("KT_GRPC_LISTEN", "127.0.0.1:0")
+            .env_remove("KT_NODE_TOKEN")
+            .env_remove("KT_INSECURE_OPEN_NODE_PROTOCOL")
+            .env("RUST_LOG", "warn")
+            .env("NO_COLOR", "1")
+            .kill_on_drop(true);
+        command
+    };
+    let out =
+        tokio::time::timeout(Duration::from_secs(30), control_plane().output()).await.expect("exits at once").unwrap();
+    assert!(!out.status.success());
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("refusing to start without a node token"), "{text}");
+    assert!(text.contains("--node-token") && text.contains("--insecure-open-node-protocol"), "{text}");
+
+    // Asked for by name, it runs open, and says so loudly.
+    let mut child = control_plane().arg("--insecure-open-node-protocol").stdout(Stdio::piped()).spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let warning = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains("the node protocol is open") {
+                return line;
+            }
+        }
+        panic!("the control plane exited without warning that the node protocol is open");
+    })
+    .await
+    .unwrap();
+    assert!(warning.contains("WARN") && warning.contains("decrypted credentials"), "{warning}");
+    child.kill().await.unwrap();
 }
 
 #[tokio::test]

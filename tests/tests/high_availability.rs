@@ -20,7 +20,7 @@ use kt_proto::v1::*;
 use kt_tests::postgres::PgCluster;
 use kt_tests::process::ControlPlaneProcess;
 use kt_tests::webhook::WebhookReceiver;
-use kt_tests::{wait_for, workspace_binary, TestDb, TestNode, TEST_ENCRYPTION_KEY};
+use kt_tests::{wait_for, workspace_binary, TestDb, TestNode, TEST_ENCRYPTION_KEY, TEST_NODE_TOKEN};
 use tokio::process::{Child, Command};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -34,6 +34,7 @@ fn replica(db: &TestDb, addr: SocketAddr) -> Child {
         .env("DATABASE_URL", &db.url)
         .env("KT_GRPC_LISTEN", addr.to_string())
         .env("KT_ENCRYPTION_KEY", TEST_ENCRYPTION_KEY)
+        .env("KT_NODE_TOKEN", TEST_NODE_TOKEN)
         .env("KT_HEARTBEAT_SECONDS", "1")
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
@@ -389,6 +390,7 @@ async fn test_a_replica_whose_lock_is_taken_stands_by_until_it_is_free() {
     let config = kt_control_plane::Config {
         grpc_listen: addr,
         keys: kt_common::crypto::Keyring::from_base64([TEST_ENCRYPTION_KEY]).unwrap(),
+        node_token: Some(kt_common::secret::Secret::new(TEST_NODE_TOKEN)),
         ..kt_control_plane::Config::new(db.url.clone())
     };
     let shutdown = tokio_util::sync::CancellationToken::new();

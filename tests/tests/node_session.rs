@@ -6,10 +6,13 @@ use std::time::Duration;
 
 use kt_proto::internal::node_message::Msg;
 use kt_proto::internal::node_service_client::NodeServiceClient;
+use kt_proto::internal::work_service_client::WorkServiceClient;
 use kt_proto::internal::*;
 use kt_proto::v1::trigger_service_client::TriggerServiceClient;
-use kt_proto::v1::{CreateTriggerRequest, DeleteTriggerRequest, DisableTriggerRequest, EnableTriggerRequest};
-use kt_tests::{sample_trigger, wait_for, ControlPlaneOptions, TestControlPlane, TestDb, TestNode};
+use kt_proto::v1::{
+    CreateTriggerRequest, DeleteTriggerRequest, DisableTriggerRequest, EnableTriggerRequest, SaslMechanism,
+};
+use kt_tests::{sample_trigger, wait_for, ControlPlaneOptions, TestControlPlane, TestDb, TestNode, TEST_NODE_TOKEN};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Streaming};
@@ -56,7 +59,7 @@ async fn test_assignments_follow_trigger_changes() {
     let db = TestDb::create().await.unwrap();
     let cp = TestControlPlane::start(&db, ControlPlaneOptions::default()).await.unwrap();
     let mut triggers = TriggerServiceClient::new(cp.channel().await.unwrap());
-    let mut nodes = NodeServiceClient::new(cp.authed("").await.unwrap());
+    let mut nodes = NodeServiceClient::new(cp.authed(TEST_NODE_TOKEN).await.unwrap());
     let version = kt_common::db::expected_schema_version();
 
     let (_tx, mut inbound) = open(&mut nodes, hello("node-a", version)).await.unwrap();
@@ -91,7 +94,7 @@ async fn test_reports_and_membership_become_events() {
     let db = TestDb::create().await.unwrap();
     let opts = ControlPlaneOptions { heartbeat: Some(Duration::from_millis(100)), ..Default::default() };
     let cp = TestControlPlane::start(&db, opts).await.unwrap();
-    let mut nodes = NodeServiceClient::new(cp.authed("").await.unwrap());
+    let mut nodes = NodeServiceClient::new(cp.authed(TEST_NODE_TOKEN).await.unwrap());
     let pool = db.pool().await.unwrap();
     let trigger_id = uuid::Uuid::now_v7().to_string();
 
@@ -160,6 +163,71 @@ async fn test_sessions_are_authenticated_and_checked() {
 
     let (_tx, mut inbound) = open(&mut node, hello("n", version)).await.unwrap();
     next_assignment(&mut inbound).await;
+}
+
+/// Pins issue #10 item 1: the node protocol answered anyone, even with an
+/// API token set, and its assignments carry decrypted passwords.
+#[tokio::test]
+async fn test_the_node_protocol_gives_nothing_to_a_peer_without_the_node_token() {
+    let db = TestDb::create().await.unwrap();
+    let opts = ControlPlaneOptions { api_token: Some("api-secret".into()), ..Default::default() };
+    let cp = TestControlPlane::start(&db, opts).await.unwrap();
+    let mut triggers = TriggerServiceClient::new(cp.authed("api-secret").await.unwrap());
+    let mut trigger = sample_trigger("with-password", "b:9092", "t");
+    let kafka = trigger.kafka.as_mut().unwrap();
+    kafka.sasl = SaslMechanism::Plain.into();
+    kafka.username = "svc".into();
+    kafka.password = "pw-must-stay-inside".into();
+    triggers.create_trigger(CreateTriggerRequest { trigger: Some(trigger) }).await.unwrap();
+    let version = kt_common::db::expected_schema_version();
+
+    // No token, the API token, a wrong one: refused before any assignment.
+    for token in ["", "api-secret", "not-the-node-token"] {
+        let mut peer = NodeServiceClient::new(cp.authed(token).await.unwrap());
+        let status = open(&mut peer, hello("intruder", version)).await.err();
+        assert_eq!(status.map(|s| s.code()), Some(Code::Unauthenticated), "session with token {token:?}");
+
+        let mut work = WorkServiceClient::new(cp.authed(token).await.unwrap());
+        let (tx, rx) = mpsc::channel(4);
+        drop(tx);
+        let status = work.work(ReceiverStream::new(rx)).await.err();
+        assert_eq!(status.map(|s| s.code()), Some(Code::Unauthenticated), "work stream with token {token:?}");
+    }
+
+    let mut node = NodeServiceClient::new(cp.authed(TEST_NODE_TOKEN).await.unwrap());
+    let (_tx, mut inbound) = open(&mut node, hello("node", version)).await.unwrap();
+    let assignment = next_assignment(&mut inbound).await;
+    assert_eq!(
+        assignment.pipelines[0].trigger.as_ref().unwrap().kafka.as_ref().unwrap().password,
+        "pw-must-stay-inside"
+    );
+}
+
+/// Without a node token the control plane does not start, unless it is told
+/// by name to run the node protocol open.
+#[tokio::test]
+async fn test_a_control_plane_without_a_node_token_refuses_to_start_unless_told_to_run_open() {
+    let db = TestDb::create().await.unwrap();
+    let config = || kt_control_plane::Config {
+        grpc_listen: "127.0.0.1:0".parse().unwrap(),
+        ..kt_control_plane::Config::new(db.url.clone())
+    };
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let error = kt_control_plane::start(config(), shutdown.clone()).await.err().expect("refused");
+    let message = format!("{error:#}");
+    assert!(message.contains("--node-token") && message.contains("--insecure-open-node-protocol"), "{message}");
+
+    let open_config = kt_control_plane::Config { insecure_open_node_protocol: true, ..config() };
+    let running = kt_control_plane::start(open_config, shutdown.clone()).await.unwrap();
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", running.addr)).unwrap();
+    let mut anyone = NodeServiceClient::new(tonic::service::interceptor::InterceptedService::new(
+        channel.connect().await.unwrap(),
+        kt_tests::BearerToken::new(""),
+    ));
+    let (_tx, mut inbound) =
+        open(&mut anyone, hello("anyone", kt_common::db::expected_schema_version())).await.unwrap();
+    next_assignment(&mut inbound).await;
+    shutdown.cancel();
 }
 
 /// The control plane judges liveness by its own heartbeat interval, here far

@@ -218,7 +218,7 @@ fn violations(status: &tonic::Status) -> Vec<String> {
 /// A worker stream that asked for sets, as a data-plane node opens it. The
 /// sender is returned so the stream stays open.
 async fn worker_stream(cp: &TestControlPlane) -> (mpsc::Sender<WorkerMessage>, tonic::Streaming<WorkGrant>) {
-    let mut client = WorkServiceClient::new(cp.channel().await.unwrap());
+    let mut client = WorkServiceClient::new(cp.authed(kt_tests::TEST_NODE_TOKEN).await.unwrap());
     let (tx, rx) = mpsc::channel(8);
     tx.send(WorkerMessage { msg: Some(Msg::Hello(WorkerHello { node_id: "operator-test".into() })) }).await.unwrap();
     tx.send(WorkerMessage { msg: Some(Msg::Credit(Credit { sets: 10 })) }).await.unwrap();

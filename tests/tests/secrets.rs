@@ -122,7 +122,7 @@ async fn test_secrets_are_encrypted_hidden_and_never_logged() {
 
     // The node protocol is the one place secrets travel: decrypted for the
     // consumer that needs them.
-    let mut nodes = NodeServiceClient::new(cp.channel().await.unwrap());
+    let mut nodes = NodeServiceClient::new(cp.authed(kt_tests::TEST_NODE_TOKEN).await.unwrap());
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tx.send(NodeMessage {
         msg: Some(Msg::Hello(Hello {

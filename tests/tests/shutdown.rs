@@ -10,7 +10,7 @@ use kt_kafka_testing::produce::{keyed_messages, produce_to};
 use kt_proto::v1::trigger_service_client::TriggerServiceClient;
 use kt_proto::v1::*;
 use kt_tests::webhook::{Reply, WebhookReceiver};
-use kt_tests::{wait_for, workspace_binary, ControlPlaneOptions, TestControlPlane, TestDb, TestNode};
+use kt_tests::{wait_for, workspace_binary, ControlPlaneOptions, TestControlPlane, TestDb, TestNode, TEST_NODE_TOKEN};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -28,6 +28,7 @@ async fn test_sigterm_mid_flow_releases_claims_and_loses_nothing() {
     let mut node = tokio::process::Command::new(workspace_binary("data-plane").unwrap())
         .env("DATABASE_URL", &db.url)
         .env("KT_CONTROL_PLANE_URL", cp.url())
+        .env("KT_NODE_TOKEN", TEST_NODE_TOKEN)
         .env("KT_WORKERS", "8")
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())

@@ -49,6 +49,7 @@ async fn test_node_killed_mid_delivery_leaves_no_duplicate_work_order() {
         .env("DATABASE_URL", &s.db.url)
         .env("KT_CONTROL_PLANE_URL", s.cp().url())
         .env("KT_NODE_ID", "node-doomed")
+        .env("KT_NODE_TOKEN", kt_tests::TEST_NODE_TOKEN)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())

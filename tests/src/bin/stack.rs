@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser;
 use kt_common::crypto::Keyring;
+use kt_common::secret::Secret;
 use kt_kafka_testing::mock::MockKafka;
 use kt_proto::v1::trigger_service_client::TriggerServiceClient;
 use kt_proto::v1::*;
@@ -70,8 +71,16 @@ async fn main() -> anyhow::Result<()> {
             base64::engine::general_purpose::STANDARD.encode(raw)
         }
     };
+    // Both planes live in this process, so a token of this run only
+    // authenticates the node without anything to configure; nothing else
+    // (a stray client on the port) can take the node's place.
+    let node_token = {
+        let raw: [u8; 32] = rand::random();
+        Secret::new(raw.iter().map(|b| format!("{b:02x}")).collect::<String>())
+    };
     let cp_config = kt_control_plane::Config {
         grpc_listen: args.grpc_listen,
+        node_token: Some(node_token.clone()),
         keys: Keyring::from_base64([key.as_str()])?,
         heartbeat: Duration::from_secs(2),
         ..kt_control_plane::Config::new(args.database_url.clone())
@@ -89,6 +98,7 @@ async fn main() -> anyhow::Result<()> {
     node_config.ingest.session_timeout = Duration::from_secs(6);
     node_config.ingest.heartbeat_interval = Duration::from_millis(500);
     node_config.heartbeat_interval = Duration::from_secs(2);
+    node_config.node_token = Some(node_token);
     let node_shutdown = CancellationToken::new();
     let node = tokio::spawn(kt_data_plane::run(node_config, node_shutdown.clone()));
 
