@@ -12,6 +12,7 @@ use kt_proto::v1::trigger_service_client::TriggerServiceClient;
 use kt_proto::v1::*;
 use kt_tests::{sample_trigger, wait_for, ControlPlaneOptions, TestControlPlane, TestDb};
 use tonic::Code;
+use tonic_types::StatusExt as _;
 
 const PASSWORD: &str = "pw-Sup3r-S3cret-Value";
 const HEADER_SECRET: &str = "hdr-T0ken-Never-Logged";
@@ -172,4 +173,95 @@ async fn test_credentials_without_encryption_key_are_refused() {
 
     // Triggers without credentials need no key.
     client.create_trigger(CreateTriggerRequest { trigger: Some(sample_trigger("plain", "b:1", "t")) }).await.unwrap();
+}
+
+fn violations(status: &tonic::Status) -> Vec<(String, String)> {
+    let details = status.get_details_bad_request().expect("field violations");
+    details.field_violations.into_iter().map(|v| (v.field, v.description)).collect()
+}
+
+/// Pins issue #10 item 5: an update that only moved the destination kept
+/// the stored secrets, so the secret header went to the new URL and the
+/// password would have gone to the new broker.
+#[tokio::test]
+async fn test_a_secret_must_be_sent_again_when_its_destination_changes() {
+    capture_logs();
+    let db = TestDb::create().await.unwrap();
+    let cp = TestControlPlane::start(&db, ControlPlaneOptions::default()).await.unwrap();
+    let mut client = TriggerServiceClient::new(cp.channel().await.unwrap());
+    let mut initial = secret_trigger("follows");
+    initial.kafka.as_mut().unwrap().hosts = vec!["a:9092".into(), "b:9092".into()];
+    let created = client.create_trigger(CreateTriggerRequest { trigger: Some(initial) }).await.unwrap().into_inner();
+    let update = |change: &dyn Fn(&mut Trigger)| {
+        let mut t = created.clone();
+        change(&mut t);
+        UpdateTriggerRequest { trigger: Some(t), update_mask: None }
+    };
+
+    let refused: [(&str, &dyn Fn(&mut Trigger), &str, &str); 4] = [
+        (
+            "a new broker",
+            &|t| t.kafka.as_mut().unwrap().hosts.push("evil:9092".into()),
+            "trigger.kafka.password",
+            "evil:9092",
+        ),
+        (
+            "another SASL mechanism",
+            &|t| t.kafka.as_mut().unwrap().sasl = SaslMechanism::Plain.into(),
+            "trigger.kafka.password",
+            "kafka.sasl",
+        ),
+        (
+            "TLS turned off",
+            &|t| {
+                let k = t.kafka.as_mut().unwrap();
+                k.ssl = false;
+                k.ssl_client_cert.clear();
+                k.ssl_client_key.clear();
+            },
+            "trigger.kafka.password",
+            "kafka.ssl",
+        ),
+        (
+            "another webhook URL",
+            &|t| t.webhook.as_mut().unwrap().url = "http://127.0.0.1:9/other-tenant".into(),
+            "trigger.webhook.headers[0].value",
+            "x-api-key",
+        ),
+    ];
+    for (what, change, field, named) in refused {
+        let status = client.update_trigger(update(change)).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{what}");
+        let found = violations(&status);
+        assert!(
+            found.iter().any(|(f, d)| f == field && d.contains("must be sent again") && d.contains(named)),
+            "{what}: {found:?}"
+        );
+    }
+    // Nothing changed meanwhile.
+    let stored = client.get_trigger(GetTriggerRequest { id: created.id.clone() }).await.unwrap().into_inner();
+    assert_eq!(stored.generation, created.generation);
+
+    // Sent again with the new destination, the change is accepted; so is
+    // dropping a broker, which sends the password nowhere new.
+    let moved = update(&|t| {
+        t.kafka.as_mut().unwrap().hosts = vec!["b:9092".into(), "c:9092".into()];
+        t.kafka.as_mut().unwrap().password = "pw-for-the-new-broker".into();
+        t.webhook.as_mut().unwrap().url = "http://127.0.0.1:9/new".into();
+        t.webhook.as_mut().unwrap().headers[0].value = "hdr-for-the-new-url".into();
+    });
+    let moved = client.update_trigger(moved).await.unwrap().into_inner();
+    let mut fewer = moved.clone();
+    fewer.kafka.as_mut().unwrap().hosts = vec!["c:9092".into()];
+    let fewer = UpdateTriggerRequest { trigger: Some(fewer), update_mask: None };
+    let fewer = client.update_trigger(fewer).await.unwrap().into_inner();
+    assert!(fewer.kafka.unwrap().password_set);
+
+    // The new values are what a node now receives.
+    let pool = db.pool().await.unwrap();
+    let keys = kt_common::crypto::Keyring::from_base64([kt_tests::TEST_ENCRYPTION_KEY]).unwrap();
+    let triggers = kt_control_plane::triggers::TriggerService::new(pool, keys);
+    let (_, secrets) = triggers.enabled_with_secrets().await.unwrap().pop().unwrap();
+    assert_eq!(secrets.password.unwrap().expose(), "pw-for-the-new-broker");
+    assert_eq!(secrets.headers["x-api-key"].expose(), "hdr-for-the-new-url");
 }

@@ -81,7 +81,7 @@ pub fn validate_trigger(
         c.bad("webhook", "is required");
         &default_webhook
     });
-    let (webhook, header_secrets) = check_webhook(&mut c, webhook, existing.map(|e| e.1));
+    let (webhook, header_secrets) = check_webhook(&mut c, webhook, existing);
     let retry = check_retry(&mut c, t.retry.as_ref());
     let tuning = check_tuning(&mut c, t.tuning.as_ref());
 
@@ -221,7 +221,13 @@ fn check_kafka(
             if username.is_none() {
                 c.bad("kafka.username", "is required with SASL");
             }
-            let password = given_password.or_else(|| stored.and_then(|s| s.password.clone()));
+            let kept = given_password.is_none().then(|| stored.and_then(|s| s.password.clone())).flatten();
+            if let (Some(_), Some((spec, _))) = (&kept, existing) {
+                if let Some(why) = password_destination_changed(&spec.kafka, &k.hosts, sasl, k.ssl) {
+                    c.bad("kafka.password", format!("must be sent again: {why}"));
+                }
+            }
+            let password = given_password.or(kept);
             if password.is_none() {
                 c.bad("kafka.password", "is required with SASL");
             }
@@ -252,6 +258,29 @@ fn check_kafka(
     };
     let secrets = TriggerSecrets { password, ssl_client_key: client_key, headers: BTreeMap::new() };
     (source, secrets)
+}
+
+/// Why a stored password may not be kept, if it may not. It was given for
+/// the brokers, mechanism and transport it is stored with; keeping it
+/// across a change of those would let anyone allowed to edit the trigger
+/// (but not to read its secrets) send it somewhere it was never meant to go:
+/// to a broker of their own, or in clear with PLAIN or without TLS.
+/// Removing or reordering brokers sends it nowhere new.
+fn password_destination_changed(stored: &KafkaSource, hosts: &[String], sasl: Sasl, ssl: bool) -> Option<String> {
+    let known: HashSet<String> = stored.hosts.iter().map(|h| h.trim().to_ascii_lowercase()).collect();
+    if let Some(new) = hosts.iter().find(|h| !known.contains(&h.trim().to_ascii_lowercase())) {
+        return Some(format!(
+            "kafka.hosts adds `{}`, and the stored password is only sent to the brokers it was given for",
+            new.trim()
+        ));
+    }
+    if sasl != stored.sasl {
+        return Some("kafka.sasl changed, and the stored password was given for the previous mechanism".into());
+    }
+    if stored.ssl && !ssl {
+        return Some("kafka.ssl was turned off, and the stored password was given for TLS connections".into());
+    }
+    None
 }
 
 /// `host:port` with a DNS name, an IPv4 address, or a bracketed IPv6 address.
@@ -326,9 +355,14 @@ pub(crate) fn check_topic(t: &str) -> Result<(), String> {
 fn check_webhook(
     c: &mut Checker,
     w: &v1::WebhookTarget,
-    stored: Option<&TriggerSecrets>,
+    existing: Option<(&TriggerSpec, &TriggerSecrets)>,
 ) -> (WebhookTarget, BTreeMap<String, Secret>) {
+    let stored = existing.map(|e| e.1);
     let url = w.url.trim().to_owned();
+    // A stored secret header was given for the URL it is stored with; any
+    // other URL (another path on one host can be another tenant) needs it
+    // sent again, or an editor could redirect it to a server of their own.
+    let url_changed = existing.is_some_and(|(spec, _)| spec.webhook.url != url);
     if url.is_empty() {
         c.bad("webhook.url", "is required");
     } else {
@@ -363,7 +397,14 @@ fn check_webhook(
         }
         if h.secret {
             let value = if h.value.is_empty() {
-                stored.and_then(|s| s.headers.get(name).cloned())
+                let kept = stored.and_then(|s| s.headers.get(name).cloned());
+                if kept.is_some() && url_changed {
+                    c.bad(
+                        &format!("{field}.value"),
+                        format!("secret header `{name}` must be sent again: webhook.url changed, and the stored value is only sent to the URL it was given for"),
+                    );
+                }
+                kept
             } else {
                 Some(Secret::new(h.value.clone()))
             };
