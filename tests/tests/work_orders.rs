@@ -264,3 +264,37 @@ async fn test_retention_removes_only_old_finished_work_orders_in_chunks() {
     assert_eq!(left, expected);
     assert_eq!(kt_control_plane::retention::remove_finished_work_orders(&pool, day, 2).await.unwrap(), 0);
 }
+
+/// Pins issue #10 item 4: a work stream that said hello and asked for
+/// u32::MAX sets got every grant (the scheduler served the session with the
+/// most credit) and, never reporting back, stalled delivery for everyone.
+#[tokio::test]
+async fn test_a_greedy_work_stream_does_not_starve_a_real_node() {
+    use kt_control_plane::scheduler::model::INITIAL_WINDOW;
+    use kt_proto::internal::work_service_client::WorkServiceClient;
+    use kt_proto::internal::worker_message::Msg;
+    use kt_proto::internal::{Credit, WorkerHello, WorkerMessage};
+
+    const MESSAGES: usize = 200;
+    let s = stack("greedy", 2).await;
+    let mut greedy = WorkServiceClient::new(s.cp.authed(kt_tests::TEST_NODE_TOKEN).await.unwrap());
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(WorkerMessage { msg: Some(Msg::Hello(WorkerHello { node_id: "greedy".into() })) }).await.unwrap();
+    tx.send(WorkerMessage { msg: Some(Msg::Credit(Credit { sets: u32::MAX })) }).await.unwrap();
+    let mut grants = greedy.work(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let (held_tx, held) = tokio::sync::watch::channel(0usize);
+    tokio::spawn(async move {
+        while let Ok(Some(grant)) = grants.message().await {
+            held_tx.send_modify(|n| *n += grant.sets.len());
+        }
+    });
+
+    create_trigger(&s, "greedy", fast_retry(3)).await;
+    produce_to(&s.kafka.bootstrap_servers(), "greedy", keyed_messages(MESSAGES, 0)).await.unwrap();
+    // Everything but what the greedy stream sits on reaches the target.
+    let window = INITIAL_WINDOW as usize;
+    s.receiver.wait_for_deliveries(MESSAGES - window, WAIT).await.unwrap();
+    let taken = *held.borrow();
+    assert!(taken <= window, "the greedy stream holds {taken} sets, more than its window of {window}");
+    drop(tx);
+}

@@ -12,9 +12,17 @@ pub type SetId = i64;
 pub type TriggerId = Uuid;
 pub type SessionId = Uuid;
 
-/// Most credits one session can hold: a client that asks for more (a
-/// broken or greedy node) cannot take every ready set.
+/// Most credits one session can hold (sets it holds included): a client
+/// that asks for more (a broken or greedy node) is given this many at most.
 pub const MAX_SESSION_CREDITS: u32 = 4_096;
+
+/// Sets a new session may hold at once, whatever credit it asked for. Each
+/// outcome it reports for a set it held widens its window by one, up to
+/// [`MAX_SESSION_CREDITS`]: a node that finishes work reaches its full
+/// credit within its first few hundred outcomes, while a session that takes
+/// sets and never reports (a stuck or greedy peer) keeps at most this many
+/// out of everyone else's reach.
+pub const INITIAL_WINDOW: u32 = 32;
 
 /// A set granted to a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,12 +32,29 @@ pub struct Grant {
     pub trigger_id: TriggerId,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Session {
     credits: u32,
-    /// Grants handed out so far, to spread sets evenly over sessions with
-    /// the same credit.
+    /// Sets granted to it and not yet reported back.
+    held: u32,
+    /// Most sets it may hold now (see [`INITIAL_WINDOW`]).
+    window: u32,
+    /// Grants handed out so far, to spread sets evenly over sessions that
+    /// are otherwise equal.
     granted: u64,
+}
+
+impl Default for Session {
+    fn default() -> Self {
+        Self { credits: 0, held: 0, window: INITIAL_WINDOW, granted: 0 }
+    }
+}
+
+impl Session {
+    /// How many more sets it may be granted now.
+    fn grantable(&self) -> u32 {
+        self.credits.min(self.window.saturating_sub(self.held))
+    }
 }
 
 #[derive(Debug)]
@@ -87,15 +112,16 @@ impl Model {
     /// Adds capacity to a session, up to [`MAX_SESSION_CREDITS`] (credits of
     /// sets it holds count too).
     pub fn add_credits(&mut self, session: SessionId, credits: u32) {
-        let held = self.in_flight.values().filter(|(s, _)| *s == session).count() as u32;
         if let Some(s) = self.sessions.get_mut(&session) {
-            let cap = MAX_SESSION_CREDITS.saturating_sub(held);
+            let cap = MAX_SESSION_CREDITS.saturating_sub(s.held);
             s.credits = s.credits.saturating_add(credits).min(cap);
         }
     }
 
+    /// Sets that may be granted now over all sessions: their credits, each
+    /// within its window.
     pub fn credits(&self) -> u32 {
-        self.sessions.values().map(|s| s.credits).fold(0, u32::saturating_add)
+        self.sessions.values().map(Session::grantable).fold(0, u32::saturating_add)
     }
 
     /// How many sets of each trigger may be granted now: its limit minus its
@@ -118,9 +144,11 @@ impl Model {
         rooms
     }
 
-    /// Hands claimed sets to sessions: each to the session with the most
-    /// credits left (ties: the one granted least). Returns the grants and
-    /// the sets no session had credit for (to give back).
+    /// Hands claimed sets to sessions: each to the session holding the
+    /// fewest sets (ties: the most credit left, then the one granted least),
+    /// so one session asking for far more than the others cannot take every
+    /// set. Returns the grants and the sets no session had credit for (to
+    /// give back).
     pub fn assign(&mut self, claimed: impl IntoIterator<Item = (SetId, TriggerId)>) -> (Vec<Grant>, Vec<SetId>) {
         let mut grants = Vec::new();
         let mut unassigned = Vec::new();
@@ -136,6 +164,7 @@ impl Model {
             };
             let s = self.sessions.get_mut(&session).expect("best session exists");
             s.credits -= 1;
+            s.held += 1;
             s.granted += 1;
             self.in_flight.insert(set_id, (session, trigger));
             *self.in_flight_per_trigger.entry(trigger).or_default() += 1;
@@ -152,6 +181,9 @@ impl Model {
         match self.in_flight.get(&set_id) {
             Some((holder, _)) if *holder == session => {
                 let trigger = self.finish(set_id);
+                if let Some(s) = self.sessions.get_mut(&session) {
+                    s.window = s.window.saturating_add(1).min(MAX_SESSION_CREDITS);
+                }
                 self.add_credits(session, 1);
                 trigger
             }
@@ -163,7 +195,10 @@ impl Model {
     }
 
     fn finish(&mut self, set_id: SetId) -> Option<TriggerId> {
-        let (_, trigger) = self.in_flight.remove(&set_id)?;
+        let (holder, trigger) = self.in_flight.remove(&set_id)?;
+        if let Some(s) = self.sessions.get_mut(&holder) {
+            s.held = s.held.saturating_sub(1);
+        }
         if let Some(n) = self.in_flight_per_trigger.get_mut(&trigger) {
             *n = n.saturating_sub(1);
         }
@@ -171,10 +206,11 @@ impl Model {
     }
 
     fn best_session(&self) -> Option<SessionId> {
+        use std::cmp::Reverse;
         self.sessions
             .iter()
-            .filter(|(_, s)| s.credits > 0)
-            .max_by_key(|(id, s)| (s.credits, std::cmp::Reverse(s.granted), **id))
+            .filter(|(_, s)| s.grantable() > 0)
+            .max_by_key(|(id, s)| (Reverse(s.held), s.grantable(), Reverse(s.granted), **id))
             .map(|(id, _)| *id)
     }
 
@@ -242,21 +278,53 @@ mod tests {
         assert_eq!(m.credits(), 1);
     }
 
+    /// Pins issue #10 item 4: the session with the most credit got every
+    /// grant, so one asking for u32::MAX sets (and never reporting back)
+    /// took all of them.
     #[test]
-    fn test_a_greedy_session_is_capped() {
+    fn test_a_greedy_session_cannot_starve_a_node() {
         let mut m = Model::new();
-        let (greedy, node) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        let (greedy, node) = (Uuid::from_u128(2), Uuid::from_u128(1));
         m.add_session(greedy);
         m.add_session(node);
         m.add_credits(greedy, u32::MAX);
-        m.add_credits(node, 32);
-        assert_eq!(m.credits(), MAX_SESSION_CREDITS + 32);
-        // Grants alternate once the greedy session is down to the other's credit.
-        let (grants, _) = m.assign((0..(MAX_SESSION_CREDITS as i64 + 32)).map(|i| (i, t(1))));
-        assert_eq!(grants.iter().filter(|g| g.session == node).count(), 32);
-        // Asking again while holding its cap adds nothing.
+        m.add_credits(node, 8);
+        assert_eq!(m.credits(), INITIAL_WINDOW + 8, "credit counts within the window");
+        // Grants go to whoever holds fewer: the two take turns.
+        let (grants, _) = m.assign((0..16).map(|i| (i, t(1))));
+        assert_eq!(grants.iter().filter(|g| g.session == node).count(), 8);
+        // The greedy session never reports: its window stays shut.
+        let (more, rest) = m.assign((16..100).map(|i| (i, t(1))));
+        assert_eq!(more.len() as u32, INITIAL_WINDOW - 8);
+        assert!(more.iter().all(|g| g.session == greedy));
+        assert_eq!(rest.len() as u32, 84 - (INITIAL_WINDOW - 8));
+        // The node reports each set and gets the next ones.
+        for g in grants.iter().filter(|g| g.session == node) {
+            m.complete(node, g.set_id);
+        }
+        let (next, _) = m.assign((100..108).map(|i| (i, t(1))));
+        assert!(next.iter().all(|g| g.session == node), "{next:?}");
+        // Asking again while holding its window adds nothing it may use.
         m.add_credits(greedy, u32::MAX);
         assert_eq!(m.credits(), 0);
+    }
+
+    #[test]
+    fn test_the_window_grows_with_outcomes_up_to_the_credit_cap() {
+        let mut m = Model::new();
+        let s = Uuid::from_u128(1);
+        m.add_session(s);
+        m.add_credits(s, u32::MAX);
+        assert_eq!(m.credits(), INITIAL_WINDOW);
+        let mut next = 0;
+        for _ in 0..MAX_SESSION_CREDITS * 2 {
+            let (grants, _) = m.assign([(next, t(1))]);
+            for g in grants {
+                m.complete(s, g.set_id);
+            }
+            next += 1;
+        }
+        assert_eq!(m.credits(), MAX_SESSION_CREDITS, "capped, however many outcomes");
     }
 
     #[test]
