@@ -64,6 +64,11 @@ impl Keyring {
         self.primary.is_some()
     }
 
+    /// The id of the key that encrypts (stored beside each ciphertext).
+    pub fn primary_id(&self) -> Option<&str> {
+        self.primary.as_deref()
+    }
+
     /// Encrypts `plaintext` bound to `context`; returns (key id, nonce || ciphertext).
     pub fn encrypt(&self, context: &[u8], plaintext: &[u8]) -> Result<(String, Vec<u8>), CryptoError> {
         let id = self.primary.as_ref().ok_or(CryptoError::NoKey)?;

@@ -46,11 +46,11 @@ struct Cli {
     /// Base64 of 32 random bytes that encrypts credentials at rest
     /// (`openssl rand -base64 32`). Without it, triggers with credentials are
     /// refused.
-    #[arg(long, env = "KT_ENCRYPTION_KEY", hide_env_values = true)]
+    #[arg(long, env = "KT_ENCRYPTION_KEY", global = true, hide_env_values = true)]
     encryption_key: Option<String>,
 
     /// Older keys, comma-separated, still used to decrypt after a rotation.
-    #[arg(long, env = "KT_OLD_ENCRYPTION_KEYS", hide_env_values = true, value_delimiter = ',')]
+    #[arg(long, env = "KT_OLD_ENCRYPTION_KEYS", global = true, hide_env_values = true, value_delimiter = ',')]
     old_encryption_keys: Vec<String>,
 
     /// Seconds between heartbeats on node sessions.
@@ -81,6 +81,10 @@ enum Command {
     Serve,
     /// Apply database migrations and exit.
     Migrate,
+    /// Re-encrypt every trigger's credentials with --encryption-key (the
+    /// old keys in --old-encryption-keys decrypt), then exit; afterwards
+    /// the old keys can be dropped. Safe while the control plane runs.
+    RotateKeys,
 }
 
 #[tokio::main]
@@ -99,6 +103,9 @@ async fn main() -> anyhow::Result<()> {
     let keys =
         Keyring::from_base64(cli.encryption_key.iter().chain(cli.old_encryption_keys.iter()).map(String::as_str))
             .context("invalid KT_ENCRYPTION_KEY / KT_OLD_ENCRYPTION_KEYS")?;
+    if let Some(Command::RotateKeys) = cli.command {
+        return rotate_keys(&database_url, keys).await;
+    }
     if let Some(addr) = cli.metrics_listen {
         telemetry::install_metrics(addr).context("failed to start the metrics endpoint")?;
     }
@@ -116,4 +123,25 @@ async fn main() -> anyhow::Result<()> {
         ..kt_control_plane::Config::new(database_url)
     };
     kt_control_plane::run(config, telemetry::shutdown_on_signal()).await
+}
+
+/// `control-plane rotate-keys`: fails (non-zero exit) when any trigger could
+/// not be re-encrypted, naming it, since dropping its key would lose its
+/// credentials.
+async fn rotate_keys(database_url: &str, keys: Keyring) -> anyhow::Result<()> {
+    anyhow::ensure!(keys.has_key(), "rotate-keys needs the new key in --encryption-key / KT_ENCRYPTION_KEY");
+    let pool = kt_common::db::connect(database_url, 2).await.context("failed to connect to the database")?;
+    kt_common::db::migrate(&pool).await.context("failed to apply migrations")?;
+    let key_id = keys.primary_id().unwrap_or_default().to_owned();
+    let rotation = kt_control_plane::triggers::TriggerService::new(pool, keys).rotate_keys().await?;
+    tracing::info!(rotated = rotation.rotated, failed = rotation.failed.len(), %key_id, "credentials re-encrypted");
+    if !rotation.failed.is_empty() {
+        let failed: Vec<String> = rotation.failed.iter().map(|(id, why)| format!("{id}: {why}")).collect();
+        anyhow::bail!(
+            "{} trigger(s) could not be re-encrypted; keep their old key configured:\n{}",
+            failed.len(),
+            failed.join("\n")
+        );
+    }
+    Ok(())
 }

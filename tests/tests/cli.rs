@@ -185,3 +185,78 @@ async fn test_data_plane_refuses_a_database_at_another_schema_version() {
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("schema") && text.contains("9999"), "{text}");
 }
+
+/// Issue #10 item 7: an old key could only be retired by editing every
+/// trigger. `rotate-keys` re-encrypts them all with the current key.
+#[tokio::test]
+async fn test_rotate_keys_re_encrypts_every_trigger_so_the_old_key_can_go() {
+    use kt_common::crypto::Keyring;
+    use kt_control_plane::triggers::TriggerService;
+
+    const OLD: &str = "b2xkLWtleS0wMTIzNDU2Nzg5YWJjZGVmMDEyMzQ1Njc=";
+    const NEW: &str = "bmV3LWtleS0wMTIzNDU2Nzg5YWJjZGVmMDEyMzQ1Njc=";
+    const LOST: &str = "bG9zdC1rZXktMDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY=";
+    let db = TestDb::create().await.unwrap();
+    let pool = db.pool().await.unwrap();
+    kt_common::db::migrate(&pool).await.unwrap();
+    let with_password = |name: &str, password: &str| {
+        let mut t = kt_tests::sample_trigger(name, "b:9092", "t");
+        let k = t.kafka.as_mut().unwrap();
+        k.sasl = kt_proto::v1::SaslMechanism::Plain.into();
+        k.username = "svc".into();
+        k.password = password.into();
+        t
+    };
+    let under_old = TriggerService::new(pool.clone(), Keyring::from_base64([OLD]).unwrap());
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(under_old.create(&with_password(&format!("t{i}"), &format!("pw-{i}"))).await.unwrap().id);
+    }
+    under_old.create(&kt_tests::sample_trigger("no-secrets", "b:9092", "t")).await.unwrap();
+    let generations = || async {
+        sqlx::query_scalar::<_, i64>("SELECT generation FROM triggers ORDER BY id").fetch_all(&pool).await.unwrap()
+    };
+    let before = generations().await;
+
+    let rotate = |keys: [&str; 2]| {
+        Command::new(workspace_binary("control-plane").unwrap())
+            .arg("rotate-keys")
+            .env("DATABASE_URL", &db.url)
+            .env("KT_ENCRYPTION_KEY", keys[0])
+            .env("KT_OLD_ENCRYPTION_KEYS", keys[1])
+            .env_remove("KT_NODE_TOKEN")
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .output()
+    };
+    let out = rotate([NEW, OLD]).await.unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("rotated=3"), "{text}");
+
+    // With the new key alone every credential is still there; no
+    // configuration changed, so no pipeline restarts.
+    let under_new = TriggerService::new(pool.clone(), Keyring::from_base64([NEW]).unwrap());
+    let mut opened = under_new.enabled_with_secrets().await.unwrap();
+    opened.retain(|(row, _)| ids.contains(&row.id));
+    let passwords: Vec<String> = opened.iter().map(|(_, s)| s.password.as_ref().unwrap().expose().to_owned()).collect();
+    assert_eq!(passwords, ["pw-0", "pw-1", "pw-2"]);
+    assert_eq!(generations().await, before);
+
+    // A trigger under a key nobody configured is named, and the run fails.
+    let lost = TriggerService::new(pool.clone(), Keyring::from_base64([LOST]).unwrap());
+    let orphan = lost.create(&with_password("orphan", "pw-lost")).await.unwrap().id;
+    let out = rotate([NEW, OLD]).await.unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains(&orphan.to_string()) && text.contains("not configured"), "{text}");
+
+    // An update that changes nothing also moves a trigger to the current key.
+    let both = TriggerService::new(pool.clone(), Keyring::from_base64([NEW, LOST]).unwrap());
+    let row = both.get(orphan).await.unwrap();
+    let same = kt_common::trigger::spec_to_proto(&row.spec, None);
+    let updated = both.update(orphan, &same, &[]).await.unwrap();
+    assert_ne!(updated.secrets_key_id, row.secrets_key_id);
+    assert_eq!(updated.generation, row.generation);
+    assert_eq!(under_new.enabled_with_secrets().await.unwrap().len(), 5);
+}

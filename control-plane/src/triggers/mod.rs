@@ -7,4 +7,4 @@ mod service;
 pub mod store;
 
 pub use error::TriggerError;
-pub use service::{TriggerService, MAX_PAGE_SIZE};
+pub use service::{Rotation, TriggerService, MAX_PAGE_SIZE};

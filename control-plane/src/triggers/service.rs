@@ -17,6 +17,18 @@ use crate::events::{self, EventKind};
 pub const DEFAULT_PAGE_SIZE: i64 = 100;
 pub const MAX_PAGE_SIZE: i64 = 1_000;
 
+/// Triggers re-encrypted per listing round of [`TriggerService::rotate_keys`].
+const ROTATE_BATCH: i64 = 500;
+
+/// What [`TriggerService::rotate_keys`] did.
+#[derive(Debug, Default)]
+pub struct Rotation {
+    /// Triggers whose secrets are now under the current key.
+    pub rotated: u64,
+    /// Triggers whose secrets could not be decrypted, and why.
+    pub failed: Vec<(Uuid, String)>,
+}
+
 #[derive(Clone)]
 pub struct TriggerService {
     pool: PgPool,
@@ -101,6 +113,15 @@ impl TriggerService {
         let valid: ValidatedTrigger =
             validate_trigger(&merged, "trigger.", Some((&row.spec, &stored))).map_err(TriggerError::Invalid)?;
         if valid.spec == row.spec.0 && valid.secrets == stored {
+            // Nothing to change, but secrets under an old key move to the
+            // current one, as `rotate-keys` would do.
+            if row.secrets_key_id.is_some() && row.secrets_key_id.as_deref() != self.keys.primary_id() {
+                if let Some((key_id, sealed)) = self.seal(id, &stored)? {
+                    store::reseal(&mut tx, id, &key_id, &sealed).await?;
+                    tx.commit().await?;
+                    return store::get(&self.pool, id).await?.ok_or(TriggerError::NotFound(id));
+                }
+            }
             return Ok(row);
         }
         let sealed = self.seal(id, &valid.secrets)?;
@@ -162,6 +183,43 @@ impl TriggerService {
                 }
             })
             .collect())
+    }
+
+    /// Re-encrypts every trigger's secrets that are under another key than
+    /// the current one, so the old keys can be dropped. One short
+    /// transaction per trigger (its row locked against a concurrent
+    /// update); a trigger whose key is not configured is reported, not
+    /// fatal, so one lost key does not hold back the others.
+    pub async fn rotate_keys(&self) -> Result<Rotation, TriggerError> {
+        let primary = self.keys.primary_id().ok_or(kt_common::crypto::CryptoError::NoKey)?.to_owned();
+        let mut rotation = Rotation::default();
+        let mut after = None;
+        loop {
+            let ids = store::sealed_with_other_key(&self.pool, &primary, after, ROTATE_BATCH).await?;
+            let Some(last) = ids.last() else { break };
+            after = Some(*last);
+            for id in ids {
+                let mut tx = self.pool.begin().await?;
+                let Some(row) = store::get_for_update(&mut tx, id).await? else { continue };
+                if row.secrets_key_id.as_deref() == Some(primary.as_str()) {
+                    continue;
+                }
+                let secrets = match self.open(&row) {
+                    Ok(secrets) => secrets,
+                    Err(error) => {
+                        tracing::error!(trigger_id = %id, %error, "cannot re-encrypt trigger credentials");
+                        rotation.failed.push((id, error.to_string()));
+                        continue;
+                    }
+                };
+                if let Some((key_id, sealed)) = self.seal(id, &secrets)? {
+                    store::reseal(&mut tx, id, &key_id, &sealed).await?;
+                }
+                tx.commit().await?;
+                rotation.rotated += 1;
+            }
+        }
+        Ok(rotation)
     }
 
     /// Encrypts non-empty secrets, bound to the trigger id.

@@ -96,6 +96,44 @@ pub async fn update(
     .await
 }
 
+/// Ids of the triggers whose secrets are encrypted with another key than
+/// `key_id`, up to `limit`, after `after` in id order.
+pub async fn sealed_with_other_key(
+    db: impl PgExecutor<'_>,
+    key_id: &str,
+    after: Option<Uuid>,
+    limit: i64,
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT id FROM triggers
+          WHERE secrets_ciphertext IS NOT NULL AND secrets_key_id IS DISTINCT FROM $1
+            AND ($2::uuid IS NULL OR id > $2)
+          ORDER BY id LIMIT $3",
+    )
+    .bind(key_id)
+    .bind(after)
+    .bind(limit)
+    .fetch_all(db)
+    .await
+}
+
+/// Replaces the ciphertext of a trigger's secrets. The configuration is
+/// unchanged, so the generation is not bumped: no pipeline restarts.
+pub async fn reseal(
+    tx: &mut Transaction<'_, Postgres>,
+    id: Uuid,
+    key_id: &str,
+    ciphertext: &[u8],
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE triggers SET secrets_key_id = $2, secrets_ciphertext = $3 WHERE id = $1")
+        .bind(id)
+        .bind(key_id)
+        .bind(ciphertext)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
 /// Sets the enabled flag; bumps the generation only when it changes.
 pub async fn set_enabled(
     tx: &mut Transaction<'_, Postgres>,
