@@ -21,8 +21,11 @@ pub enum CryptoError {
     NoKey,
     #[error("ciphertext was written with key id {0}, which is not configured")]
     UnknownKey(String),
-    #[error("ciphertext failed authentication (wrong key or tampered data)")]
-    Decrypt,
+    #[error("encryption failed")]
+    Encrypt,
+    /// Carries the key id so an operator knows which key to check.
+    #[error("ciphertext under key id {0} failed authentication (tampered data, or not the key that wrote it)")]
+    Decrypt(String),
 }
 
 /// The configured keys: one primary that encrypts, any number of older ones
@@ -75,7 +78,7 @@ impl Keyring {
         let cipher = Aes256Gcm::new(&self.keys[id]);
         let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
         let sealed =
-            cipher.encrypt(&nonce, Payload { msg: plaintext, aad: context }).map_err(|_| CryptoError::Decrypt)?;
+            cipher.encrypt(&nonce, Payload { msg: plaintext, aad: context }).map_err(|_| CryptoError::Encrypt)?;
         let mut out = Vec::with_capacity(NONCE_LEN + sealed.len());
         out.extend_from_slice(&nonce);
         out.extend_from_slice(&sealed);
@@ -85,12 +88,12 @@ impl Keyring {
     pub fn decrypt(&self, key_id: &str, context: &[u8], data: &[u8]) -> Result<Vec<u8>, CryptoError> {
         let key = self.keys.get(key_id).ok_or_else(|| CryptoError::UnknownKey(key_id.to_owned()))?;
         if data.len() < NONCE_LEN {
-            return Err(CryptoError::Decrypt);
+            return Err(CryptoError::Decrypt(key_id.to_owned()));
         }
         let (nonce, sealed) = data.split_at(NONCE_LEN);
         Aes256Gcm::new(key)
             .decrypt(Nonce::from_slice(nonce), Payload { msg: sealed, aad: context })
-            .map_err(|_| CryptoError::Decrypt)
+            .map_err(|_| CryptoError::Decrypt(key_id.to_owned()))
     }
 }
 
@@ -118,7 +121,7 @@ mod tests {
     fn test_ciphertext_is_bound_to_its_context() {
         let ring = Keyring::from_base64([K1]).unwrap();
         let (id, sealed) = ring.encrypt(b"trigger-1", b"x").unwrap();
-        assert!(matches!(ring.decrypt(&id, b"trigger-2", &sealed), Err(CryptoError::Decrypt)));
+        assert!(matches!(ring.decrypt(&id, b"trigger-2", &sealed), Err(CryptoError::Decrypt(i)) if i == id));
     }
 
     #[test]

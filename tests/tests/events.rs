@@ -143,6 +143,14 @@ async fn test_bad_requests_and_slow_clients() {
     for field in ["trigger_ids[0]", "kinds[0]", "after_cursor"] {
         assert!(status.message().contains(field), "{}", status.message());
     }
+    // Pins issue #10 item 8: a cursor no event can have was accepted, and
+    // the stream then stayed silent.
+    let status = events
+        .stream_events(StreamEventsRequest { after_cursor: format!("{}-0", i64::MAX), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("after_cursor") && status.message().contains("ahead"), "{}", status.message());
 
     // A client that does not read while far more events than the buffer
     // arrive is cut off with a status that says how to resume.

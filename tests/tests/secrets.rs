@@ -265,3 +265,37 @@ async fn test_a_secret_must_be_sent_again_when_its_destination_changes() {
     assert_eq!(secrets.password.unwrap().expose(), "pw-for-the-new-broker");
     assert_eq!(secrets.headers["x-api-key"].expose(), "hdr-for-the-new-url");
 }
+
+/// Pins issue #10 item 8: a ciphertext that fails to decrypt was reported
+/// as `Internal: credential encryption failed`, naming nothing.
+#[tokio::test]
+async fn test_a_decrypt_failure_is_a_failed_precondition_naming_the_key() {
+    capture_logs();
+    let db = TestDb::create().await.unwrap();
+    let cp = TestControlPlane::start(&db, ControlPlaneOptions::default()).await.unwrap();
+    let mut client = TriggerServiceClient::new(cp.channel().await.unwrap());
+    let created = client
+        .create_trigger(CreateTriggerRequest { trigger: Some(secret_trigger("tampered")) })
+        .await
+        .unwrap()
+        .into_inner();
+    let pool = db.pool().await.unwrap();
+    let key_id: String = sqlx::query_scalar(
+        "UPDATE triggers SET secrets_ciphertext = set_byte(secrets_ciphertext, 20, get_byte(secrets_ciphertext, 20) # 1)
+          RETURNING secrets_key_id",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+
+    let mut renamed = created.clone();
+    renamed.name = "tampered-renamed".into();
+    let status =
+        client.update_trigger(UpdateTriggerRequest { trigger: Some(renamed), update_mask: None }).await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(
+        status.message().contains(&key_id) && status.message().contains("failed authentication"),
+        "{}",
+        status.message()
+    );
+}

@@ -7,6 +7,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use kt_proto::status::FieldViolation;
 use kt_proto::v1;
+use unicode_properties::{GeneralCategory, UnicodeGeneralCategory as _};
 
 use super::*;
 
@@ -67,6 +68,11 @@ pub fn validate_trigger(
         c.bad("name", format!("must be at most {MAX_NAME_LEN} characters"));
     } else if name.chars().any(char::is_control) {
         c.bad("name", "must not contain control characters");
+    } else if let Some(ch) = name.chars().find(|ch| ch.general_category() == GeneralCategory::Format) {
+        // Invisible format characters (bidi overrides such as U+202E,
+        // zero-width spaces) make a name display as something it is not, in
+        // lists, logs and terminals.
+        c.bad("name", format!("must not contain invisible format characters (U+{:04X})", u32::from(ch)));
     }
 
     let default_kafka = v1::KafkaSource::default();

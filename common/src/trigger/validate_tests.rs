@@ -338,3 +338,19 @@ fn test_public_conversion_never_contains_secret_values() {
     let json = serde_json::to_string(&v.spec).unwrap();
     assert!(!json.contains("pw-123") && !json.contains("MIIE"));
 }
+
+/// Pins issue #10 item 8: bidi overrides and other invisible format
+/// characters (Unicode category Cf) were accepted in names.
+#[test]
+fn test_names_refuse_invisible_format_characters() {
+    for name in ["pay\u{202E}lortnoc", "zero\u{200B}width", "\u{FEFF}bom", "tag\u{E0041}"] {
+        let mut t = valid();
+        t.name = name.into();
+        let err = validate_trigger(&t, "", None).unwrap_err();
+        assert_eq!(err[0].field, "name", "{name:?}");
+        assert!(err[0].description.contains("format characters"), "{name:?}: {}", err[0].description);
+    }
+    let mut t = valid();
+    t.name = "café ☕ 注文".into();
+    validate_trigger(&t, "", None).unwrap();
+}

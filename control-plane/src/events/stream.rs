@@ -88,6 +88,16 @@ pub async fn current(pool: &PgPool) -> Result<Cursor, sqlx::Error> {
     Ok(Cursor { tx: (tx as u64).saturating_sub(1), id: i64::MAX })
 }
 
+/// Whether `cursor` names a transaction that has not started yet: no event
+/// can have it, so it was not given by this database (made up, or from
+/// another one) and a stream from it would wait, silently, for a
+/// transaction id this cluster may take days to reach.
+pub async fn is_from_the_future(pool: &PgPool, cursor: Cursor) -> Result<bool, sqlx::Error> {
+    let next: i64 =
+        sqlx::query_scalar("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint").fetch_one(pool).await?;
+    Ok(cursor.tx >= next as u64)
+}
+
 /// Shares committed events with every subscriber.
 #[derive(Clone)]
 pub struct EventHub {

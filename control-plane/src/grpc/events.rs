@@ -78,6 +78,17 @@ impl EventService for EventHandler {
                 }
             },
         };
+        if let Some(cursor) = after {
+            let future = crate::events::stream::is_from_the_future(self.hub.pool(), cursor)
+                .await
+                .map_err(|e| kt_common::db::status(&e))?;
+            if future {
+                violations.push(FieldViolation::new(
+                    "after_cursor",
+                    "is ahead of every event: not a cursor from this server",
+                ));
+            }
+        }
         if !violations.is_empty() {
             return Err(invalid_argument(&violations));
         }

@@ -41,7 +41,9 @@ impl From<TriggerError> for tonic::Status {
             TriggerError::Invalid(violations) => status::invalid_argument(violations),
             TriggerError::NotFound(_) => status::status(ErrorCode::NotFound, err.to_string()),
             TriggerError::NameTaken(_) => status::status(ErrorCode::AlreadyExists, err.to_string()),
-            TriggerError::Crypto(CryptoError::NoKey | CryptoError::UnknownKey(_)) => {
+            // The stored data or the configured keys need an operator, and
+            // the message says which key id to look at.
+            TriggerError::Crypto(CryptoError::NoKey | CryptoError::UnknownKey(_) | CryptoError::Decrypt(_)) => {
                 status::status(ErrorCode::FailedPrecondition, err.to_string())
             }
             TriggerError::Crypto(_) => {

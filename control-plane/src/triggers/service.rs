@@ -236,7 +236,7 @@ impl TriggerService {
             (Some(key_id), Some(sealed)) => {
                 let plain = self.keys.decrypt(key_id, row.id.as_bytes(), sealed)?;
                 serde_json::from_slice(&plain)
-                    .map_err(|_| TriggerError::Crypto(kt_common::crypto::CryptoError::Decrypt))
+                    .map_err(|_| TriggerError::Crypto(kt_common::crypto::CryptoError::Decrypt(key_id.clone())))
             }
             _ => Ok(TriggerSecrets::default()),
         }
