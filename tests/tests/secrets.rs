@@ -180,6 +180,10 @@ fn violations(status: &tonic::Status) -> Vec<(String, String)> {
     details.field_violations.into_iter().map(|v| (v.field, v.description)).collect()
 }
 
+/// A case: its name, what it changes, the field it must be refused on, and a
+/// word the field's description names.
+type Refusal<'a> = (&'a str, &'a dyn Fn(&mut Trigger), &'a str, &'a str);
+
 /// Pins issue #10 item 5: an update that only moved the destination kept
 /// the stored secrets, so the secret header went to the new URL and the
 /// password would have gone to the new broker.
@@ -198,7 +202,7 @@ async fn test_a_secret_must_be_sent_again_when_its_destination_changes() {
         UpdateTriggerRequest { trigger: Some(t), update_mask: None }
     };
 
-    let refused: [(&str, &dyn Fn(&mut Trigger), &str, &str); 4] = [
+    let refused: [Refusal; 4] = [
         (
             "a new broker",
             &|t| t.kafka.as_mut().unwrap().hosts.push("evil:9092".into()),

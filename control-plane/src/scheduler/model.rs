@@ -316,13 +316,11 @@ mod tests {
         m.add_session(s);
         m.add_credits(s, u32::MAX);
         assert_eq!(m.credits(), INITIAL_WINDOW);
-        let mut next = 0;
-        for _ in 0..MAX_SESSION_CREDITS * 2 {
-            let (grants, _) = m.assign([(next, t(1))]);
+        for set in 0..i64::from(MAX_SESSION_CREDITS) * 2 {
+            let (grants, _) = m.assign([(set, t(1))]);
             for g in grants {
                 m.complete(s, g.set_id);
             }
-            next += 1;
         }
         assert_eq!(m.credits(), MAX_SESSION_CREDITS, "capped, however many outcomes");
     }
