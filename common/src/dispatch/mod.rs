@@ -6,6 +6,7 @@
 //! - [`grant`]: the scheduler claims grantable sets for the workers it
 //!   grants them to, gives back claims it could not hand out, and releases
 //!   expired claims;
+//! - [`lease`]: a worker renews the short leases of the claims it holds;
 //! - [`round`]: a worker reads the candidates of its granted sets, commits
 //!   a group of successes, records attempts that failed, parks or releases;
 //! - [`operator`]: retry, skip, discard and `CompleteWorkOrder`;
@@ -13,16 +14,19 @@
 //!   wakes sets for stored messages.
 //!
 //! The life of a set: ingest creates it `ready` (or wakes it from `idle`)
-//! and notifies; the scheduler claims it (lock id + lease) and grants it; the
-//! worker delivers its candidates one after another, each success committed
-//! before the next POST, until the set is empty (`idle`; an unkeyed set is
-//! removed), its time slice is used up (released `ready`), or a delivery
-//! fails (`waiting` with a retry time, or `blocked` once it failed for
-//! good). A 202 leaves it `waiting` until `CompleteWorkOrder`.
+//! and notifies; the scheduler claims it (lock id + a short lease, which the
+//! worker renews while it holds the set) and grants it; the worker delivers
+//! its candidates one after another, each success committed before the
+//! next POST, until the set is empty (`idle`; an unkeyed set is removed),
+//! its time slice is used up (released `ready`), or a delivery fails
+//! (`waiting` with a retry time, or `blocked` once it failed for good). A
+//! 202 leaves it `waiting` until `CompleteWorkOrder`. A claim whose lease
+//! runs out (its worker died) is released by the scheduler's janitor.
 
 pub mod announce;
 pub mod candidate;
 pub mod grant;
+pub mod lease;
 pub mod operator;
 pub mod round;
 pub mod state;
