@@ -46,6 +46,10 @@ pub struct Config {
     pub event_retention: Duration,
     /// How long finished (succeeded, skipped) work orders are kept.
     pub work_order_retention: Duration,
+    /// The lease of a set's claim, renewed by its worker every third of it
+    /// (3 s to an hour): how long a dead node's sets wait before they are
+    /// granted again.
+    pub claim_lease: Duration,
 }
 
 impl Config {
@@ -62,6 +66,7 @@ impl Config {
             max_db_connections: 10,
             event_retention: Duration::from_secs(7 * 24 * 3600),
             work_order_retention: Duration::from_secs(7 * 24 * 3600),
+            claim_lease: kt_common::dispatch::lease::DEFAULT_LEASE,
         }
     }
 }
@@ -106,7 +111,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         tracing::warn!("no encryption key configured: triggers with credentials will be refused");
     }
     let triggers = triggers::TriggerService::new(pool.clone(), config.keys.clone());
-    let scheduler = scheduler::Scheduler::start(pool.clone(), triggers.clone(), shutdown.clone())
+    let scheduler = scheduler::Scheduler::start(pool.clone(), triggers.clone(), config.claim_lease, shutdown.clone())
         .await
         .context("failed to start the candidate-set scheduler")?;
     let events = events::stream::EventHub::start(pool.clone(), shutdown.clone())
@@ -149,6 +154,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
     // Before waiting for the leader lock: a standby with a bad configuration
     // should fail now, not when it takes over.
     check_node_auth(&config)?;
+    scheduler::check_lease(config.claim_lease)?;
     metrics::gauge!("kt_control_plane_active").set(0.0);
     loop {
         let Some(leadership) = leader::acquire(&config.database_url, &shutdown).await? else {

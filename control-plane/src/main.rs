@@ -57,6 +57,12 @@ struct Cli {
     #[arg(long, env = "KT_HEARTBEAT_SECONDS", default_value_t = 5)]
     heartbeat_seconds: u64,
 
+    /// Seconds a set's claim lasts unless its worker renews it (every third
+    /// of it, while the worker holds the set): a node that dies has its
+    /// sets granted again within about this long. 3 to 3600.
+    #[arg(long, env = "KT_CLAIM_LEASE_SECONDS", default_value_t = 10, value_parser = parse_claim_lease_seconds)]
+    claim_lease_seconds: u64,
+
     /// Hours events are kept for replay by StreamEvents.
     #[arg(long, env = "KT_EVENT_RETENTION_HOURS", default_value_t = 168)]
     event_retention_hours: u64,
@@ -120,6 +126,7 @@ async fn main() -> anyhow::Result<()> {
         heartbeat: Duration::from_secs(cli.heartbeat_seconds.max(1)),
         event_retention: Duration::from_secs(cli.event_retention_hours * 3600),
         work_order_retention: Duration::from_secs(cli.work_order_retention_hours * 3600),
+        claim_lease: Duration::from_secs(cli.claim_lease_seconds),
         ..kt_control_plane::Config::new(database_url)
     };
     kt_control_plane::run(config, telemetry::shutdown_on_signal()).await
@@ -144,4 +151,12 @@ async fn rotate_keys(database_url: &str, keys: Keyring) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// `--claim-lease-seconds`: a whole number of seconds the scheduler accepts
+/// (`kt_control_plane::scheduler::check_lease`).
+fn parse_claim_lease_seconds(value: &str) -> Result<u64, String> {
+    let secs: u64 = value.trim().parse().map_err(|_| format!("`{value}` is not a whole number of seconds"))?;
+    kt_control_plane::scheduler::check_lease(Duration::from_secs(secs)).map_err(|e| e.to_string())?;
+    Ok(secs)
 }

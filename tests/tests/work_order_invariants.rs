@@ -549,7 +549,8 @@ async fn test_a_message_arriving_as_its_set_goes_idle_is_not_stranded() {
     let shutdown = tokio_util::sync::CancellationToken::new();
     let keys = kt_common::crypto::Keyring::from_base64([kt_tests::TEST_ENCRYPTION_KEY]).unwrap();
     let triggers = kt_control_plane::triggers::TriggerService::new(pool.clone(), keys);
-    let scheduler = Scheduler::start(pool.clone(), triggers, shutdown.clone()).await.unwrap();
+    let lease = kt_common::dispatch::lease::DEFAULT_LEASE;
+    let scheduler = Scheduler::start(pool.clone(), triggers, lease, shutdown.clone()).await.unwrap();
     // A fake worker stream with room for one set.
     let session = Uuid::now_v7();
     let (grants_tx, mut grants) = mpsc::channel(16);

@@ -13,6 +13,12 @@
 //!   grantable sets through their partial indexes (a lock id and a lease per
 //!   set, triggers taken in turn) and the task hands them to the sessions
 //!   with the most credit. Nothing in memory says which sets are ready.
+//! - **Leases**: a claim lasts [`Scheduler::start`]'s lease (10 s by
+//!   default, `--claim-lease-seconds`), which the grant tells the worker;
+//!   the worker renews it every third of that while it holds the set
+//!   (`kt_common::dispatch::lease`). A worker that dies stops renewing, so
+//!   its sets are released by the janitor within a lease and a tick, then
+//!   granted again.
 //! - **Wake-ups** only say "fill now": `NOTIFY kt_sets` from ingest, worker
 //!   outcomes (credit came back), operator actions, the earliest retry time
 //!   reported by an outcome, and a one-second tick. The tick is the one
@@ -50,10 +56,6 @@ pub const NOTIFY_CHANNEL: &str = dispatch::SETS_CHANNEL;
 const TICK: Duration = Duration::from_secs(1);
 /// Gauges are read from the database this often (they count rows).
 const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
-/// Added to a trigger's webhook timeout for the lease of a granted claim:
-/// the worker reads the set, then delivers for at most its time slice plus
-/// one POST before it releases the set.
-const LEASE_SLACK_SECS: f64 = 30.0;
 
 enum Command {
     Join {
@@ -89,7 +91,6 @@ pub struct TriggerLimit {
     pub trigger: TriggerId,
     /// `tuning.max_in_flight`, 0 while disabled.
     pub max_in_flight: u32,
-    pub lease_secs: f64,
 }
 
 /// A snapshot for status and metrics.
@@ -107,14 +108,21 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    /// Starts the scheduler, its listener and its janitor.
-    pub async fn start(pool: PgPool, triggers: TriggerService, shutdown: CancellationToken) -> anyhow::Result<Self> {
+    /// Starts the scheduler, its listener and its janitor; claims are
+    /// granted with `lease` (see [`check_lease`]).
+    pub async fn start(
+        pool: PgPool,
+        triggers: TriggerService,
+        lease: Duration,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Self> {
+        check_lease(lease)?;
         let (tx, rx) = mpsc::channel(COMMAND_CAPACITY);
         let scheduler = Scheduler { tx };
         let task = SchedulerTask {
             model: Model::new(),
             sessions: HashMap::new(),
-            leases: HashMap::new(),
+            lease,
             // The task is the only user, one statement at a time.
             pool: kt_common::db::generic_plan_pool(&pool, 1),
             dirty: true,
@@ -167,7 +175,8 @@ struct SessionHandle {
 struct SchedulerTask {
     model: Model,
     sessions: HashMap<SessionId, SessionHandle>,
-    leases: HashMap<TriggerId, f64>,
+    /// The lease of every claim this scheduler writes.
+    lease: Duration,
     /// Its own connection, on generic plans (see `generic_plan_pool`).
     pool: PgPool,
     /// Something may be grantable that was not when we last filled.
@@ -228,11 +237,9 @@ impl SchedulerTask {
             Command::Limits { limits, removed } => {
                 for l in limits {
                     self.model.set_limit(l.trigger, l.max_in_flight);
-                    self.leases.insert(l.trigger, l.lease_secs);
                 }
                 for trigger in removed {
                     self.model.forget_trigger(trigger);
-                    self.leases.remove(&trigger);
                 }
                 self.dirty = true;
             }
@@ -268,13 +275,16 @@ impl SchedulerTask {
             .map(|(trigger_id, sets)| grant::Room {
                 trigger_id,
                 sets: sets.min(i32::MAX as u32) as i32,
-                lease_secs: self.leases.get(&trigger_id).copied().unwrap_or(LEASE_SLACK_SECS),
+                lease_secs: self.lease.as_secs_f64(),
             })
             .collect();
         if rooms.is_empty() {
             return;
         }
         let credits = i64::from(self.model.credits());
+        // The leases run from the claim's statement; the grant says how much
+        // of them is left when it is sent.
+        let claiming = Instant::now();
         let claimed = match grant::claim_grantable(&self.pool, &rooms, credits).await {
             Ok(claimed) => claimed,
             Err(error) => {
@@ -297,8 +307,9 @@ impl SchedulerTask {
                 lock_id: locks[&g.set_id].to_string(),
             });
         }
+        let lease_ms = self.lease.saturating_sub(claiming.elapsed()).as_millis().min(u128::from(u32::MAX)) as u32;
         for (session, sets) in per_session {
-            let sent = self.sessions.get(&session).map(|s| s.grants.try_send(WorkGrant { sets }));
+            let sent = self.sessions.get(&session).map(|s| s.grants.try_send(WorkGrant { sets, lease_ms }));
             match sent {
                 Some(Ok(())) => {}
                 Some(Err(mpsc::error::TrySendError::Full(w) | mpsc::error::TrySendError::Closed(w))) => {
@@ -406,7 +417,7 @@ async fn listen(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
     Ok(listener)
 }
 
-/// Keeps per-trigger limits and leases current and forgets deleted triggers.
+/// Keeps per-trigger limits current and forgets deleted triggers.
 async fn watch_limits(pool: PgPool, triggers: TriggerService, scheduler: Scheduler, shutdown: CancellationToken) {
     let mut changes = triggers.subscribe();
     let mut known: Vec<TriggerId> = Vec::new();
@@ -427,8 +438,7 @@ async fn watch_limits(pool: PgPool, triggers: TriggerService, scheduler: Schedul
 }
 
 /// Every trigger's in-flight limit (`tuning.max_in_flight`, 0 while
-/// disabled: its stored messages wait until it is enabled again) and claim
-/// lease (webhook timeout + slack).
+/// disabled: its stored messages wait until it is enabled again).
 async fn trigger_limits(pool: &PgPool) -> Result<Vec<TriggerLimit>, sqlx::Error> {
     let rows: Vec<(Uuid, bool, serde_json::Value)> =
         sqlx::query_as("SELECT id, enabled, spec FROM triggers").fetch_all(pool).await?;
@@ -438,14 +448,38 @@ async fn trigger_limits(pool: &PgPool) -> Result<Vec<TriggerLimit>, sqlx::Error>
             let max_in_flight = spec["tuning"]["max_in_flight"]
                 .as_u64()
                 .map_or(kt_common::trigger::DEFAULT_MAX_IN_FLIGHT, |v| v.min(u64::from(u32::MAX)) as u32);
-            let timeout_ms = spec["webhook"]["timeout_ms"]
-                .as_u64()
-                .unwrap_or(u64::from(kt_common::trigger::DEFAULT_WEBHOOK_TIMEOUT_MS));
-            TriggerLimit {
-                trigger,
-                max_in_flight: if enabled { max_in_flight } else { 0 },
-                lease_secs: timeout_ms as f64 / 1000.0 + LEASE_SLACK_SECS,
-            }
+            TriggerLimit { trigger, max_in_flight: if enabled { max_in_flight } else { 0 } }
         })
         .collect())
+}
+
+/// A claim lease the scheduler can work with: from
+/// [`lease::MIN_LEASE`](kt_common::dispatch::lease::MIN_LEASE) (renewed every
+/// second) to [`lease::MAX_LEASE`](kt_common::dispatch::lease::MAX_LEASE).
+pub fn check_lease(lease: Duration) -> anyhow::Result<()> {
+    use kt_common::dispatch::lease::{MAX_LEASE, MIN_LEASE};
+    anyhow::ensure!(
+        (MIN_LEASE..=MAX_LEASE).contains(&lease),
+        "the claim lease must be {} to {} seconds, not {:?} (--claim-lease-seconds / KT_CLAIM_LEASE_SECONDS)",
+        MIN_LEASE.as_secs(),
+        MAX_LEASE.as_secs(),
+        lease
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_claim_leases_from_3_seconds_to_an_hour_are_accepted() {
+        for secs in [3, 10, 3_600] {
+            assert!(check_lease(Duration::from_secs(secs)).is_ok(), "{secs} s");
+        }
+        for lease in [Duration::ZERO, Duration::from_millis(2_999), Duration::from_secs(3_601)] {
+            let error = check_lease(lease).unwrap_err().to_string();
+            assert!(error.contains("3 to 3600 seconds") && error.contains("--claim-lease-seconds"), "{error}");
+        }
+    }
 }
