@@ -11,15 +11,21 @@
 //! predecessor's success is committed. A set is handed back (released) when
 //! it is empty, waits, is blocked, or has used up its [`TIME_SLICE`].
 //!
+//! Every claim in hand is renewed every third of its lease, all in one
+//! statement ([`super::lease`]). A POST starts only while the lease has
+//! more than a third left, and a read or a commit that fails because the
+//! database is unreachable is tried again for as long as the lease holds:
+//! an outage shorter than that costs no redelivery.
+//!
 //! The work order is written with its outcome, not before the POST: its id
 //! is derived from the message, so a node killed mid-POST leaves a set whose
-//! claim expires and whose next holder POSTs the same work order, with the
-//! same `Idempotency-Key`, again (at least once towards the target; exactly
-//! one work order per message in the database).
+//! claim expires (within a lease) and whose next holder POSTs the same work
+//! order, with the same `Idempotency-Key`, again (at least once towards the
+//! target; exactly one work order per message in the database).
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use chrono::Utc;
@@ -27,13 +33,17 @@ use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt as _, StreamExt as _};
 use kt_common::backoff::Backoff;
+use kt_common::db::{classify, DbErrorKind};
 use kt_common::dispatch::grant;
+use kt_common::dispatch::lease::Held as StillHeld;
 use kt_common::dispatch::round::{self, AfterSuccess, Failure, Posted, Success};
 use kt_common::dispatch::{work_order_id, AfterAttempt, Attempt, Candidate, SetState, WorkOrderState};
-use kt_proto::internal::{SetGrant, SetOutcome, SetOutcomeKind};
+use kt_proto::internal::{SetGrant, SetOutcome, SetOutcomeKind, WorkGrant};
 use sqlx::PgPool;
+use tokio::time::Instant;
 use uuid::Uuid;
 
+use super::lease::{self, Lease, OnHold, RenewError, Renewals, Renewed, Verdict};
 use super::{TriggerConfig, TriggerDirectory};
 use crate::delivery::{build_body, next_step, DeliveryOutcome, MessageForBody, RetryDecision, WebhookClient};
 
@@ -44,10 +54,11 @@ pub const TIME_SLICE: Duration = Duration::from_millis(500);
 pub const MAX_COMMITS: usize = 2;
 /// Most outcomes in one group commit, and most sets in one read.
 const MAX_BATCH: usize = 512;
-/// A read or commit that fails (database unreachable) is tried again with
-/// this backoff, this many times, before its sets are given up (their
+/// A read or commit that fails is tried again with this backoff: while the
+/// lease of its sets holds when the database is unreachable, at most
+/// [`DB_TRIES`] times for other errors. Then its sets are given up (their
 /// claims expire and the control plane grants them again).
-const DB_RETRY: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+const DB_RETRY: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
 const DB_TRIES: u32 = 10;
 /// Before a set of a trigger this node does not know yet is handed back.
 const UNKNOWN_TRIGGER_DELAY: Duration = Duration::from_millis(200);
@@ -64,6 +75,10 @@ struct Held {
     trigger: Arc<TriggerConfig>,
     /// When this claim began: the time slice runs from here.
     since: Instant,
+    lease: Lease,
+    /// A candidate to POST that waits for a renewal: its lease is in its
+    /// last third (renewals have been failing).
+    on_hold: Option<Box<Candidate>>,
 }
 
 /// A finished POST, waiting for its group commit.
@@ -92,12 +107,31 @@ enum Event {
     Slow { set_id: i64, result: Result<Slow, sqlx::Error> },
     Unheld { set_id: i64, trigger_id: String, result: Result<Slow, sqlx::Error> },
     GivenBack { grants: Vec<SetGrant>, result: Result<(), sqlx::Error> },
+    Renewed { sent: Instant, claims: Vec<(i64, Uuid)>, result: Result<Vec<StillHeld>, RenewError> },
 }
 
 #[derive(Default)]
 struct Batch {
     successes: Vec<Success>,
     failures: Vec<Failure>,
+}
+
+impl Batch {
+    fn sets(&self) -> impl Iterator<Item = i64> + '_ {
+        self.successes.iter().map(|s| s.posted.set_id).chain(self.failures.iter().map(|f| f.posted.set_id))
+    }
+
+    fn len(&self) -> usize {
+        self.successes.len() + self.failures.len()
+    }
+
+    /// Keeps the outcomes of the sets `keep` accepts; returns the others' set ids.
+    fn retain(&mut self, keep: impl Fn(i64) -> bool) -> Vec<i64> {
+        let dropped: Vec<i64> = self.sets().filter(|s| !keep(*s)).collect();
+        self.successes.retain(|s| keep(s.posted.set_id));
+        self.failures.retain(|f| keep(f.posted.set_id));
+        dropped
+    }
 }
 
 struct Committed {
@@ -118,6 +152,7 @@ pub struct Engine {
     /// current delivery.
     draining: bool,
     outcomes: Vec<SetOutcome>,
+    renewals: Renewals,
 }
 
 impl Engine {
@@ -132,6 +167,7 @@ impl Engine {
             tasks: FuturesUnordered::new(),
             draining: false,
             outcomes: Vec::new(),
+            renewals: Renewals::default(),
         }
     }
 
@@ -140,9 +176,19 @@ impl Engine {
         self.held.len()
     }
 
-    /// Whether anything is under way (then [`Engine::next`] yields).
+    /// Whether anything is under way (then [`Engine::next`] yields): a
+    /// task, or sets in hand, whose claims it renews.
     pub fn busy(&self) -> bool {
-        !self.tasks.is_empty()
+        !self.tasks.is_empty() || self.renewal_due().is_some()
+    }
+
+    /// When the claims in hand are to be renewed next, if any are in hand.
+    fn renewal_due(&self) -> Option<Instant> {
+        if self.held.is_empty() {
+            None
+        } else {
+            self.renewals.due()
+        }
     }
 
     /// Release every set after its current delivery.
@@ -155,20 +201,27 @@ impl Engine {
         std::mem::take(&mut self.outcomes)
     }
 
-    /// The next event of the work under way; `None` when idle.
+    /// The next event of the work under way (or the renewal of the claims
+    /// in hand when it is due); `None` when idle.
     pub async fn next(&mut self) -> Option<()> {
-        let event = self.tasks.next().await?;
-        self.handle(event);
+        let renew_at = self.renewal_due();
+        tokio::select! {
+            Some(event) = self.tasks.next() => self.handle(event),
+            () = tokio::time::sleep_until(renew_at.unwrap_or_else(Instant::now)), if renew_at.is_some() => self.renew(),
+            else => return None,
+        }
         Some(())
     }
 
     /// Takes granted sets in hand and reads their candidates (with any
     /// other sets waiting for a read).
-    pub fn grant(&mut self, grants: Vec<SetGrant>, triggers: &TriggerDirectory) {
+    pub fn grant(&mut self, grant: WorkGrant, triggers: &TriggerDirectory) {
         if self.draining {
-            return self.give_back(grants);
+            return self.give_back(grant.sets);
         }
-        for g in grants {
+        let now = Instant::now();
+        let lease = Lease::granted(grant.lease_ms, now);
+        for g in grant.sets {
             let Ok(lock) = Uuid::parse_str(&g.lock_id) else {
                 tracing::warn!(set_id = g.set_id, "grant without a valid lock id; ignored");
                 self.report(g.set_id, &g.trigger_id, SetOutcomeKind::Busy, 0);
@@ -186,8 +239,10 @@ impl Engine {
                 });
                 continue;
             };
-            self.held.insert(g.set_id, Held { lock, trigger_id: g.trigger_id, trigger, since: Instant::now() });
+            let held = Held { lock, trigger_id: g.trigger_id, trigger, since: now, lease, on_hold: None };
+            self.held.insert(g.set_id, held);
             self.to_read.push((g.set_id, lock));
+            self.renewals.arm(now, lease.length());
         }
         self.maybe_read();
     }
@@ -247,13 +302,18 @@ impl Engine {
                             self.finish(set_id, SetOutcomeKind::Busy, 0);
                         }
                     }
-                    Err(error) if tries + 1 < DB_TRIES => {
-                        tracing::warn!(%error, sets = claims.len(), "cannot read granted sets; trying again");
-                        self.spawn_read(claims, tries + 1);
-                    }
                     Err(error) => {
-                        tracing::warn!(%error, sets = claims.len(), "cannot read granted sets; handing them back");
-                        for (set_id, _) in claims {
+                        let (retry, now) = (self.retry_db(&error, tries), Instant::now());
+                        let (again, given_up): (Vec<_>, Vec<_>) =
+                            claims.into_iter().partition(|(set, _)| retry && self.lease_holds(*set, now));
+                        if !again.is_empty() {
+                            tracing::warn!(%error, sets = again.len(), "cannot read granted sets; trying again");
+                            self.spawn_read(again, tries + 1);
+                        }
+                        if !given_up.is_empty() {
+                            tracing::warn!(%error, sets = given_up.len(), "cannot read granted sets; handing them back");
+                        }
+                        for (set_id, _) in given_up {
                             self.finish(set_id, SetOutcomeKind::Retry, 0);
                         }
                     }
@@ -265,19 +325,18 @@ impl Engine {
                 self.commits -= 1;
                 match result {
                     Ok(committed) => self.on_committed(batch, committed),
-                    Err(error) if tries + 1 < DB_TRIES => {
-                        tracing::warn!(%error, outcomes = batch.successes.len() + batch.failures.len(), "cannot record outcomes; trying again");
-                        self.spawn_commit(batch, tries + 1);
-                    }
                     Err(error) => {
-                        tracing::error!(%error, "cannot record outcomes; giving the sets up (their claims expire)");
-                        let sets: Vec<i64> = batch
-                            .successes
-                            .iter()
-                            .map(|s| s.posted.set_id)
-                            .chain(batch.failures.iter().map(|f| f.posted.set_id))
-                            .collect();
-                        for set_id in sets {
+                        let (retry, now, mut batch) = (self.retry_db(&error, tries), Instant::now(), batch);
+                        let given_up = batch.retain(|set| retry && self.lease_holds(set, now));
+                        if batch.len() > 0 {
+                            tracing::warn!(%error, outcomes = batch.len(), "cannot record outcomes; trying again while the claims hold");
+                            self.spawn_commit(batch, tries + 1);
+                        }
+                        if !given_up.is_empty() {
+                            // What was delivered is POSTed again by the sets' next holders.
+                            tracing::error!(%error, sets = given_up.len(), "cannot record outcomes; giving the sets up (their claims expire)");
+                        }
+                        for set_id in given_up {
                             self.finish(set_id, SetOutcomeKind::Retry, 0);
                         }
                     }
@@ -300,6 +359,7 @@ impl Engine {
                 };
                 self.report(set_id, &trigger_id, kind, 0);
             }
+            Event::Renewed { sent, claims, result } => self.on_renewed(sent, claims, result),
             Event::Slow { set_id, result } => match result {
                 Ok(Slow::Done(kind, retry_at)) => self.finish(set_id, kind, retry_at),
                 Ok(Slow::Reread) => {
@@ -321,6 +381,7 @@ impl Engine {
         let Some(held) = self.held.get(&c.set_id) else { return };
         let (set_id, lock) = (c.set_id, held.lock);
         let trigger = held.trigger.clone();
+        let may_post = held.lease.may_post(Instant::now());
         if c.set_state() == SetState::Waiting {
             if let Some(at) = c.retry_at.filter(|at| *at > Utc::now()) {
                 let after = AfterAttempt::RetryAt(at);
@@ -367,6 +428,9 @@ impl Engine {
                 (body, wo.attempts, wo.first_attempt_at)
             }
         };
+        if !may_post {
+            return self.hold_for_renewal(c);
+        }
         if previous_attempts == 0 {
             metrics::counter!("kt_work_orders_created_total").increment(1);
         }
@@ -401,6 +465,11 @@ impl Engine {
     fn on_delivered(&mut self, d: Delivered) {
         let set_id = d.candidate.set_id;
         let Some(held) = self.held.get(&set_id) else { return };
+        if held.lease.is_lost() {
+            // Its next holder POSTs it again; this outcome cannot be written.
+            tracing::warn!(set_id, "delivered, but the claim was lost meanwhile; leaving the set to its new holder");
+            return self.finish(set_id, SetOutcomeKind::Busy, 0);
+        }
         let trigger = &held.trigger;
         let attempts = d.previous_attempts + 1;
         let (after, label, error) = match d.outcome {
@@ -520,6 +589,99 @@ impl Engine {
     fn finish(&mut self, set_id: i64, kind: SetOutcomeKind, retry_at_unix_ms: i64) {
         if let Some(held) = self.held.remove(&set_id) {
             self.outcomes.push(SetOutcome { set_id, trigger_id: held.trigger_id, kind: kind.into(), retry_at_unix_ms });
+        }
+        if self.held.is_empty() {
+            self.renewals.disarm();
+        }
+    }
+
+    /// Whether a failed read or commit is worth trying again: always when
+    /// the database is unreachable (for as long as the claims hold), a
+    /// few times otherwise.
+    fn retry_db(&self, error: &sqlx::Error, tries: u32) -> bool {
+        classify(error) == DbErrorKind::Unavailable || tries + 1 < DB_TRIES
+    }
+
+    fn lease_holds(&self, set_id: i64, now: Instant) -> bool {
+        self.held.get(&set_id).is_some_and(|h| h.lease.holds(now))
+    }
+
+    /// Keeps a candidate whose lease is in its last third until a renewal
+    /// extends it (or it runs out, and the set is handed back).
+    fn hold_for_renewal(&mut self, c: Candidate) {
+        let set_id = c.set_id;
+        let Some(held) = self.held.get_mut(&set_id) else { return };
+        if held.lease.is_lost() {
+            return self.finish(set_id, SetOutcomeKind::Busy, 0);
+        }
+        tracing::debug!(set_id, "claim not renewed lately; the next POST waits for a renewal");
+        held.on_hold = Some(Box::new(c));
+    }
+
+    /// Renews the claims of every set in hand, in one statement.
+    fn renew(&mut self) {
+        let claims: Vec<(i64, Uuid)> =
+            self.held.iter().filter(|(_, h)| !h.lease.is_lost()).map(|(set, h)| (*set, h.lock)).collect();
+        let Some(length) = self.shortest_lease() else {
+            return self.renewals.disarm();
+        };
+        self.renewals.start();
+        let requests: Vec<_> = claims.iter().map(|(set, lock)| self.held[set].lease.renew(*set, *lock)).collect();
+        let pool = self.ctx.pool.clone();
+        // Counted from before the statement: the database's expiry is later.
+        let sent = Instant::now();
+        self.tasks.push(
+            async move {
+                let result = lease::renew(&pool, &requests, length / 3).await;
+                Event::Renewed { sent, claims, result }
+            }
+            .boxed(),
+        );
+    }
+
+    fn shortest_lease(&self) -> Option<Duration> {
+        self.held.values().filter(|h| !h.lease.is_lost()).map(|h| h.lease.length()).min()
+    }
+
+    fn on_renewed(&mut self, sent: Instant, claims: Vec<(i64, Uuid)>, result: Result<Vec<StillHeld>, RenewError>) {
+        let now = Instant::now();
+        let how = match result {
+            Ok(still) => {
+                let verdicts = lease::verdicts(&claims, &still);
+                for &(set_id, lock, verdict) in &verdicts {
+                    // Released and granted again since the renewal was sent: not that claim.
+                    let Some(held) = self.held.get_mut(&set_id).filter(|h| h.lock == lock) else { continue };
+                    if verdict == Verdict::Lost {
+                        metrics::counter!("kt_claims_lost_total").increment(1);
+                        tracing::warn!(set_id, "claim lost (expired and released); stopping work on the set");
+                    }
+                    held.lease.apply(sent, verdict);
+                }
+                Renewed::of(verdicts.iter().map(|v| v.2))
+            }
+            Err(error) => {
+                metrics::counter!("kt_claim_renewal_failures_total").increment(1);
+                tracing::warn!(%error, sets = claims.len(), "cannot renew the claims in hand; trying again");
+                Renewed::Failed
+            }
+        };
+        self.renewals.finished(now, self.shortest_lease(), how);
+        // Sets whose POST waits for a renewal.
+        let waiting: Vec<i64> = self.held.iter().filter(|(_, h)| h.on_hold.is_some()).map(|(set, _)| *set).collect();
+        for set_id in waiting {
+            let held = self.held.get_mut(&set_id).expect("listed above");
+            match held.lease.on_hold(now) {
+                OnHold::Post => {
+                    let c = held.on_hold.take().expect("listed above");
+                    self.act(*c);
+                }
+                OnHold::Wait => {}
+                OnHold::Lost => self.finish(set_id, SetOutcomeKind::Busy, 0),
+                OnHold::RanOut => {
+                    tracing::warn!(set_id, "claim ran out without a renewal; handing the set back");
+                    self.finish(set_id, SetOutcomeKind::Retry, 0);
+                }
+            }
         }
     }
 

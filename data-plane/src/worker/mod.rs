@@ -4,6 +4,7 @@
 //! ([`engine`]) and reports each set's outcome, which returns its credit.
 
 pub mod engine;
+pub mod lease;
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -153,7 +154,7 @@ async fn session(
         tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
             grant = grants.message() => match grant {
-                Ok(Some(grant)) => engine.grant(grant.sets, triggers),
+                Ok(Some(grant)) => engine.grant(grant, triggers),
                 Ok(None) => break Err(anyhow::anyhow!("control plane closed the work stream")),
                 Err(status) => break Err(status.into()),
             },
@@ -173,7 +174,7 @@ async fn session(
         tokio::select! {
             Some(()) = engine.next() => {}
             grant = grants.message(), if open => match grant {
-                Ok(Some(grant)) => engine.grant(grant.sets, triggers),
+                Ok(Some(grant)) => engine.grant(grant, triggers),
                 _ => open = false,
             },
         }
@@ -185,7 +186,7 @@ async fn session(
     let deadline = tokio::time::Instant::now() + GIVE_BACK_WAIT;
     while open {
         match tokio::time::timeout_at(deadline, grants.message()).await {
-            Ok(Ok(Some(grant))) => engine.grant(grant.sets, triggers),
+            Ok(Ok(Some(grant))) => engine.grant(grant, triggers),
             _ => open = false,
         }
     }
