@@ -11,8 +11,9 @@
 //! predecessor's success is committed. A set is handed back (released) when
 //! it is empty, waits, is blocked, or has used up its [`TIME_SLICE`].
 //!
-//! Every claim in hand is renewed every third of its lease, all in one
-//! statement ([`super::lease`]). A POST starts only while the lease has
+//! A claim in hand is renewed a third of a lease after it was granted or
+//! last renewed, with every other claim due about then, in one statement
+//! ([`super::lease`]). A POST starts only while the lease has
 //! more than a third left, and a read or a commit that fails because the
 //! database is unreachable is tried again for as long as the lease holds:
 //! an outage shorter than that costs no redelivery.
@@ -43,7 +44,7 @@ use sqlx::PgPool;
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use super::lease::{self, Lease, OnHold, RenewError, Renewals, Renewed, Verdict};
+use super::lease::{self, Lease, OnHold, RenewError, Renewals, Verdict};
 use super::{TriggerConfig, TriggerDirectory};
 use crate::delivery::{build_body, next_step, DeliveryOutcome, MessageForBody, RetryDecision, WebhookClient};
 
@@ -242,7 +243,7 @@ impl Engine {
             let held = Held { lock, trigger_id: g.trigger_id, trigger, since: now, lease, on_hold: None };
             self.held.insert(g.set_id, held);
             self.to_read.push((g.set_id, lock));
-            self.renewals.arm(now, lease.length());
+            self.renewals.arm(lease.renewal_due());
         }
         self.maybe_read();
     }
@@ -618,18 +619,19 @@ impl Engine {
         held.on_hold = Some(Box::new(c));
     }
 
-    /// Renews the claims of every set in hand, in one statement.
+    /// Renews the claims in hand that are due (or nearly), in one statement.
     fn renew(&mut self) {
+        let now = Instant::now();
         let claims: Vec<(i64, Uuid)> =
-            self.held.iter().filter(|(_, h)| !h.lease.is_lost()).map(|(set, h)| (*set, h.lock)).collect();
-        let Some(length) = self.shortest_lease() else {
-            return self.renewals.disarm();
+            self.held.iter().filter(|(_, h)| h.lease.wants_renewal(now)).map(|(set, h)| (*set, h.lock)).collect();
+        let Some(length) = self.shortest_lease().filter(|_| !claims.is_empty()) else {
+            return self.renewals.finished(now, self.next_renewal(), true);
         };
         self.renewals.start();
         let requests: Vec<_> = claims.iter().map(|(set, lock)| self.held[set].lease.renew(*set, *lock)).collect();
         let pool = self.ctx.pool.clone();
         // Counted from before the statement: the database's expiry is later.
-        let sent = Instant::now();
+        let sent = now;
         self.tasks.push(
             async move {
                 let result = lease::renew(&pool, &requests, length / 3).await;
@@ -643,9 +645,14 @@ impl Engine {
         self.held.values().filter(|h| !h.lease.is_lost()).map(|h| h.lease.length()).min()
     }
 
+    /// When the first claim in hand is due for renewal.
+    fn next_renewal(&self) -> Option<Instant> {
+        self.held.values().filter(|h| !h.lease.is_lost()).map(|h| h.lease.renewal_due()).min()
+    }
+
     fn on_renewed(&mut self, sent: Instant, claims: Vec<(i64, Uuid)>, result: Result<Vec<StillHeld>, RenewError>) {
         let now = Instant::now();
-        let how = match result {
+        let ok = match result {
             Ok(still) => {
                 let verdicts = lease::verdicts(&claims, &still);
                 for &(set_id, lock, verdict) in &verdicts {
@@ -657,15 +664,15 @@ impl Engine {
                     }
                     held.lease.apply(sent, verdict);
                 }
-                Renewed::of(verdicts.iter().map(|v| v.2))
+                true
             }
             Err(error) => {
                 metrics::counter!("kt_claim_renewal_failures_total").increment(1);
                 tracing::warn!(%error, sets = claims.len(), "cannot renew the claims in hand; trying again");
-                Renewed::Failed
+                false
             }
         };
-        self.renewals.finished(now, self.shortest_lease(), how);
+        self.renewals.finished(now, self.next_renewal(), ok);
         // Sets whose POST waits for a renewal.
         let waiting: Vec<i64> = self.held.iter().filter(|(_, h)| h.on_hold.is_some()).map(|(set, _)| *set).collect();
         for set_id in waiting {

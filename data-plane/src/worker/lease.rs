@@ -1,9 +1,11 @@
 //! Claim leases as a worker sees them. A granted set's claim lasts the
-//! lease the grant names; the engine renews the claims of every set in hand
-//! in one statement ([`kt_common::dispatch::lease::renew`]) every third of
-//! the lease, and counts each lease from *before* the statement (or grant)
-//! that set it, so its idea of the expiry is never later than the
-//! database's.
+//! lease the grant names; the engine renews a claim a third of a lease
+//! after it was granted or last renewed, every claim due about then in one
+//! statement ([`kt_common::dispatch::lease::renew`]), and counts each lease
+//! from *before* the statement (or grant) that set it, so its idea of the
+//! expiry is never later than the database's. Sets handed back within a
+//! sixth of their lease (most: a worker's time slice is 500 ms) are never
+//! renewed at all.
 //!
 //! What the worker does with it: a POST starts only while more than a third
 //! of the lease is left ([`Lease::may_post`]); with renewals succeeding that
@@ -23,11 +25,11 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 /// A renewal that failed (the database unreachable) is tried again after
-/// this backoff, never later than the regular interval.
+/// this backoff.
 const RENEW_RETRY: Backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
-/// When a renewal skipped some claims (their rows were being written), the
-/// next one comes after this long instead of a third of the lease.
-const SKIPPED_RETRY: Duration = Duration::from_millis(250);
+/// The least time between two renewals: a claim a renewal skipped (its row
+/// was being written) is due at once, and is tried again this much later.
+const MIN_GAP: Duration = Duration::from_millis(250);
 
 /// One claim's lease.
 #[derive(Debug, Clone, Copy)]
@@ -67,6 +69,19 @@ impl Lease {
     /// renewal has time to come through before the claim could expire.
     pub fn may_post(&self, now: Instant) -> bool {
         !self.lost && now + self.length / 3 < self.expires
+    }
+
+    /// When the claim should be renewed: a third of the lease after it was
+    /// granted or last renewed.
+    pub fn renewal_due(&self) -> Instant {
+        self.expires - self.length * 2 / 3
+    }
+
+    /// Whether a renewal at `now` should include this claim: due within a
+    /// sixth of the lease (so claims due about the same time share one
+    /// statement).
+    pub fn wants_renewal(&self, now: Instant) -> bool {
+        !self.lost && self.renewal_due() <= now + self.length / 6
     }
 
     /// A renewal sent at `sent` extended the claim.
@@ -153,8 +168,8 @@ pub enum OnHold {
     RanOut,
 }
 
-/// The renewal schedule of an engine's claims: one renewal at a time, every
-/// third of the (shortest) lease while sets are in hand.
+/// The renewal schedule of an engine's claims: one renewal at a time, when
+/// the first claim in hand is due ([`Lease::renewal_due`]).
 #[derive(Debug, Default)]
 pub struct Renewals {
     due: Option<Instant>,
@@ -162,33 +177,10 @@ pub struct Renewals {
     failures: u32,
 }
 
-/// How a renewal went, for the schedule.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Renewed {
-    /// Every claim asked about was extended (or found lost).
-    All,
-    /// Some held claims were skipped (their rows locked): try again soon.
-    SomeSkipped,
-    /// The statement failed.
-    Failed,
-}
-
-impl Renewed {
-    /// Overall, from each claim's verdict.
-    pub fn of(verdicts: impl IntoIterator<Item = Verdict>) -> Self {
-        if verdicts.into_iter().any(|v| v == Verdict::Skipped) {
-            Renewed::SomeSkipped
-        } else {
-            Renewed::All
-        }
-    }
-}
-
 impl Renewals {
-    /// Sets of lease `length` were taken in hand at `now`: the next renewal
-    /// comes a third of it later at the latest.
-    pub fn arm(&mut self, now: Instant, length: Duration) {
-        let at = now + length / 3;
+    /// A claim in hand wants renewing at `at` (a grant: a third of its
+    /// lease on).
+    pub fn arm(&mut self, at: Instant) {
         self.due = Some(self.due.map_or(at, |due| due.min(at)));
     }
 
@@ -212,30 +204,21 @@ impl Renewals {
         self.due = None;
     }
 
-    /// A renewal finished at `now`; `length` is the shortest lease in hand
-    /// (`None`: nothing left to renew).
-    pub fn finished(&mut self, now: Instant, length: Option<Duration>, how: Renewed) {
+    /// A renewal finished at `now` (`ok`: the statement ran); `next` is when
+    /// the first claim in hand is due now (`None`: nothing left to renew).
+    pub fn finished(&mut self, now: Instant, next: Option<Instant>, ok: bool) {
         self.in_flight = false;
-        let Some(length) = length else {
+        let Some(next) = next else {
             return self.disarm();
         };
-        let interval = length / 3;
-        let wait = match how {
-            Renewed::All => {
-                self.failures = 0;
-                interval
-            }
-            Renewed::SomeSkipped => {
-                self.failures = 0;
-                interval.min(SKIPPED_RETRY)
-            }
-            Renewed::Failed => {
-                self.failures += 1;
-                interval.min(RENEW_RETRY.delay(self.failures - 1))
-            }
+        let gap = if ok {
+            self.failures = 0;
+            MIN_GAP
+        } else {
+            self.failures += 1;
+            RENEW_RETRY.delay(self.failures - 1)
         };
-        let at = now + wait;
-        self.due = Some(self.due.map_or(at, |due| due.min(at)));
+        self.arm(next.max(now + gap));
     }
 }
 
@@ -311,50 +294,59 @@ mod tests {
             v,
             vec![(1, a, Verdict::Renewed), (2, b, Verdict::Skipped), (3, c, Verdict::Lost), (4, a, Verdict::Lost)]
         );
-        assert_eq!(Renewed::of(v.iter().map(|x| x.2)), Renewed::SomeSkipped);
-        assert_eq!(Renewed::of([Verdict::Renewed, Verdict::Lost]), Renewed::All);
     }
 
     #[test]
-    fn test_renewals_come_every_third_of_the_lease_and_sooner_after_a_failure() {
-        let lease = Duration::from_secs(9);
+    fn test_a_claim_is_renewed_a_third_of_a_lease_after_its_last_extension() {
         let start = Instant::now();
+        let at = |secs: f64| start + Duration::from_secs_f64(secs);
+        let mut lease = Lease::granted(9_000, start);
+        assert_eq!(lease.renewal_due(), at(3.0));
+        assert!(!lease.wants_renewal(at(1.0)), "granted a moment ago");
+        assert!(lease.wants_renewal(at(1.5)), "due within a sixth of the lease");
+        lease.renewed(at(3.0));
+        assert_eq!(lease.renewal_due(), at(6.0));
+        lease.lose();
+        assert!(!lease.wants_renewal(at(9.0)), "a lost claim is not renewed");
+    }
+
+    #[test]
+    fn test_renewals_start_when_the_first_claim_is_due_and_back_off_after_a_failure() {
+        let start = Instant::now();
+        let at = |secs: f64| start + Duration::from_secs_f64(secs);
         let mut r = Renewals::default();
         assert_eq!(r.due(), None, "nothing in hand");
-        r.arm(start, lease);
-        assert_eq!(r.due(), Some(start + Duration::from_secs(3)));
-        // A later grant does not push the renewal back.
-        r.arm(start + Duration::from_secs(1), lease);
-        assert_eq!(r.due(), Some(start + Duration::from_secs(3)));
+        r.arm(at(3.0));
+        r.arm(at(4.0));
+        assert_eq!(r.due(), Some(at(3.0)), "a later claim does not push the renewal back");
 
-        let t = start + Duration::from_secs(3);
         r.start();
         assert_eq!(r.due(), None, "one renewal at a time");
-        r.arm(t, lease);
+        r.arm(at(4.5));
         assert_eq!(r.due(), None, "a grant while a renewal runs waits for it");
-        r.finished(t, Some(lease), Renewed::All);
-        assert_eq!(r.due(), Some(t + Duration::from_secs(3)), "the grant made while it ran, a third of its lease on");
-        r.disarm();
-        r.start();
-        r.finished(t, Some(lease), Renewed::All);
-        assert_eq!(r.due(), Some(t + Duration::from_secs(3)));
+        r.finished(at(3.0), Some(at(6.0)), true);
+        assert_eq!(r.due(), Some(at(4.5)), "the claim granted meanwhile comes first");
 
-        r.disarm();
         r.start();
-        r.finished(t, Some(lease), Renewed::SomeSkipped);
-        assert_eq!(r.due(), Some(t + SKIPPED_RETRY));
+        r.finished(at(4.5), Some(at(7.5)), true);
+        assert_eq!(r.due(), Some(at(7.5)));
+        // A claim that was skipped is due at once: tried again a moment later.
+        r.start();
+        r.finished(at(7.5), Some(at(7.5)), true);
+        assert_eq!(r.due(), Some(at(7.5) + MIN_GAP));
 
-        // Failures back off from 200 ms, never beyond the interval.
+        // Failures back off from 200 ms.
         for n in 0..10 {
-            r.disarm();
             r.start();
-            r.finished(t, Some(lease), Renewed::Failed);
-            let wait = r.due().unwrap() - t;
-            assert!(wait <= Duration::from_secs(3), "{wait:?}");
-            assert!(wait >= RENEW_RETRY.ceiling(n) / 2, "failure {n}: {wait:?}");
+            r.finished(at(8.0), Some(at(7.5)), false);
+            let wait = r.due().unwrap() - at(8.0);
+            assert!(wait >= RENEW_RETRY.ceiling(n) / 2 && wait <= RENEW_RETRY.ceiling(n), "failure {n}: {wait:?}");
         }
         r.start();
-        r.finished(t, None, Renewed::All);
+        r.finished(at(8.0), Some(at(9.0)), true);
+        assert_eq!(r.due(), Some(at(9.0)), "a success resets the backoff");
+        r.start();
+        r.finished(at(9.0), None, true);
         assert_eq!(r.due(), None, "nothing left in hand");
     }
 }
