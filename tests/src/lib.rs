@@ -105,6 +105,8 @@ pub struct ControlPlaneOptions {
     /// Where to listen; a free port when `None`. A restarted control plane
     /// passes its predecessor's address so nodes find it again.
     pub listen: Option<SocketAddr>,
+    /// The claims' lease (`--claim-lease-seconds`); the default when `None`.
+    pub claim_lease: Option<Duration>,
 }
 
 /// A control plane running in this process on a free port.
@@ -123,6 +125,7 @@ impl TestControlPlane {
             node_token: Some(Secret::new(opts.node_token.unwrap_or_else(|| TEST_NODE_TOKEN.into()))),
             keys: Keyring::from_base64([key.as_str()])?,
             heartbeat: opts.heartbeat.unwrap_or(Duration::from_millis(500)),
+            claim_lease: opts.claim_lease.unwrap_or(kt_common::dispatch::lease::DEFAULT_LEASE),
             ..kt_control_plane::Config::new(db.url.clone())
         };
         let shutdown = CancellationToken::new();

@@ -179,9 +179,25 @@ impl ControlPlaneProcess {
     /// listening on `addr`, with the test encryption key and node token, 1 s heartbeats
     /// and `rust_log`.
     pub fn spawn(name: &str, database_url: &str, addr: std::net::SocketAddr, rust_log: &str) -> anyhow::Result<Self> {
+        Self::spawn_with(name, database_url, addr, rust_log, &[])
+    }
+
+    /// [`Self::spawn`] with more environment (e.g. `KT_CLAIM_LEASE_SECONDS`).
+    pub fn spawn_with(
+        name: &str,
+        database_url: &str,
+        addr: std::net::SocketAddr,
+        rust_log: &str,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let bin = workspace_binary("control-plane")?;
         let mut command = Command::new(&bin);
-        for var in SCRUBBED_ENV.iter().chain(&["KT_API_TOKEN", "KT_GRPC_LISTEN", "KT_OLD_ENCRYPTION_KEYS"]) {
+        for var in SCRUBBED_ENV.iter().chain(&[
+            "KT_API_TOKEN",
+            "KT_GRPC_LISTEN",
+            "KT_OLD_ENCRYPTION_KEYS",
+            "KT_CLAIM_LEASE_SECONDS",
+        ]) {
             command.env_remove(var);
         }
         command
@@ -192,7 +208,8 @@ impl ControlPlaneProcess {
             .env("KT_HEARTBEAT_SECONDS", "1")
             .env("KT_LOG_FORMAT", "json")
             .env("RUST_LOG", rust_log)
-            .env("NO_COLOR", "1");
+            .env("NO_COLOR", "1")
+            .envs(env.iter().copied());
         let (_, kill, exit, output) = spawn_kept(command, &bin)?;
         Ok(Self { name: name.to_owned(), addr, kill: Some(kill), exit, output })
     }

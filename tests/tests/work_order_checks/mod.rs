@@ -78,12 +78,17 @@ pub fn init_logs() {
 impl Stack {
     /// Database, broker with `topic`, control plane and target; no node.
     pub async fn start(topic: &str, partitions: i32) -> Stack {
+        Self::start_with(topic, partitions, ControlPlaneOptions::default()).await
+    }
+
+    /// [`Stack::start`] with a control plane started with `cp`.
+    pub async fn start_with(topic: &str, partitions: i32, cp: ControlPlaneOptions) -> Stack {
         init_logs();
         let db = TestDb::create().await.unwrap();
         let pool = db.pool().await.unwrap();
         let kafka = MockKafka::new(1).unwrap();
         kafka.create_topic(topic, partitions).unwrap();
-        let cp = TestControlPlane::start(&db, ControlPlaneOptions::default()).await.unwrap();
+        let cp = TestControlPlane::start(&db, cp).await.unwrap();
         let receiver = WebhookReceiver::start("127.0.0.1:0".parse().unwrap()).await.unwrap();
         Stack { db, pool, kafka, cp: Some(cp), receiver }
     }
