@@ -94,8 +94,8 @@ async fn test_node_killed_mid_delivery_leaves_no_duplicate_work_order() {
     assert!(!in_flight.is_empty(), "a delivery was in flight when the node was killed");
     let done_before_kill = count(&s.pool, "SELECT count(*) FROM work_orders WHERE state = 'success'").await as usize;
 
-    // A replacement node; the dead node's claims expire (webhook timeout +
-    // the lease slack) and the janitor releases them.
+    // A replacement node; the dead node's claims expire (within the claim
+    // lease, no longer renewed) and the janitor releases them.
     let _node = TestNode::start(&s.db, &s.cp().url(), |_| {}).await;
     wait_succeeded(&s.pool, trigger, produced.len()).await;
     let recovered = killed_at.elapsed();
