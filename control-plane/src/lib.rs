@@ -141,8 +141,8 @@ fn check_node_auth(config: &Config) -> anyhow::Result<()> {
 }
 
 /// How long a replica that stepped down waits for the calls of its term to
-/// finish before it stands by regardless. The port is closed and nothing
-/// is granted any more by then; what still runs is fenced in the database.
+/// finish before it closes the server and stands by regardless. Nothing is
+/// granted any more by then; what still runs is fenced in the database.
 pub const STEP_DOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Runs until `shutdown` is cancelled, in leadership terms: stands by while
@@ -229,10 +229,17 @@ async fn serve_term(
     match tokio::time::timeout(STEP_DOWN_GRACE, &mut task).await {
         Ok(result) => joined(result),
         Err(_) => {
+            // The server holds its listener until every connection has
+            // drained, so a call stuck on the database (which is often why
+            // the lock was lost) would keep the port from the next term.
+            // Dropping the server closes the listener; what those calls
+            // still do is fenced in the database.
             tracing::warn!(
                 grace_ms = STEP_DOWN_GRACE.as_millis() as u64,
-                "calls of the last term still running; standing by while they finish"
+                "calls of the last term still running after the grace; closing the server and standing by"
             );
+            task.abort();
+            let _ = task.await;
             Ok(())
         }
     }

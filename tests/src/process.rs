@@ -257,6 +257,21 @@ impl ControlPlaneProcess {
     }
 }
 
+/// A test that fails with a control plane running prints what the control
+/// plane logged: its side of the failure is otherwise lost.
+impl Drop for ControlPlaneProcess {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- control-plane {} output ---\n{}\n--- end of control-plane {} ---",
+                self.name,
+                self.output(),
+                self.name
+            );
+        }
+    }
+}
+
 type Kept = (Option<u32>, oneshot::Sender<()>, watch::Receiver<Option<ExitStatus>>, Arc<Mutex<VecDeque<String>>>);
 
 /// Spawns `command` (stdout and stderr piped) with one task owning the

@@ -80,14 +80,26 @@ pub async fn serve(
     Ok(())
 }
 
-/// The connections `listener` accepts until `stop`; the listener is dropped
-/// (its port closed) as soon as `stop` is cancelled, not after the drain.
+/// The connections `listener` accepts until `stop`. The listener lives in a
+/// task of its own and is dropped (its port closed) as soon as `stop` is
+/// cancelled: the server stops polling its incoming stream on the shutdown
+/// signal, so a listener inside the stream would stay open (and the port
+/// taken) until every connection has drained.
 fn accept_until(listener: TcpListener, stop: CancellationToken) -> impl Stream<Item = std::io::Result<TcpStream>> {
-    futures::stream::unfold((listener, stop), |(listener, stop)| async move {
-        tokio::select! {
-            biased;
-            _ = stop.cancelled() => None,
-            accepted = listener.accept() => Some((accepted.map(|(stream, _)| stream), (listener, stop))),
+    let (accepted_tx, accepted_rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                biased;
+                _ = stop.cancelled() => return,
+                accepted = listener.accept() => accepted.map(|(stream, _)| stream),
+            };
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => return,
+                sent = accepted_tx.send(accepted) => if sent.is_err() { return },
+            }
         }
-    })
+    });
+    futures::stream::unfold(accepted_rx, |mut rx| async move { rx.recv().await.map(|accepted| (accepted, rx)) })
 }
