@@ -246,6 +246,33 @@ where
     }
 }
 
+/// What the dispatch tables hold, for a test's failure message: stored
+/// messages per partition, sets by state and claim, work orders by state.
+pub async fn dispatch_report(pool: &sqlx::PgPool) -> String {
+    const QUERIES: [(&str, &str); 4] = [
+        (
+            "message_records",
+            "SELECT partition::text || ': ' || count(*) || ' up to ' || max(\"offset\") \
+             FROM message_records GROUP BY partition ORDER BY partition",
+        ),
+        ("messages", "SELECT count(*)::text FROM messages"),
+        (
+            "message_sets",
+            "SELECT state || CASE WHEN lock_id IS NULL THEN '' ELSE ' claimed' END \
+             || coalesce(' retry_at ' || (retry_at - now())::text, '') || ': ' || count(*) \
+             FROM message_sets GROUP BY 1 ORDER BY 1",
+        ),
+        ("work_orders", "SELECT state || ': ' || count(*) FROM work_orders GROUP BY state ORDER BY state"),
+    ];
+    let mut report = String::new();
+    for (table, sql) in QUERIES {
+        let rows: Result<Vec<String>, _> = sqlx::query_scalar(sql).fetch_all(pool).await;
+        let rows = rows.map_or_else(|e| e.to_string(), |rows| rows.join(", "));
+        report.push_str(&format!("\n  {table}: {rows}"));
+    }
+    report
+}
+
 /// A minimal valid trigger for tests.
 pub fn sample_trigger(name: &str, hosts: &str, topic: &str) -> kt_proto::v1::Trigger {
     kt_proto::v1::Trigger {

@@ -10,7 +10,10 @@ use kt_kafka_testing::produce::{keyed_messages, produce_to};
 use kt_proto::v1::trigger_service_client::TriggerServiceClient;
 use kt_proto::v1::*;
 use kt_tests::webhook::{Reply, WebhookReceiver};
-use kt_tests::{wait_for, workspace_binary, ControlPlaneOptions, TestControlPlane, TestDb, TestNode, TEST_NODE_TOKEN};
+use kt_tests::{
+    dispatch_report, wait_for, workspace_binary, ControlPlaneOptions, TestControlPlane, TestDb, TestNode,
+    TEST_NODE_TOKEN,
+};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -70,15 +73,17 @@ async fn test_sigterm_mid_flow_releases_claims_and_loses_nothing() {
 
     let _successor = TestNode::start(&db, &cp.url(), |_| {}).await;
     receiver.script(|_| Reply::OK);
-    wait_for("the successor finishes every message", WAIT, || async {
+    let finished = wait_for("the successor finishes every message", WAIT, || async {
         let n: i64 = sqlx::query_scalar("SELECT count(*) FROM work_orders WHERE state = 'success'")
             .fetch_one(&pool)
             .await
             .unwrap();
         (n == 600).then_some(())
     })
-    .await
-    .unwrap();
+    .await;
+    if let Err(e) = finished {
+        panic!("{e}; the database holds:{}", dispatch_report(&pool).await);
+    }
     let total: i64 = sqlx::query_scalar("SELECT count(*) FROM work_orders").fetch_one(&pool).await.unwrap();
     assert_eq!(total, 600);
     let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM message_records").fetch_one(&pool).await.unwrap();
