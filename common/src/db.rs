@@ -24,15 +24,22 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Er
         .await
 }
 
-/// A pool beside `pool`, to the same server, whose connections always use
-/// generic plans. For statements whose parameters are arrays of a round
-/// (the scheduler's claims): a custom plan for each call costs as much as
-/// running it, and the generic plan is the same plan.
+/// A pool beside `pool`, to the same server, for the hot path of dispatch
+/// (the scheduler's claims, the workers' rounds):
+///
+/// - its connections always use generic plans: the statements' parameters
+///   are the arrays of a round, a custom plan for each call costs as much as
+///   running it, and the generic plan is the same plan;
+/// - a connection is not pinged before each use: that is a round trip per
+///   statement on a path whose every statement waits on the one before. A
+///   connection that died is found by the statement instead, which fails
+///   and is retried by its caller like any other database error.
 pub fn generic_plan_pool(pool: &PgPool, max_connections: u32) -> PgPool {
     let options = pool.connect_options().as_ref().clone().options([("plan_cache_mode", "force_generic_plan")]);
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(10))
+        .test_before_acquire(false)
         .connect_lazy_with(options)
 }
 

@@ -49,6 +49,8 @@ pub struct Config {
     /// Message sets this node works on at once (see `worker/`); 0 runs no
     /// workers (an ingest-only node).
     pub workers: usize,
+    /// Connections of each of the node's two pools (ingest and the
+    /// workers'), so up to twice this in all.
     pub db_max_connections: u32,
     pub ingest: IngestSettings,
     pub dedup: DedupCleanupSettings,
@@ -152,6 +154,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     );
     let tracker = TaskTracker::new();
     let workers_cancel = CancellationToken::new();
+    // A pool of its own on generic plans: the workers' statements take the
+    // arrays of a round, and planning each call anew costs as much as
+    // running it.
+    let worker_pool = kt_common::db::generic_plan_pool(&pool, config.db_max_connections);
     let workers_task = (config.workers > 0).then(|| {
         let worker_config = WorkerConfig {
             control_plane_url: config.control_plane_url.clone(),
@@ -159,7 +165,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             node_id: config.node_id.clone(),
             capacity: config.workers as u32,
         };
-        tokio::spawn(worker::run(worker_config, pool.clone(), triggers, workers_cancel.clone()))
+        tokio::spawn(worker::run(worker_config, worker_pool.clone(), triggers, workers_cancel.clone()))
     });
     let session_cancel = CancellationToken::new();
     tracker.spawn(run_session(session_settings, supervisor, board, session_cancel.clone()));
@@ -176,6 +182,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             Err(e) => tracing::error!(error = %e, "workers panicked"),
         }
     }
+    worker_pool.close().await;
     // Stop intake; what is stored gets its offsets committed.
     supervisor_cancel.cancel();
     if let Err(e) = supervisor_task.await {

@@ -76,7 +76,8 @@ struct Args {
     #[arg(long, env = "KT_KAFKA_STATIC_MEMBERSHIP", value_enum, default_value_t = StaticMembership::Auto)]
     kafka_static_membership: StaticMembership,
 
-    /// Maximum Postgres connections of this node.
+    /// Maximum Postgres connections of each of the node's two pools
+    /// (ingest, workers).
     #[arg(long, env = "KT_DB_MAX_CONNECTIONS", default_value_t = 10)]
     db_max_connections: u32,
 

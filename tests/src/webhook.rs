@@ -4,6 +4,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,6 +29,11 @@ pub struct Delivery {
 }
 
 impl Delivery {
+    /// Whether the target answered it as a finished success (2xx, not 202).
+    pub fn succeeded(&self) -> bool {
+        succeeded(self.status)
+    }
+
     /// `request.key` of the body (a string, or null for unkeyed messages).
     pub fn key(&self) -> Option<&str> {
         self.body["request"]["key"].as_str()
@@ -69,6 +75,8 @@ pub struct WebhookReceiver {
     pub addr: SocketAddr,
     deliveries: Arc<Mutex<Vec<Delivery>>>,
     count: watch::Receiver<usize>,
+    /// Deliveries answered with [`Delivery::succeeded`], without the lock.
+    succeeded: Arc<AtomicUsize>,
     script: Arc<Mutex<Arc<Script>>>,
     failing: Arc<Failing>,
     shutdown: CancellationToken,
@@ -82,10 +90,12 @@ impl WebhookReceiver {
         let deliveries = Arc::new(Mutex::new(Vec::new()));
         let (count_tx, count) = watch::channel(0usize);
         let count_tx = Arc::new(count_tx);
+        let succeeded = Arc::new(AtomicUsize::new(0));
         let script: Arc<Mutex<Arc<Script>>> = Arc::new(Mutex::new(Arc::new(|_: &Value| Reply::OK)));
         let shutdown = CancellationToken::new();
         let failing: Arc<Failing> = Arc::default();
         let (d, s, stop, fail) = (deliveries.clone(), script.clone(), shutdown.clone(), failing.clone());
+        let ok = succeeded.clone();
         tokio::spawn(async move {
             loop {
                 let (stream, _) = tokio::select! {
@@ -95,17 +105,18 @@ impl WebhookReceiver {
                         Err(_) => continue,
                     },
                 };
-                let (d, s, count_tx, fail) = (d.clone(), s.clone(), count_tx.clone(), fail.clone());
+                let (d, s, count_tx, fail, ok) = (d.clone(), s.clone(), count_tx.clone(), fail.clone(), ok.clone());
                 tokio::spawn(async move {
                     let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-                        let (d, s, count_tx, fail) = (d.clone(), s.clone(), count_tx.clone(), fail.clone());
-                        async move { Ok::<_, Infallible>(handle(req, &d, &s, &fail, &count_tx).await) }
+                        let (d, s, fail) = (d.clone(), s.clone(), fail.clone());
+                        let counts = Counts { all: count_tx.clone(), succeeded: ok.clone() };
+                        async move { Ok::<_, Infallible>(handle(req, &d, &s, &fail, &counts).await) }
                     });
                     let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
                 });
             }
         });
-        Ok(Self { addr, deliveries, count, script, failing, shutdown })
+        Ok(Self { addr, deliveries, count, succeeded, script, failing, shutdown })
     }
 
     pub fn url(&self) -> String {
@@ -136,9 +147,14 @@ impl WebhookReceiver {
         self.deliveries.lock().unwrap().clone()
     }
 
-    /// Deliveries the target answered with 2xx.
+    /// Deliveries the target answered with 2xx (not 202).
     pub fn successes(&self) -> Vec<Delivery> {
-        self.deliveries().into_iter().filter(|d| (200..300).contains(&d.status) && d.status != 202).collect()
+        self.deliveries().into_iter().filter(Delivery::succeeded).collect()
+    }
+
+    /// How many [`WebhookReceiver::successes`] there are, without copying them.
+    pub fn success_count(&self) -> usize {
+        self.succeeded.load(Ordering::Relaxed)
     }
 
     /// Waits until at least `n` deliveries arrived.
@@ -157,12 +173,22 @@ impl Drop for WebhookReceiver {
     }
 }
 
+/// The counters a delivery bumps once it is recorded.
+struct Counts {
+    all: Arc<watch::Sender<usize>>,
+    succeeded: Arc<AtomicUsize>,
+}
+
+fn succeeded(status: u16) -> bool {
+    (200..300).contains(&status) && status != 202
+}
+
 async fn handle(
     req: Request<hyper::body::Incoming>,
     deliveries: &Mutex<Vec<Delivery>>,
     script: &Mutex<Arc<Script>>,
     failing: &Failing,
-    count: &watch::Sender<usize>,
+    counts: &Counts,
 ) -> Response<Full<Bytes>> {
     if let Some(key) = req.uri().path().strip_prefix("/failing/") {
         let key = key.to_owned();
@@ -201,7 +227,10 @@ async fn handle(
         received_at: std::time::Instant::now(),
         status: reply.status,
     });
-    count.send_modify(|c| *c += 1);
+    if succeeded(reply.status) {
+        counts.succeeded.fetch_add(1, Ordering::Relaxed);
+    }
+    counts.all.send_modify(|c| *c += 1);
     let mut resp = Response::new(Full::new(Bytes::from_static(b"{}")));
     *resp.status_mut() = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     if let Some(secs) = reply.retry_after {

@@ -173,7 +173,16 @@ async fn measure(
     );
     let before = observer.snapshot().await?;
     let started = stack::announce_sets(&stack.pool, trigger, topic, keys > 0).await?;
-    let waited = stack::wait_successes(SCENARIO, &stack.pool, trigger, n as i64 + 1, POLL, opts.timeout).await?;
+    let waited = stack::wait_successes(
+        SCENARIO,
+        &stack.pool,
+        trigger,
+        n as i64 + 1,
+        || receiver.success_count(),
+        POLL,
+        opts.timeout,
+    )
+    .await?;
     let elapsed = waited.at - started;
     Ok((waited, before, receiver, elapsed))
 }
