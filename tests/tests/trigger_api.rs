@@ -261,3 +261,62 @@ async fn test_api_token_is_required_when_configured() {
     let resp = health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.unwrap();
     assert_eq!(resp.into_inner().status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
 }
+
+/// A delete cascades into the rows a worker writes. The worker locks its set
+/// and then writes rows that share-lock the trigger row; the delete holds the
+/// trigger row and waits for the set: a deadlock, whose victim Postgres picks.
+/// When that is the delete, the control plane tries it again (before, the
+/// caller got `UNAVAILABLE` and had to retry a delete that then succeeds).
+#[tokio::test]
+async fn test_a_delete_that_loses_a_deadlock_to_a_worker_is_tried_again() {
+    let (db, cp) = setup(ControlPlaneOptions::default()).await;
+    let pool = db.pool().await.unwrap();
+    let mut client = TriggerServiceClient::new(cp.channel().await.unwrap());
+    let created = client.create_trigger(create(sample_trigger("doomed", "b:9092", "t"))).await.unwrap().into_inner();
+    let trigger = uuid::Uuid::parse_str(&created.id).unwrap();
+    let set_id: i64 =
+        sqlx::query_scalar("INSERT INTO message_sets (trigger_id, topic, key) VALUES ($1, 't', 'k') RETURNING id")
+            .bind(trigger)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+
+    // The worker holds its set; its own deadlock check comes late, so the
+    // delete's finds the cycle first and is the victim.
+    let mut worker = pool.begin().await.unwrap();
+    sqlx::query("SET LOCAL deadlock_timeout = '30s'").execute(&mut *worker).await.unwrap();
+    sqlx::query("SELECT 1 FROM message_sets WHERE id = $1 FOR NO KEY UPDATE")
+        .bind(set_id)
+        .execute(&mut *worker)
+        .await
+        .unwrap();
+    let id = created.id.clone();
+    let delete = tokio::spawn(async move { client.delete_trigger(DeleteTriggerRequest { id }).await });
+    kt_tests::wait_for("the delete waiting for the set row", std::time::Duration::from_secs(30), || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE 'DELETE FROM triggers%'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        (waiting > 0).then_some(())
+    })
+    .await
+    .unwrap();
+    // A write that share-locks the trigger row (its foreign key): the cycle.
+    sqlx::query("INSERT INTO message_sets (trigger_id, topic, key) VALUES ($1, 't', 'k2')")
+        .bind(trigger)
+        .execute(&mut *worker)
+        .await
+        .expect("the delete, not the worker, is the deadlock's victim");
+    worker.commit().await.unwrap();
+
+    delete.await.unwrap().expect("the delete is tried again and succeeds");
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM message_sets WHERE trigger_id = $1")
+        .bind(trigger)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "the retried delete cascaded over the worker's rows too");
+}

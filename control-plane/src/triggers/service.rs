@@ -2,7 +2,11 @@
 //! event in one transaction, then tell the assignment loop that the desired
 //! state changed.
 
+use std::time::Duration;
+
+use kt_common::backoff::Backoff;
 use kt_common::crypto::Keyring;
+use kt_common::db::{classify, DbErrorKind};
 use kt_common::trigger::{spec_to_proto, validate_trigger, TriggerSecrets, ValidatedTrigger};
 use kt_proto::v1;
 use serde_json::json;
@@ -19,6 +23,10 @@ pub const MAX_PAGE_SIZE: i64 = 1_000;
 
 /// Triggers re-encrypted per listing round of [`TriggerService::rotate_keys`].
 const ROTATE_BATCH: i64 = 500;
+/// Attempts of a trigger delete that lost a deadlock (see
+/// [`TriggerService::delete`]), and the pause between them.
+const DELETE_TRIES: u32 = 5;
+const DELETE_RETRY: Backoff = Backoff::new(Duration::from_millis(20), Duration::from_millis(500));
 
 /// What [`TriggerService::rotate_keys`] did.
 #[derive(Debug, Default)]
@@ -157,7 +165,26 @@ impl TriggerService {
         Ok(row)
     }
 
+    /// Deletes a trigger and, by cascade, its sets, work orders and stored
+    /// messages. A worker may be writing those rows (it locks its set,
+    /// then inserts a work order, which share-locks the trigger row), so
+    /// Postgres may pick the delete as the victim of a deadlock: the
+    /// transaction is then tried again, up to [`DELETE_TRIES`] times.
     pub async fn delete(&self, id: Uuid) -> Result<(), TriggerError> {
+        let mut tries = 1;
+        loop {
+            match self.delete_once(id).await {
+                Err(TriggerError::Database(e)) if classify(&e) == DbErrorKind::Retryable && tries < DELETE_TRIES => {
+                    tracing::info!(trigger_id = %id, error = %e, "trigger delete conflicted with a worker; trying again");
+                    tokio::time::sleep(DELETE_RETRY.delay(tries)).await;
+                    tries += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn delete_once(&self, id: Uuid) -> Result<(), TriggerError> {
         let mut tx = self.pool.begin().await?;
         let name = store::delete(&mut tx, id).await?.ok_or(TriggerError::NotFound(id))?;
         events::record(&mut *tx, EventKind::TriggerDeleted, Some(id), None, json!({"name": name})).await?;
