@@ -26,6 +26,9 @@ const SCENARIO: &str = "latency";
 /// Messages sent (and awaited) before measuring: the pipeline has joined its
 /// group and the workers know the trigger.
 pub(super) const WARM_UP_MESSAGES: usize = 20;
+/// The producer sends every message at once: at 500 msg/s, latency is
+/// measured without any batching in front of the broker.
+const PRODUCER_LINGER_MS: u32 = 0;
 const WARM_UP_TIMEOUT: Duration = Duration::from_secs(120);
 
 pub async fn run(opts: &Options) -> anyhow::Result<Value> {
@@ -36,7 +39,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Value> {
 
     let limits = Limits::measure(SCENARIO, opts).await;
     let Pipeline { broker, topic, stack, receiver, trigger, producer, opts } =
-        Pipeline::start(SCENARIO, "latency", opts).await?;
+        Pipeline::start(SCENARIO, "latency", opts, PRODUCER_LINGER_MS).await?;
     let opts = &opts;
     let workers = stack.workers;
 
@@ -86,6 +89,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Value> {
     );
     o.insert("partitions".into(), opts.partitions.into());
     o.insert("broker".into(), broker.describe().into());
+    o.insert("producer_linger_ms".into(), PRODUCER_LINGER_MS.into());
     Ok(with_memory(o))
 }
 
@@ -106,8 +110,9 @@ pub(super) struct Pipeline {
 impl Pipeline {
     /// Starts everything and waits until [`WARM_UP_MESSAGES`] were
     /// delivered: the pipeline has joined its group and the workers know
-    /// the trigger. The receiver's count includes them.
-    pub(super) async fn start(scenario: &str, name: &str, opts: &Options) -> anyhow::Result<Self> {
+    /// the trigger. The receiver's count includes them. The producer
+    /// lingers `linger_ms` to batch (`linger.ms`).
+    pub(super) async fn start(scenario: &str, name: &str, opts: &Options, linger_ms: u32) -> anyhow::Result<Self> {
         let broker = Broker::start(opts.brokers.as_deref())?;
         let topic = broker.create_topic(name, opts.partitions).await?;
         let opts = mock_compensation(opts, &broker);
@@ -122,20 +127,32 @@ impl Pipeline {
             stack.workers
         );
 
-        // Latency counts from the hand-over to the producer, so the producer
-        // sends at once instead of lingering to batch.
+        // Latency counts from the hand-over to the producer, so the linger
+        // (if any) is part of what is measured.
         let mut config = kt_kafka_testing::producer_config(&broker.bootstrap_servers());
-        config.set("linger.ms", "0");
+        config.set("linger.ms", linger_ms.to_string());
         let producer: FutureProducer = config.create().context("failed to create the producer")?;
 
-        let warm = (0..WARM_UP_MESSAGES).map(|i| TestMessage::new(r#"{"warm_up":true}"#).key(format!("warm-up-{i}")));
-        kt_kafka_testing::produce(&producer, &topic, warm).await?;
-        receiver
-            .wait_for_deliveries(WARM_UP_MESSAGES, WARM_UP_TIMEOUT)
-            .await
-            .context("warm-up messages were not delivered (does ingest mark sets ready and are workers running?)")?;
+        warm_up(&producer, &topic, &receiver, 0).await?;
         Ok(Self { broker, topic, stack, receiver, trigger, producer, opts })
     }
+}
+
+/// Produces [`WARM_UP_MESSAGES`] to `topic` and waits until the target
+/// received them after the `before` deliveries it had: the trigger's
+/// pipeline has joined its group and the workers know the trigger.
+pub(super) async fn warm_up(
+    producer: &FutureProducer,
+    topic: &str,
+    receiver: &WebhookReceiver,
+    before: usize,
+) -> anyhow::Result<()> {
+    let warm = (0..WARM_UP_MESSAGES).map(|i| TestMessage::new(r#"{"warm_up":true}"#).key(format!("warm-up-{i}")));
+    kt_kafka_testing::produce(producer, topic, warm).await?;
+    receiver
+        .wait_for_deliveries(before + WARM_UP_MESSAGES, WARM_UP_TIMEOUT)
+        .await
+        .context("warm-up messages were not delivered (does ingest mark sets ready and are workers running?)")
 }
 
 /// librdkafka's mock broker answers a fetch that found no data only after
