@@ -258,9 +258,10 @@ pub async fn dispatch_report(pool: &sqlx::PgPool) -> String {
         ("messages", "SELECT count(*)::text FROM messages"),
         (
             "message_sets",
-            "SELECT state || CASE WHEN lock_id IS NULL THEN '' ELSE ' claimed' END \
-             || coalesce(' retry_at ' || (retry_at - now())::text, '') || ': ' || count(*) \
-             FROM message_sets GROUP BY 1 ORDER BY 1",
+            "SELECT s || ': ' || count(*) FROM \
+               (SELECT state || CASE WHEN lock_id IS NULL THEN '' ELSE ' claimed' END \
+                       || coalesce(' retry in ' || (retry_at - now())::text, '') AS s FROM message_sets) k \
+             GROUP BY s ORDER BY s",
         ),
         ("work_orders", "SELECT state || ': ' || count(*) FROM work_orders GROUP BY state ORDER BY state"),
     ];
@@ -271,6 +272,52 @@ pub async fn dispatch_report(pool: &sqlx::PgPool) -> String {
         report.push_str(&format!("\n  {table}: {rows}"));
     }
     report
+}
+
+/// What the broker knows of `group` on `topic`: its members, and each
+/// partition's committed offset and high watermark, for a test's failure
+/// message.
+pub fn group_report(bootstrap_servers: &str, group: &str, topic: &str, partitions: i32) -> String {
+    use rdkafka::consumer::{BaseConsumer, Consumer as _};
+    use rdkafka::TopicPartitionList;
+    let timeout = Duration::from_secs(5);
+    let consumer: BaseConsumer = match kt_kafka_testing::consumer_config(bootstrap_servers, group).create() {
+        Ok(c) => c,
+        Err(e) => return format!("\n  (no consumer: {e})"),
+    };
+    let mut report = String::new();
+    match consumer.fetch_group_list(Some(group), timeout) {
+        Ok(list) => {
+            for g in list.groups() {
+                let members: Vec<&str> = g.members().iter().map(|m| m.client_id()).collect();
+                report.push_str(&format!("\n  group {} ({}): members {members:?}", g.name(), g.state()));
+            }
+        }
+        Err(e) => report.push_str(&format!("\n  group: {e}")),
+    }
+    let mut query = TopicPartitionList::new();
+    for p in 0..partitions {
+        query.add_partition(topic, p);
+    }
+    let committed = consumer.committed_offsets(query, timeout);
+    for p in 0..partitions {
+        let at = committed
+            .as_ref()
+            .map(|c| c.find_partition(topic, p).map(|e| format!("{:?}", e.offset())).unwrap_or_default())
+            .unwrap_or_else(|e| e.to_string());
+        let watermarks = consumer.fetch_watermarks(topic, p, timeout);
+        report.push_str(&format!("\n  {topic}/{p}: committed {at}, watermarks {watermarks:?}"));
+    }
+    report
+}
+
+/// Captures the logs of in-process planes for the test harness, which
+/// shows them only for a test that fails (`filter` as in `RUST_LOG`).
+pub fn capture_logs(filter: &str) {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_test_writer()
+        .try_init();
 }
 
 /// A minimal valid trigger for tests.

@@ -11,14 +11,17 @@ use kt_proto::v1::trigger_service_client::TriggerServiceClient;
 use kt_proto::v1::*;
 use kt_tests::webhook::{Reply, WebhookReceiver};
 use kt_tests::{
-    dispatch_report, wait_for, workspace_binary, ControlPlaneOptions, TestControlPlane, TestDb, TestNode,
-    TEST_NODE_TOKEN,
+    capture_logs, dispatch_report, group_report, wait_for, workspace_binary, ControlPlaneOptions, TestControlPlane,
+    TestDb, TestNode, TEST_NODE_TOKEN,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
 
 #[tokio::test]
 async fn test_sigterm_mid_flow_releases_claims_and_loses_nothing() {
+    // Shown only if the test fails: what both nodes did with the partitions.
+    const NODE_LOG: &str = "warn,kt_data_plane=info,kt_control_plane=info";
+    capture_logs(NODE_LOG);
     let db = TestDb::create().await.unwrap();
     let pool = db.pool().await.unwrap();
     let kafka = MockKafka::new(1).unwrap();
@@ -28,13 +31,17 @@ async fn test_sigterm_mid_flow_releases_claims_and_loses_nothing() {
     // Slow enough that deliveries are in flight when the signal comes.
     receiver.script(|_| Reply { delay: Some(Duration::from_millis(50)), ..Reply::OK });
 
+    let node_log = std::env::temp_dir().join(format!("kt-shutdown-{}.log", uuid::Uuid::new_v4().simple()));
+    let log_file = std::fs::File::create(&node_log).unwrap();
     let mut node = tokio::process::Command::new(workspace_binary("data-plane").unwrap())
         .env("DATABASE_URL", &db.url)
         .env("KT_CONTROL_PLANE_URL", cp.url())
         .env("KT_NODE_TOKEN", TEST_NODE_TOKEN)
         .env("KT_WORKERS", "8")
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", NODE_LOG)
         .stdin(Stdio::null())
+        .stdout(log_file.try_clone().unwrap())
+        .stderr(log_file)
         .kill_on_drop(true)
         .spawn()
         .unwrap();
@@ -51,7 +58,8 @@ async fn test_sigterm_mid_flow_releases_claims_and_loses_nothing() {
         webhook: Some(WebhookTarget { url: receiver.url(), ..Default::default() }),
         ..Default::default()
     };
-    triggers.create_trigger(CreateTriggerRequest { trigger: Some(trigger) }).await.unwrap();
+    let created = triggers.create_trigger(CreateTriggerRequest { trigger: Some(trigger) }).await.unwrap().into_inner();
+    let group = created.kafka.map(|k| k.group_id).unwrap_or_default();
     produce_to(&kafka.bootstrap_servers(), "graceful", keyed_messages(600, 30)).await.unwrap();
     receiver.wait_for_deliveries(40, WAIT).await.unwrap();
 
@@ -82,8 +90,14 @@ async fn test_sigterm_mid_flow_releases_claims_and_loses_nothing() {
     })
     .await;
     if let Err(e) = finished {
-        panic!("{e}; the database holds:{}", dispatch_report(&pool).await);
+        let first_node = std::fs::read_to_string(&node_log).unwrap_or_default();
+        panic!(
+            "{e}; the database holds:{}\nthe broker:{}\nthe first node's log:\n{first_node}",
+            dispatch_report(&pool).await,
+            group_report(&kafka.bootstrap_servers(), &group, "graceful", 3),
+        );
     }
+    let _ = std::fs::remove_file(&node_log);
     let total: i64 = sqlx::query_scalar("SELECT count(*) FROM work_orders").fetch_one(&pool).await.unwrap();
     assert_eq!(total, 600);
     let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM message_records").fetch_one(&pool).await.unwrap();

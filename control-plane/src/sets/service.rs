@@ -21,6 +21,7 @@
 use std::fmt;
 
 use chrono::{DateTime, SecondsFormat, Utc};
+use kt_common::dispatch::{SetState as Stored, WorkOrderState};
 use serde_json::json;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -45,13 +46,15 @@ pub enum SetState {
 }
 
 impl SetState {
+    /// The operator's view of a stored state: a claimed ready or waiting
+    /// set is in flight.
     fn of(stored: &str, claimed: bool) -> Self {
-        match stored {
-            "ready" | "waiting" if claimed => SetState::InFlight,
-            "ready" => SetState::Ready,
-            "waiting" => SetState::Waiting,
-            "blocked" => SetState::Blocked,
-            _ => SetState::Idle,
+        match Stored::parse(stored) {
+            Some(Stored::Ready | Stored::Waiting) if claimed => SetState::InFlight,
+            Some(Stored::Ready) => SetState::Ready,
+            Some(Stored::Waiting) => SetState::Waiting,
+            Some(Stored::Blocked) => SetState::Blocked,
+            Some(Stored::Idle) | None => SetState::Idle,
         }
     }
 
@@ -113,13 +116,14 @@ fn rfc3339(t: DateTime<Utc>) -> String {
 fn reason(row: &SetRow, state: SetState) -> String {
     let attempts = row.wo_attempts.unwrap_or(0);
     let error = row.wo_last_error.as_deref().unwrap_or("no error recorded");
-    match (state, row.wo_id, row.wo_state.as_deref()) {
-        (SetState::Blocked, Some(wo), Some("failed")) => {
+    let wo_state = row.wo_state.as_deref().map(|s| (s, WorkOrderState::parse(s)));
+    match (state, row.wo_id, wo_state) {
+        (SetState::Blocked, Some(wo), Some((_, Some(WorkOrderState::Failed)))) => {
             format!("work order {wo} failed after {attempts} attempt(s): {error}")
         }
-        (SetState::Blocked, Some(wo), Some(wo_state)) => format!("blocked on work order {wo} ({wo_state})"),
+        (SetState::Blocked, Some(wo), Some((wo_state, _))) => format!("blocked on work order {wo} ({wo_state})"),
         (SetState::Blocked, _, _) => "blocked; the head message has no work order yet".into(),
-        (SetState::Waiting, Some(wo), Some("running")) => {
+        (SetState::Waiting, Some(wo), Some((_, Some(WorkOrderState::Running)))) => {
             format!("work order {wo} was accepted by the target; waiting for CompleteWorkOrder")
         }
         (SetState::Waiting, Some(wo), _) => match row.retry_at {
@@ -182,19 +186,27 @@ impl SetService {
         let mut rows = match query.filter {
             SetFilter::Only(SetState::InFlight) => store::list_claimed(&self.pool, trigger, after, fetch).await?,
             SetFilter::Active => {
-                store::list_in_states(&self.pool, trigger, &["ready", "waiting", "blocked"], true, after, fetch).await?
+                store::list_in_states(
+                    &self.pool,
+                    trigger,
+                    &[Stored::Ready, Stored::Waiting, Stored::Blocked],
+                    true,
+                    after,
+                    fetch,
+                )
+                .await?
             }
             SetFilter::Only(SetState::Ready) => {
-                store::list_in_states(&self.pool, trigger, &["ready"], false, after, fetch).await?
+                store::list_in_states(&self.pool, trigger, &[Stored::Ready], false, after, fetch).await?
             }
             SetFilter::Only(SetState::Waiting) => {
-                store::list_in_states(&self.pool, trigger, &["waiting"], false, after, fetch).await?
+                store::list_in_states(&self.pool, trigger, &[Stored::Waiting], false, after, fetch).await?
             }
             SetFilter::Only(SetState::Blocked) => {
-                store::list_in_states(&self.pool, trigger, &["blocked"], true, after, fetch).await?
+                store::list_in_states(&self.pool, trigger, &[Stored::Blocked], true, after, fetch).await?
             }
             SetFilter::Only(SetState::Idle) => {
-                store::list_in_states(&self.pool, trigger, &["idle"], true, after, fetch).await?
+                store::list_in_states(&self.pool, trigger, &[Stored::Idle], true, after, fetch).await?
             }
         };
         let next = if rows.len() as i64 > limit {

@@ -80,7 +80,7 @@ pub async fn get(db: impl PgExecutor<'_>, id: i64) -> Result<Option<SetRow>, sql
 pub async fn list_in_states(
     db: impl PgExecutor<'_>,
     trigger: Option<Uuid>,
-    states: &[&str],
+    states: &[kt_common::dispatch::SetState],
     with_live_claims: bool,
     after: i64,
     limit: i64,
@@ -93,6 +93,7 @@ pub async fn list_in_states(
                            AND ($5::boolean OR ms.lock_id IS NULL OR ms.lock_expires <= now())
                          ORDER BY ms.id LIMIT $4) p
                   ORDER BY p.id LIMIT $4";
+    let states: Vec<&str> = states.iter().map(|s| s.as_str()).collect();
     sqlx::query_as(&with_details(source))
         .bind(trigger)
         .bind(states)

@@ -20,6 +20,7 @@
 //! UNAVAILABLE, so the runner reports again.
 
 use chrono::Utc;
+use kt_common::dispatch::SetState;
 use serde_json::json;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -133,7 +134,7 @@ impl WorkOrderService {
             sets::store::delete_message(&mut tx, row.trigger_id, &row.topic, row.partition, row.offset).await?;
             events::record(&mut *tx, EventKind::WorkOrderSucceeded, Some(row.trigger_id), None, details).await?;
             // A set blocked on another work order stays blocked.
-            if let Some(set) = set.as_ref().filter(|s| s.state != "blocked") {
+            if let Some(set) = set.as_ref().filter(|s| s.state != SetState::Blocked.as_str()) {
                 sets::store::mark_ready(&mut tx, set.id).await?;
                 ready = Some((set.id, set.trigger_id));
             }
