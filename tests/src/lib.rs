@@ -247,9 +247,10 @@ where
 }
 
 /// What the dispatch tables hold, for a test's failure message: stored
-/// messages per partition, sets by state and claim, work orders by state.
+/// messages per partition, sets by state and claim, work orders by state,
+/// and the database's sessions that are in a transaction or waiting.
 pub async fn dispatch_report(pool: &sqlx::PgPool) -> String {
-    const QUERIES: [(&str, &str); 4] = [
+    const QUERIES: [(&str, &str); 5] = [
         (
             "message_records",
             "SELECT partition::text || ': ' || count(*) || ' up to ' || max(\"offset\") \
@@ -264,6 +265,16 @@ pub async fn dispatch_report(pool: &sqlx::PgPool) -> String {
              GROUP BY s ORDER BY s",
         ),
         ("work_orders", "SELECT state || ': ' || count(*) FROM work_orders GROUP BY state ORDER BY state"),
+        // Sessions in a transaction or waiting: a stuck lock holder shows here.
+        (
+            "sessions",
+            "SELECT '\n    ' || state || coalesce(' waiting on ' || wait_event_type || '/' || wait_event, '') \
+                    || ' for ' || coalesce((now() - xact_start)::text, '-') || ': ' \
+                    || left(regexp_replace(query, '\\s+', ' ', 'g'), 100) \
+               FROM pg_stat_activity \
+              WHERE datname = current_database() AND pid <> pg_backend_pid() AND state <> 'idle' \
+              ORDER BY xact_start",
+        ),
     ];
     let mut report = String::new();
     for (table, sql) in QUERIES {
