@@ -154,9 +154,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     );
     let tracker = TaskTracker::new();
     let workers_cancel = CancellationToken::new();
-    // A pool of its own on generic plans: the workers' statements take the
-    // arrays of a round, and planning each call anew costs as much as
-    // running it.
+    // The workers' rounds get a pool of their own, tuned for dispatch.
     let worker_pool = kt_common::db::generic_plan_pool(&pool, config.db_max_connections);
     let workers_task = (config.workers > 0).then(|| {
         let worker_config = WorkerConfig {

@@ -75,8 +75,7 @@ pub struct WebhookReceiver {
     pub addr: SocketAddr,
     deliveries: Arc<Mutex<Vec<Delivery>>>,
     count: watch::Receiver<usize>,
-    /// Deliveries answered with [`Delivery::succeeded`], without the lock.
-    succeeded: Arc<AtomicUsize>,
+    counts: Arc<Counts>,
     script: Arc<Mutex<Arc<Script>>>,
     failing: Arc<Failing>,
     shutdown: CancellationToken,
@@ -88,14 +87,13 @@ impl WebhookReceiver {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let deliveries = Arc::new(Mutex::new(Vec::new()));
-        let (count_tx, count) = watch::channel(0usize);
-        let count_tx = Arc::new(count_tx);
-        let succeeded = Arc::new(AtomicUsize::new(0));
+        let (all, count) = watch::channel(0usize);
+        let counts = Arc::new(Counts { all, succeeded: AtomicUsize::new(0) });
         let script: Arc<Mutex<Arc<Script>>> = Arc::new(Mutex::new(Arc::new(|_: &Value| Reply::OK)));
         let shutdown = CancellationToken::new();
         let failing: Arc<Failing> = Arc::default();
-        let (d, s, stop, fail) = (deliveries.clone(), script.clone(), shutdown.clone(), failing.clone());
-        let ok = succeeded.clone();
+        let (d, s, stop, fail, c) =
+            (deliveries.clone(), script.clone(), shutdown.clone(), failing.clone(), counts.clone());
         tokio::spawn(async move {
             loop {
                 let (stream, _) = tokio::select! {
@@ -105,18 +103,17 @@ impl WebhookReceiver {
                         Err(_) => continue,
                     },
                 };
-                let (d, s, count_tx, fail, ok) = (d.clone(), s.clone(), count_tx.clone(), fail.clone(), ok.clone());
+                let (d, s, fail, c) = (d.clone(), s.clone(), fail.clone(), c.clone());
                 tokio::spawn(async move {
                     let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-                        let (d, s, fail) = (d.clone(), s.clone(), fail.clone());
-                        let counts = Counts { all: count_tx.clone(), succeeded: ok.clone() };
-                        async move { Ok::<_, Infallible>(handle(req, &d, &s, &fail, &counts).await) }
+                        let (d, s, fail, c) = (d.clone(), s.clone(), fail.clone(), c.clone());
+                        async move { Ok::<_, Infallible>(handle(req, &d, &s, &fail, &c).await) }
                     });
                     let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
                 });
             }
         });
-        Ok(Self { addr, deliveries, count, succeeded, script, failing, shutdown })
+        Ok(Self { addr, deliveries, count, counts, script, failing, shutdown })
     }
 
     pub fn url(&self) -> String {
@@ -154,7 +151,7 @@ impl WebhookReceiver {
 
     /// How many [`WebhookReceiver::successes`] there are, without copying them.
     pub fn success_count(&self) -> usize {
-        self.succeeded.load(Ordering::Relaxed)
+        self.counts.succeeded.load(Ordering::Relaxed)
     }
 
     /// Waits until at least `n` deliveries arrived.
@@ -173,10 +170,12 @@ impl Drop for WebhookReceiver {
     }
 }
 
-/// The counters a delivery bumps once it is recorded.
+/// The counters a delivery bumps once it is recorded: every delivery (to
+/// wait on), and those answered with [`Delivery::succeeded`] (read without
+/// the deliveries' lock).
 struct Counts {
-    all: Arc<watch::Sender<usize>>,
-    succeeded: Arc<AtomicUsize>,
+    all: watch::Sender<usize>,
+    succeeded: AtomicUsize,
 }
 
 fn succeeded(status: u16) -> bool {

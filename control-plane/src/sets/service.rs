@@ -183,30 +183,20 @@ impl SetService {
         };
         let trigger = query.trigger_id;
         let fetch = limit + 1;
-        let mut rows = match query.filter {
-            SetFilter::Only(SetState::InFlight) => store::list_claimed(&self.pool, trigger, after, fetch).await?,
-            SetFilter::Active => {
-                store::list_in_states(
-                    &self.pool,
-                    trigger,
-                    &[Stored::Ready, Stored::Waiting, Stored::Blocked],
-                    true,
-                    after,
-                    fetch,
-                )
-                .await?
-            }
-            SetFilter::Only(SetState::Ready) => {
-                store::list_in_states(&self.pool, trigger, &[Stored::Ready], false, after, fetch).await?
-            }
-            SetFilter::Only(SetState::Waiting) => {
-                store::list_in_states(&self.pool, trigger, &[Stored::Waiting], false, after, fetch).await?
-            }
-            SetFilter::Only(SetState::Blocked) => {
-                store::list_in_states(&self.pool, trigger, &[Stored::Blocked], true, after, fetch).await?
-            }
-            SetFilter::Only(SetState::Idle) => {
-                store::list_in_states(&self.pool, trigger, &[Stored::Idle], true, after, fetch).await?
+        // Which stored states a filter lists, and whether sets a worker
+        // holds are included; the sets in flight come from the claims.
+        let by_state: Option<(&[Stored], bool)> = match query.filter {
+            SetFilter::Only(SetState::InFlight) => None,
+            SetFilter::Active => Some((&[Stored::Ready, Stored::Waiting, Stored::Blocked], true)),
+            SetFilter::Only(SetState::Ready) => Some((&[Stored::Ready], false)),
+            SetFilter::Only(SetState::Waiting) => Some((&[Stored::Waiting], false)),
+            SetFilter::Only(SetState::Blocked) => Some((&[Stored::Blocked], true)),
+            SetFilter::Only(SetState::Idle) => Some((&[Stored::Idle], true)),
+        };
+        let mut rows = match by_state {
+            None => store::list_claimed(&self.pool, trigger, after, fetch).await?,
+            Some((states, with_live_claims)) => {
+                store::list_in_states(&self.pool, trigger, states, with_live_claims, after, fetch).await?
             }
         };
         let next = if rows.len() as i64 > limit {

@@ -81,16 +81,8 @@ async fn measure(
     let stored = stack::store_messages(&stack.pool, trigger, topic, backlog, keys, opts.partitions).await?;
     progress!(SCENARIO, "{backlog}: stored in {:.2}s; announcing", stored.load_time.as_secs_f64());
     let started = stack::announce_sets(&stack.pool, trigger, topic, true).await?;
-    let done = stack::wait_successes(
-        SCENARIO,
-        &stack.pool,
-        trigger,
-        sample as i64 + 1,
-        || receiver.success_count(),
-        POLL,
-        opts.timeout,
-    )
-    .await;
+    let done =
+        stack::wait_successes(SCENARIO, &stack.pool, trigger, sample as i64 + 1, &receiver, POLL, opts.timeout).await;
     stack.stop().await;
     let elapsed = done?.at - started;
     let per_msg_us = elapsed.as_secs_f64() * 1e6 / sample as f64;

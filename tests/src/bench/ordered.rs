@@ -173,16 +173,8 @@ async fn measure(
     );
     let before = observer.snapshot().await?;
     let started = stack::announce_sets(&stack.pool, trigger, topic, keys > 0).await?;
-    let waited = stack::wait_successes(
-        SCENARIO,
-        &stack.pool,
-        trigger,
-        n as i64 + 1,
-        || receiver.success_count(),
-        POLL,
-        opts.timeout,
-    )
-    .await?;
+    let waited =
+        stack::wait_successes(SCENARIO, &stack.pool, trigger, n as i64 + 1, &receiver, POLL, opts.timeout).await?;
     let elapsed = waited.at - started;
     Ok((waited, before, receiver, elapsed))
 }

@@ -13,6 +13,8 @@ use sqlx::PgPool;
 use tonic::transport::Channel;
 use uuid::Uuid;
 
+use crate::webhook::WebhookReceiver;
+
 use super::copy::{self, Row, Table};
 use super::Options;
 use crate::{ControlPlaneOptions, TestControlPlane, TestDb, TestNode};
@@ -188,7 +190,7 @@ pub struct Waited {
 
 /// Waits until `target` work orders of `trigger` succeeded, printing
 /// progress; returns when (the poll that saw it). Progress is read from
-/// `delivered` (the target's count of successful POSTs, free to read) every
+/// `receiver` (its count of successful POSTs, free to read) every
 /// `interval`; the database is counted only once that reached `target`, so
 /// the wait adds no load to the path it measures until the very end.
 pub async fn wait_successes(
@@ -196,7 +198,7 @@ pub async fn wait_successes(
     pool: &PgPool,
     trigger: Uuid,
     target: i64,
-    delivered: impl Fn() -> usize,
+    receiver: &WebhookReceiver,
     interval: Duration,
     timeout: Duration,
 ) -> anyhow::Result<Waited> {
@@ -204,7 +206,7 @@ pub async fn wait_successes(
     let mut last_print = Instant::now();
     let mut polls = 0;
     loop {
-        let posted = delivered() as i64;
+        let posted = receiver.success_count() as i64;
         if posted >= target {
             polls += 1;
             if successes(pool, trigger).await? >= target {
