@@ -105,6 +105,7 @@ fn assignment(plan_version: i64, triggers: &[&v1::Trigger]) -> Result<ControlMes
         msg: Some(control_message::Msg::Assignment(Assignment {
             plan_version,
             pipelines: triggers.iter().map(|t| PipelineSpec { trigger: Some((*t).clone()) }).collect(),
+            ..Default::default()
         })),
     })
 }
@@ -133,6 +134,32 @@ fn supervisor(
     spawn_supervisor(env, cancel.clone())
 }
 
+/// A node's session and pipeline supervisor, running against a fake
+/// control plane.
+struct SessionUnderTest {
+    supervisor: SupervisorHandle,
+    cancel: CancellationToken,
+    session: tokio::task::JoinHandle<()>,
+    supervisor_task: tokio::task::JoinHandle<()>,
+}
+
+impl SessionUnderTest {
+    fn start(db: &TestDb, url: &str, token: &str) -> Self {
+        let board = StatusBoard::new();
+        let cancel = CancellationToken::new();
+        let (supervisor, supervisor_task) = supervisor(db, &board, &cancel);
+        let settings = session_settings(url, token);
+        let session = tokio::spawn(run_session(settings, supervisor.clone(), board, cancel.clone()));
+        Self { supervisor, cancel, session, supervisor_task }
+    }
+
+    async fn stop(self) {
+        self.cancel.cancel();
+        tokio::time::timeout(T, self.session).await.unwrap().unwrap();
+        tokio::time::timeout(T, self.supervisor_task).await.unwrap().unwrap();
+    }
+}
+
 fn invalid_trigger(id: Uuid) -> v1::Trigger {
     let mut t = trigger_proto(id, 1, "127.0.0.1:9092", &["a"], "g");
     t.kafka.as_mut().unwrap().hosts.clear();
@@ -143,10 +170,7 @@ fn invalid_trigger(id: Uuid) -> v1::Trigger {
 async fn test_session_says_hello_and_applies_only_newer_assignments() {
     let db = TestDb::new().await;
     let (url, mut seen) = fake_control_plane("s3cret").await;
-    let board = StatusBoard::new();
-    let cancel = CancellationToken::new();
-    let (sup, sup_task) = supervisor(&db, &board, &cancel);
-    let session = tokio::spawn(run_session(session_settings(&url, "s3cret"), sup, board, cancel.clone()));
+    let node = SessionUnderTest::start(&db, &url, "s3cret");
 
     let to_node = match next(&mut seen).await {
         Seen::Connected { authorization, to_node } => {
@@ -183,10 +207,39 @@ async fn test_session_says_hello_and_applies_only_newer_assignments() {
         _ => None,
     })
     .await;
-    cancel.cancel();
-    tokio::time::timeout(T, session).await.unwrap().unwrap();
-    tokio::time::timeout(T, sup_task).await.unwrap().unwrap();
+    node.stop().await;
     next_matching(&mut seen, |s| matches!(s, Seen::Disconnected).then_some(())).await;
+    db.drop().await;
+}
+
+/// A plan too large for one message comes in parts; the node applies the
+/// union of the parts once the last is in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_a_plan_in_parts_is_applied_whole() {
+    let db = TestDb::new().await;
+    let (url, mut seen) = fake_control_plane("s3cret").await;
+    let node = SessionUnderTest::start(&db, &url, "s3cret");
+    let to_node = next_matching(&mut seen, |s| match s {
+        Seen::Connected { to_node, .. } => Some(to_node.clone()),
+        _ => None,
+    })
+    .await;
+
+    let (t1, t2) = (Uuid::now_v7(), Uuid::now_v7());
+    for (part, id) in [(0, t1), (1, t2)] {
+        let spec = PipelineSpec { trigger: Some(invalid_trigger(id)) };
+        let msg = Assignment { plan_version: 3, pipelines: vec![spec], part, parts: 2 };
+        to_node.send(Ok(ControlMessage { msg: Some(control_message::Msg::Assignment(msg)) })).await.unwrap();
+    }
+    let mut failed = std::collections::BTreeSet::new();
+    while failed.len() < 2 {
+        let report = next_matching(&mut seen, report_of).await;
+        assert_eq!(report.state(), PipelineState::Failed, "{report:?}");
+        failed.insert(report.trigger_id);
+    }
+    assert_eq!(failed, [t1.to_string(), t2.to_string()].into());
+
+    node.stop().await;
     db.drop().await;
 }
 
@@ -194,16 +247,11 @@ async fn test_session_says_hello_and_applies_only_newer_assignments() {
 async fn test_session_retries_a_refused_token() {
     let db = TestDb::new().await;
     let (url, mut seen) = fake_control_plane("right").await;
-    let board = StatusBoard::new();
-    let cancel = CancellationToken::new();
-    let (sup, sup_task) = supervisor(&db, &board, &cancel);
-    let session = tokio::spawn(run_session(session_settings(&url, "wrong"), sup, board, cancel.clone()));
+    let node = SessionUnderTest::start(&db, &url, "wrong");
     for _ in 0..3 {
         assert!(matches!(next(&mut seen).await, Seen::Rejected));
     }
-    cancel.cancel();
-    tokio::time::timeout(T, session).await.unwrap().unwrap();
-    tokio::time::timeout(T, sup_task).await.unwrap().unwrap();
+    node.stop().await;
     db.drop().await;
 }
 
@@ -216,10 +264,7 @@ async fn test_pipelines_keep_running_while_the_control_plane_is_away() {
     let id = Uuid::now_v7();
     insert_trigger(&db.pool, id, "g1").await;
     let (url, mut seen) = fake_control_plane("t").await;
-    let board = StatusBoard::new();
-    let cancel = CancellationToken::new();
-    let (sup, sup_task) = supervisor(&db, &board, &cancel);
-    let session = tokio::spawn(run_session(session_settings(&url, "t"), sup.clone(), board, cancel.clone()));
+    let node = SessionUnderTest::start(&db, &url, "t");
 
     let to_node = next_matching(&mut seen, |s| match s {
         Seen::Connected { to_node, .. } => Some(to_node.clone()),
@@ -244,13 +289,11 @@ async fn test_pipelines_keep_running_while_the_control_plane_is_away() {
     .await;
     let report = next_matching(&mut seen, report_of).await;
     assert_eq!(report.state(), PipelineState::Running);
-    assert_eq!(sup.running().await.unwrap(), [(TriggerId(id), 1)]);
+    assert_eq!(node.supervisor.running().await.unwrap(), [(TriggerId(id), 1)]);
     produce(&bootstrap, "orders", &keyed_records(10, 1, "a")).await;
     wait_count(&db.pool, MESSAGES, id, 10, T).await;
 
-    cancel.cancel();
-    tokio::time::timeout(T, session).await.unwrap().unwrap();
-    tokio::time::timeout(T, sup_task).await.unwrap().unwrap();
+    node.stop().await;
     drop(cluster);
     db.drop().await;
 }

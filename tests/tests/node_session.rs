@@ -260,3 +260,61 @@ async fn test_a_node_keeps_its_session_under_a_faster_control_plane_heartbeat() 
     assert_eq!(membership().await, ["node_joined"]);
     node.stop().await.unwrap();
 }
+
+/// Issue 10: a node's whole desired state once travelled in one message, so
+/// enough triggers (or a few large ones) passed the node's 4 MiB decode
+/// limit and cut every node off. 5 000 triggers of about 1.2 KiB each make a
+/// plan of some 6 MiB; it must reach a node whole, in parts the node can
+/// decode, through the node's own reassembly.
+#[tokio::test]
+async fn test_five_thousand_triggers_reach_a_node_in_parts_it_can_decode() {
+    use kt_proto::v1::Header;
+    use prost::Message as _;
+
+    const TRIGGERS: usize = 5_000;
+    let db = TestDb::create().await.unwrap();
+    let cp = TestControlPlane::start(&db, ControlPlaneOptions::default()).await.unwrap();
+    let mut triggers = TriggerServiceClient::new(cp.channel().await.unwrap());
+    let mut trigger = sample_trigger("t0", "b:9092", "t");
+    let header = Header { name: "x-tenant".into(), value: "v".repeat(1_024), secret: false };
+    trigger.webhook.as_mut().unwrap().headers.push(header);
+    let first = triggers.create_trigger(CreateTriggerRequest { trigger: Some(trigger) }).await.unwrap().into_inner();
+    // The other 4 999 as copies of the first, in one statement: 5 000 calls
+    // would make this test minutes long on a small machine.
+    let copies = sqlx::query(
+        "INSERT INTO triggers (id, name, enabled, generation, group_id, spec)
+         SELECT gen_random_uuid(), 't' || i, enabled, generation, group_id || '-' || i,
+                jsonb_set(jsonb_set(spec, '{name}', to_jsonb('t' || i)), '{kafka,group_id}', to_jsonb(group_id || '-' || i))
+         FROM triggers, generate_series(1, $2) AS i WHERE id = $1::uuid",
+    )
+    .bind(&first.id)
+    .bind(TRIGGERS as i32 - 1)
+    .execute(&db.pool().await.unwrap())
+    .await
+    .unwrap();
+    assert_eq!(copies.rows_affected() as usize, TRIGGERS - 1);
+    let created: Vec<String> =
+        sqlx::query_scalar("SELECT id::text FROM triggers").fetch_all(&db.pool().await.unwrap()).await.unwrap();
+
+    // The same client a node uses, with tonic's default 4 MiB decode limit.
+    let mut nodes = NodeServiceClient::new(cp.authed(TEST_NODE_TOKEN).await.unwrap());
+    let (_tx, mut inbound) = open(&mut nodes, hello("node-a", kt_common::db::expected_schema_version())).await.unwrap();
+    let mut plans = kt_data_plane::session::PlanAssembler::default();
+    let (mut parts, mut total_bytes) = (0, 0);
+    let plan = loop {
+        let part = next_assignment(&mut inbound).await;
+        let size = part.encoded_len();
+        assert!(size <= kt_control_plane::nodes::MAX_ASSIGNMENT_PART_BYTES, "a part of {size} bytes");
+        (parts, total_bytes) = (parts + 1, total_bytes + size);
+        if let Some(plan) = plans.accept(part) {
+            break plan;
+        }
+    };
+    assert!(total_bytes > 4 * 1024 * 1024, "the plan ({total_bytes} bytes) would fit one message");
+    assert!(parts >= 6, "{parts} parts");
+    let mut got: Vec<String> = plan.pipelines.iter().map(|p| p.trigger.as_ref().unwrap().id.clone()).collect();
+    let mut want = created;
+    got.sort();
+    want.sort();
+    assert_eq!(got, want);
+}

@@ -11,18 +11,33 @@ use unicode_properties::{GeneralCategory, UnicodeGeneralCategory as _};
 
 use super::*;
 
-const MAX_NAME_LEN: usize = 200;
-const MAX_HOSTS: usize = 100;
-const MAX_TOPICS: usize = 100;
-const MAX_TOPIC_LEN: usize = 249;
-const MAX_GROUP_ID_LEN: usize = 255;
-const MAX_CONNECT_TIMEOUT_SECONDS: u32 = 300;
-const MAX_WEBHOOK_TIMEOUT_MS: u32 = 600_000;
-const MAX_ATTEMPTS: u32 = 1_000;
-const MAX_BACKOFF_MS: u32 = 86_400_000;
-const MAX_IN_FLIGHT: u32 = 10_000;
-const MIN_FETCH_MAX_BYTES: u32 = 1_024;
-const MAX_FETCH_MAX_BYTES: u32 = 1 << 30;
+pub(super) const MAX_NAME_LEN: usize = 200;
+pub(super) const MAX_HOSTS: usize = 100;
+pub(super) const MAX_TOPICS: usize = 100;
+pub(super) const MAX_TOPIC_LEN: usize = 249;
+pub(super) const MAX_GROUP_ID_LEN: usize = 255;
+pub(super) const MAX_CONNECT_TIMEOUT_SECONDS: u32 = 300;
+pub(super) const MAX_WEBHOOK_TIMEOUT_MS: u32 = 600_000;
+pub(super) const MAX_ATTEMPTS: u32 = 1_000;
+pub(super) const MAX_BACKOFF_MS: u32 = 86_400_000;
+pub(super) const MAX_IN_FLIGHT: u32 = 10_000;
+pub(super) const MIN_FETCH_MAX_BYTES: u32 = 1_024;
+pub(super) const MAX_FETCH_MAX_BYTES: u32 = 1 << 30;
+pub(super) const MAX_URL_LEN: usize = 4_096;
+pub(super) const MAX_HEADERS: usize = 64;
+pub(super) const MAX_HEADER_NAME_LEN: usize = 256;
+pub(super) const MAX_HEADER_VALUE_LEN: usize = 8 * 1_024;
+/// Names and values of all headers together: servers commonly refuse a
+/// request whose headers pass 8-32 KiB.
+pub(super) const MAX_HEADER_BYTES: usize = 32 * 1_024;
+/// Each of the CA certificate, the client certificate and the client key.
+pub(super) const MAX_PEM_LEN: usize = 64 * 1_024;
+pub(super) const MAX_USERNAME_LEN: usize = 1_024;
+pub(super) const MAX_PASSWORD_LEN: usize = 4_096;
+/// The whole trigger as a node receives it (secrets included, protobuf
+/// encoded). It bounds what one trigger adds to a node's assignment, which
+/// the control plane sends in parts well under the 4 MiB gRPC message limit.
+pub const MAX_TRIGGER_BYTES: usize = 256 * 1_024;
 
 /// Secrets as given in a request: `None` means "not given" (keep the stored
 /// value on update).
@@ -95,14 +110,32 @@ pub fn validate_trigger(
         return Err(c.violations);
     }
     let (kafka, kafka_secrets) = kafka;
-    Ok(ValidatedTrigger {
+    let valid = ValidatedTrigger {
         spec: TriggerSpec { name, kafka, webhook, retry, tuning },
         secrets: TriggerSecrets {
             password: kafka_secrets.password,
             ssl_client_key: kafka_secrets.ssl_client_key,
             headers: header_secrets,
         },
-    })
+    };
+    // Measured as sent to nodes, so kept secrets count too.
+    let size = prost::Message::encoded_len(&spec_to_proto(&valid.spec, Some(&valid.secrets)));
+    if size > MAX_TRIGGER_BYTES {
+        let field = prefix.trim_end_matches('.');
+        let field = if field.is_empty() { "trigger" } else { field };
+        let why = format!("is {size} bytes encoded, secrets included; at most {MAX_TRIGGER_BYTES} bytes");
+        return Err(vec![FieldViolation::new(field, why)]);
+    }
+    Ok(valid)
+}
+
+/// Refuses a value longer than `max` bytes; `true` when it fits.
+fn check_len(c: &mut Checker, field: &str, value: &str, max: usize) -> bool {
+    let fits = value.len() <= max;
+    if !fits {
+        c.bad(field, format!("must be at most {max} bytes, not {}", value.len()));
+    }
+    fits
 }
 
 fn check_kafka(
@@ -180,6 +213,15 @@ fn check_kafka(
             }
         }
     }
+    for (field, value) in [
+        ("kafka.ssl_ca_cert", &k.ssl_ca_cert),
+        ("kafka.ssl_client_cert", &k.ssl_client_cert),
+        ("kafka.ssl_client_key", &k.ssl_client_key),
+    ] {
+        check_len(c, field, value, MAX_PEM_LEN);
+    }
+    check_len(c, "kafka.username", &k.username, MAX_USERNAME_LEN);
+    check_len(c, "kafka.password", &k.password, MAX_PASSWORD_LEN);
     if let Some(pem) = &ca {
         if !pem.contains("-----BEGIN CERTIFICATE-----") {
             c.bad("kafka.ssl_ca_cert", "must be a PEM certificate (-----BEGIN CERTIFICATE-----)");
@@ -371,7 +413,7 @@ fn check_webhook(
     let url_changed = existing.is_some_and(|(spec, _)| spec.webhook.url != url);
     if url.is_empty() {
         c.bad("webhook.url", "is required");
-    } else {
+    } else if check_len(c, "webhook.url", &url, MAX_URL_LEN) {
         match url::Url::parse(&url) {
             Ok(u) if !matches!(u.scheme(), "http" | "https") => {
                 c.bad("webhook.url", format!("scheme must be http or https, not `{}`", u.scheme()))
@@ -385,13 +427,26 @@ fn check_webhook(
         }
     }
 
+    if w.headers.len() > MAX_HEADERS {
+        c.bad("webhook.headers", format!("at most {MAX_HEADERS} headers, not {}", w.headers.len()));
+    }
+    let header_bytes: usize = w.headers.iter().map(|h| h.name.len() + h.value.len()).sum();
+    if header_bytes > MAX_HEADER_BYTES {
+        c.bad(
+            "webhook.headers",
+            format!("names and values together at most {MAX_HEADER_BYTES} bytes, not {header_bytes}"),
+        );
+    }
     let mut headers = Vec::with_capacity(w.headers.len());
     let mut secrets = BTreeMap::new();
     let mut seen = HashSet::new();
     for (i, h) in w.headers.iter().enumerate() {
         let name = h.name.trim();
         let field = format!("webhook.headers[{i}]");
-        if name.is_empty() || !name.bytes().all(is_header_token_byte) {
+        check_len(c, &format!("{field}.value"), &h.value, MAX_HEADER_VALUE_LEN);
+        if name.len() > MAX_HEADER_NAME_LEN {
+            c.bad(&format!("{field}.name"), format!("must be at most {MAX_HEADER_NAME_LEN} bytes, not {}", name.len()));
+        } else if name.is_empty() || !name.bytes().all(is_header_token_byte) {
             c.bad(&format!("{field}.name"), format!("`{name}` is not a valid HTTP header name"));
         } else if !seen.insert(name.to_ascii_lowercase()) {
             c.bad(&format!("{field}.name"), format!("duplicate header `{name}`"));

@@ -3,6 +3,7 @@
 
 use kt_proto::v1;
 
+use super::validate::*;
 use super::*;
 
 const CERT: &str = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
@@ -353,4 +354,118 @@ fn test_names_refuse_invisible_format_characters() {
     let mut t = valid();
     t.name = "café ☕ 注文".into();
     validate_trigger(&t, "", None).unwrap();
+}
+
+fn header(name: &str, value: &str, secret: bool) -> v1::Header {
+    v1::Header { name: name.into(), value: value.into(), secret }
+}
+
+/// A PEM of about `len` bytes that passes the format checks.
+fn pem_of(kind: &str, len: usize) -> String {
+    format!("-----BEGIN {kind}-----\n{}\n-----END {kind}-----\n", "A".repeat(len))
+}
+
+#[test]
+fn test_variable_size_fields_are_capped() {
+    let tls = |f: fn(&mut v1::KafkaSource)| {
+        kafka(move |k| {
+            k.ssl = true;
+            k.ssl_client_cert = CERT.into();
+            k.ssl_client_key = KEY.into();
+            f(k)
+        })
+    };
+    let cases: Vec<(&str, v1::Trigger, &str)> = vec![
+        ("long url", webhook(|w| w.url = format!("http://h/{}", "p".repeat(MAX_URL_LEN))), "trigger.webhook.url"),
+        (
+            "too many headers",
+            webhook(|w| w.headers = (0..=MAX_HEADERS).map(|i| header(&format!("x-h{i}"), "v", false)).collect()),
+            "trigger.webhook.headers",
+        ),
+        (
+            "long header name",
+            webhook(|w| w.headers = vec![header(&"x".repeat(MAX_HEADER_NAME_LEN + 1), "v", false)]),
+            "trigger.webhook.headers[0].name",
+        ),
+        (
+            "long header value",
+            webhook(|w| w.headers = vec![header("x-a", &"v".repeat(MAX_HEADER_VALUE_LEN + 1), false)]),
+            "trigger.webhook.headers[0].value",
+        ),
+        (
+            "long secret header value",
+            webhook(|w| w.headers = vec![header("x-a", &"v".repeat(MAX_HEADER_VALUE_LEN + 1), true)]),
+            "trigger.webhook.headers[0].value",
+        ),
+        (
+            "headers too large together",
+            webhook(|w| w.headers = (0..5).map(|i| header(&format!("x-h{i}"), &"v".repeat(8_000), false)).collect()),
+            "trigger.webhook.headers",
+        ),
+        ("large ca", tls(|k| k.ssl_ca_cert = pem_of("CERTIFICATE", MAX_PEM_LEN)), "trigger.kafka.ssl_ca_cert"),
+        (
+            "large client cert",
+            tls(|k| k.ssl_client_cert = pem_of("CERTIFICATE", MAX_PEM_LEN)),
+            "trigger.kafka.ssl_client_cert",
+        ),
+        (
+            "large client key",
+            tls(|k| k.ssl_client_key = pem_of("PRIVATE KEY", MAX_PEM_LEN)),
+            "trigger.kafka.ssl_client_key",
+        ),
+        (
+            "long username",
+            kafka(|k| {
+                k.sasl = sasl(v1::SaslMechanism::Plain);
+                k.username = "u".repeat(MAX_USERNAME_LEN + 1);
+                k.password = "p".into();
+            }),
+            "trigger.kafka.username",
+        ),
+        (
+            "long password",
+            kafka(|k| {
+                k.sasl = sasl(v1::SaslMechanism::Plain);
+                k.username = "u".into();
+                k.password = "p".repeat(MAX_PASSWORD_LEN + 1);
+            }),
+            "trigger.kafka.password",
+        ),
+    ];
+    for (what, input, field) in cases {
+        let violations = validate_trigger(&input, "trigger.", None).expect_err(what);
+        assert!(
+            violations.iter().any(|v| v.field == field && v.description.contains("at most")),
+            "{what}: expected a size violation on {field}, got {violations:?}"
+        );
+    }
+
+    // Right at each cap is fine.
+    let at_caps = tls(|k| {
+        k.ssl_ca_cert = pem_of("CERTIFICATE", MAX_PEM_LEN - 64);
+        k.ssl_client_cert = pem_of("CERTIFICATE", MAX_PEM_LEN - 64);
+    });
+    validate_trigger(&at_caps, "trigger.", None).expect("certificates under the cap");
+}
+
+#[test]
+fn test_a_trigger_too_large_in_all_is_refused_as_a_whole() {
+    // Every field within its own cap, the sum over the total.
+    let t = kafka(|k| {
+        k.ssl = true;
+        k.ssl_ca_cert = pem_of("CERTIFICATE", MAX_PEM_LEN - 64);
+        k.ssl_client_cert = pem_of("CERTIFICATE", MAX_PEM_LEN - 64);
+        k.ssl_client_key = pem_of("PRIVATE KEY", MAX_PEM_LEN - 64);
+        k.hosts = (0..MAX_HOSTS).map(|i| format!("{l}.{l}.{l}.h{i}.example.com:9092", l = "b".repeat(60))).collect();
+        k.topics = (0..MAX_TOPICS).map(|i| format!("{}{i}", "t".repeat(240))).collect();
+    });
+    let t = with(move |x| {
+        *x = t;
+        let w = x.webhook.as_mut().unwrap();
+        w.headers = (0..4).map(|i| header(&format!("x-h{i}"), &"v".repeat(MAX_HEADER_VALUE_LEN - 16), false)).collect();
+    });
+    let violations = validate_trigger(&t, "trigger.", None).unwrap_err();
+    assert_eq!(violations.len(), 1, "{violations:?}");
+    assert_eq!(violations[0].field, "trigger");
+    assert!(violations[0].description.contains(&MAX_TRIGGER_BYTES.to_string()), "{violations:?}");
 }

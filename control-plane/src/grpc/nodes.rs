@@ -177,10 +177,16 @@ impl Session {
     async fn send_assignment(&self, tx: &Outbound) -> bool {
         let version = self.plan_version.fetch_add(1, Ordering::SeqCst) + 1;
         match desired_assignment(&self.triggers, version).await {
-            Ok(assignment) => {
-                tracing::debug!(node_id = %self.node_id, plan_version = version, pipelines = assignment.pipelines.len(), "sending assignment");
-                let msg = ControlMessage { msg: Some(ControlMsg::Assignment(assignment)) };
-                tx.send(Ok(msg)).await.is_ok()
+            Ok(parts) => {
+                let pipelines: usize = parts.iter().map(|p| p.pipelines.len()).sum();
+                tracing::debug!(node_id = %self.node_id, plan_version = version, pipelines, parts = parts.len(), "sending assignment");
+                for part in parts {
+                    let msg = ControlMessage { msg: Some(ControlMsg::Assignment(part)) };
+                    if tx.send(Ok(msg)).await.is_err() {
+                        return false;
+                    }
+                }
+                true
             }
             Err(error) => {
                 tracing::warn!(node_id = %self.node_id, %error, "cannot compute assignment");

@@ -29,7 +29,7 @@
 
 pub mod model;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use kt_common::dispatch::{self, grant};
@@ -420,12 +420,13 @@ async fn listen(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
 /// Keeps per-trigger limits current and forgets deleted triggers.
 async fn watch_limits(pool: PgPool, triggers: TriggerService, scheduler: Scheduler, shutdown: CancellationToken) {
     let mut changes = triggers.subscribe();
-    let mut known: Vec<TriggerId> = Vec::new();
+    let mut known: HashSet<TriggerId> = HashSet::new();
     loop {
         match trigger_limits(&pool).await {
             Ok(limits) => {
-                let removed = known.iter().filter(|k| !limits.iter().any(|l| l.trigger == **k)).copied().collect();
-                known = limits.iter().map(|l| l.trigger).collect();
+                let current: HashSet<TriggerId> = limits.iter().map(|l| l.trigger).collect();
+                let removed = known.difference(&current).copied().collect();
+                known = current;
                 scheduler.send(Command::Limits { limits, removed }).await;
             }
             Err(error) => tracing::warn!(%error, "cannot load trigger limits"),
@@ -440,14 +441,18 @@ async fn watch_limits(pool: PgPool, triggers: TriggerService, scheduler: Schedul
 /// Every trigger's in-flight limit (`tuning.max_in_flight`, 0 while
 /// disabled: its stored messages wait until it is enabled again).
 async fn trigger_limits(pool: &PgPool) -> Result<Vec<TriggerLimit>, sqlx::Error> {
-    let rows: Vec<(Uuid, bool, serde_json::Value)> =
-        sqlx::query_as("SELECT id, enabled, spec FROM triggers").fetch_all(pool).await?;
+    // Only the one field: with thousands of triggers, their whole specs
+    // would be megabytes to read and parse on every change.
+    let rows: Vec<(Uuid, bool, Option<i64>)> =
+        sqlx::query_as("SELECT id, enabled, (spec #>> '{tuning,max_in_flight}')::bigint FROM triggers")
+            .fetch_all(pool)
+            .await?;
     Ok(rows
         .into_iter()
-        .map(|(trigger, enabled, spec)| {
-            let max_in_flight = spec["tuning"]["max_in_flight"]
-                .as_u64()
-                .map_or(kt_common::trigger::DEFAULT_MAX_IN_FLIGHT, |v| v.min(u64::from(u32::MAX)) as u32);
+        .map(|(trigger, enabled, max_in_flight)| {
+            let max_in_flight = max_in_flight
+                .and_then(|v| u32::try_from(v.max(0)).ok())
+                .unwrap_or(kt_common::trigger::DEFAULT_MAX_IN_FLIGHT);
             TriggerLimit { trigger, max_in_flight: if enabled { max_in_flight } else { 0 } }
         })
         .collect())

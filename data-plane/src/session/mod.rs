@@ -5,6 +5,10 @@
 //! versioned) and heartbeats. A lost session is reconnected with
 //! jittered backoff; meanwhile the pipelines keep running as last assigned.
 
+mod assembly;
+
+pub use assembly::{Plan, PlanAssembler};
+
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -177,6 +181,7 @@ async fn session_once(
     // of a session is always applied (it is a full state, so applying it
     // twice is harmless, and a restarted control plane may count anew).
     let mut plan_version: Option<i64> = None;
+    let mut plans = PlanAssembler::default();
     loop {
         tokio::select! {
             _ = cancel.cancelled() => {
@@ -200,7 +205,7 @@ async fn session_once(
                     // its own interval, which may be shorter than ours.
                     outbound.send(node_message::Msg::Heartbeat(Heartbeat { unix_ms: unix_ms() })).await?;
                 }
-                handle_control_message(message, &mut plan_version, supervisor, settings.triggers.as_ref()).await?;
+                handle_control_message(message, &mut plans, &mut plan_version, supervisor, settings.triggers.as_ref()).await?;
             }
             _ = heartbeat.tick() => {
                 if last_heard.elapsed() > settings.peer_timeout {
@@ -221,32 +226,34 @@ async fn session_once(
 
 async fn handle_control_message(
     message: ControlMessage,
+    plans: &mut PlanAssembler,
     plan_version: &mut Option<i64>,
     supervisor: &SupervisorHandle,
     triggers: Option<&TriggerDirectory>,
 ) -> Result<(), SessionError> {
-    match message.msg {
-        Some(control_message::Msg::Assignment(assignment)) => {
-            if plan_version.is_some_and(|v| assignment.plan_version <= v) {
-                tracing::debug!(plan_version = assignment.plan_version, "ignoring a stale assignment");
-                return Ok(());
-            }
-            if let Some(directory) = triggers {
-                directory.replace(assignment.pipelines.iter().filter_map(crate::worker::config_of));
-            }
-            let summary = supervisor.apply(assignment.pipelines).await.map_err(|_| SessionError::SupervisorGone)?;
-            *plan_version = Some(assignment.plan_version);
-            tracing::info!(
-                plan_version = assignment.plan_version,
-                started = summary.started.len(),
-                restarted = summary.restarted.len(),
-                stopped = summary.stopped.len(),
-                rejected = summary.rejected.len(),
-                "applied assignment"
-            );
-        }
-        Some(control_message::Msg::Heartbeat(_)) | None => {}
+    let Some(control_message::Msg::Assignment(part)) = message.msg else {
+        return Ok(());
+    };
+    let Some(plan) = plans.accept(part) else {
+        return Ok(());
+    };
+    if plan_version.is_some_and(|v| plan.version <= v) {
+        tracing::debug!(plan_version = plan.version, "ignoring a stale assignment");
+        return Ok(());
     }
+    if let Some(directory) = triggers {
+        directory.replace(plan.pipelines.iter().filter_map(crate::worker::config_of));
+    }
+    let summary = supervisor.apply(plan.pipelines).await.map_err(|_| SessionError::SupervisorGone)?;
+    *plan_version = Some(plan.version);
+    tracing::info!(
+        plan_version = plan.version,
+        started = summary.started.len(),
+        restarted = summary.restarted.len(),
+        stopped = summary.stopped.len(),
+        rejected = summary.rejected.len(),
+        "applied assignment"
+    );
     Ok(())
 }
 
