@@ -1,5 +1,6 @@
 //! What both planes share: the trigger model and its validation, encryption of
-//! credentials, the database pool and migrations, telemetry, retry backoff.
+//! credentials, the database pool and migrations, telemetry, retry backoff, the
+//! webhook target policy.
 
 pub mod backoff;
 pub mod crypto;
@@ -8,3 +9,4 @@ pub mod dispatch;
 pub mod secret;
 pub mod telemetry;
 pub mod trigger;
+pub mod webhook_policy;

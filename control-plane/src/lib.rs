@@ -21,6 +21,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use kt_common::crypto::Keyring;
 use kt_common::secret::Secret;
+use kt_common::webhook_policy::WebhookPolicy;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -50,6 +51,9 @@ pub struct Config {
     /// (3 s to an hour): how long a dead node's sets wait before they are
     /// granted again.
     pub claim_lease: Duration,
+    /// Which webhook targets triggers may name (`--webhook-deny-cidrs`,
+    /// `--webhook-allow-cidrs`).
+    pub webhook_policy: WebhookPolicy,
 }
 
 impl Config {
@@ -67,6 +71,7 @@ impl Config {
             event_retention: Duration::from_secs(7 * 24 * 3600),
             work_order_retention: Duration::from_secs(7 * 24 * 3600),
             claim_lease: kt_common::dispatch::lease::DEFAULT_LEASE,
+            webhook_policy: WebhookPolicy::default(),
         }
     }
 }
@@ -110,7 +115,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     if !config.keys.has_key() {
         tracing::warn!("no encryption key configured: triggers with credentials will be refused");
     }
-    let triggers = triggers::TriggerService::new(pool.clone(), config.keys.clone());
+    let triggers = triggers::TriggerService::new(pool.clone(), config.keys.clone())
+        .with_webhook_policy(config.webhook_policy.clone());
     let scheduler = scheduler::Scheduler::start(pool.clone(), triggers.clone(), config.claim_lease, shutdown.clone())
         .await
         .context("failed to start the candidate-set scheduler")?;

@@ -79,6 +79,9 @@ struct Cli {
     /// Sentry DSN; errors are reported there when set.
     #[arg(long, env = "SENTRY_DSN", hide_env_values = true)]
     sentry_dsn: Option<String>,
+
+    #[command(flatten)]
+    webhook_policy: kt_common::webhook_policy::WebhookPolicyArgs,
 }
 
 #[derive(Subcommand)]
@@ -127,6 +130,7 @@ async fn main() -> anyhow::Result<()> {
         event_retention: Duration::from_secs(cli.event_retention_hours * 3600),
         work_order_retention: Duration::from_secs(cli.work_order_retention_hours * 3600),
         claim_lease: Duration::from_secs(cli.claim_lease_seconds),
+        webhook_policy: cli.webhook_policy.policy(),
         ..kt_control_plane::Config::new(database_url)
     };
     kt_control_plane::run(config, telemetry::shutdown_on_signal()).await

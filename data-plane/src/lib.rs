@@ -20,6 +20,7 @@ use std::time::Duration;
 use anyhow::Context;
 use kt_common::backoff::Backoff;
 use kt_common::secret::Secret;
+use kt_common::webhook_policy::WebhookPolicy;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -58,6 +59,9 @@ pub struct Config {
     /// Silence from the control plane after which the session reconnects.
     pub control_plane_timeout: Duration,
     pub reconnect_backoff: Backoff,
+    /// Which addresses webhooks may reach (`--webhook-deny-cidrs`,
+    /// `--webhook-allow-cidrs`), checked at every connection.
+    pub webhook_policy: WebhookPolicy,
 }
 
 impl Config {
@@ -74,6 +78,7 @@ impl Config {
             heartbeat_interval: Duration::from_secs(5),
             control_plane_timeout: Duration::from_secs(30),
             reconnect_backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(10)),
+            webhook_policy: WebhookPolicy::default(),
         }
     }
 
@@ -162,6 +167,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             node_token: config.node_token.clone(),
             node_id: config.node_id.clone(),
             capacity: config.workers as u32,
+            webhook_policy: config.webhook_policy.clone(),
         };
         tokio::spawn(worker::run(worker_config, worker_pool.clone(), triggers, workers_cancel.clone()))
     });

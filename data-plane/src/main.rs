@@ -88,6 +88,9 @@ struct Args {
     /// Sentry DSN; none: errors are only logged.
     #[arg(long, env = "SENTRY_DSN", hide_env_values = true)]
     sentry_dsn: Option<String>,
+
+    #[command(flatten)]
+    webhook_policy: kt_common::webhook_policy::WebhookPolicyArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -125,6 +128,7 @@ async fn main() -> anyhow::Result<()> {
     config.ingest.session_timeout = Duration::from_millis(args.kafka_session_timeout_ms.max(1));
     config.ingest.max_poll_interval = Duration::from_millis(args.kafka_max_poll_interval_ms.max(1));
     config.dedup.retention = Duration::from_secs(args.dedup_retention_hours.saturating_mul(3600));
+    config.webhook_policy = args.webhook_policy.policy();
     let shutdown = telemetry::shutdown_on_signal();
     run(config, shutdown).await.inspect_err(|e| tracing::error!(error = format!("{e:#}"), "data plane failed"))
 }

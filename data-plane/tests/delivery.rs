@@ -17,6 +17,8 @@ use hyper::{HeaderMap, Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use kt_common::secret::Secret;
 use kt_common::trigger::{TriggerSecrets, WebhookHeader, WebhookTarget};
+use kt_common::webhook_policy::WebhookPolicy;
+use kt_data_plane::delivery::target_policy::REFUSED;
 use kt_data_plane::delivery::{build_body, DeliveryOutcome, MessageForBody, WebhookClient};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -161,7 +163,7 @@ fn sample_body() -> String {
 }
 
 async fn deliver_once(server_url: String, timeout_ms: u32) -> DeliveryOutcome {
-    let client = WebhookClient::new().expect("client");
+    let client = WebhookClient::new(WebhookPolicy::default()).expect("client");
     client.deliver(&target(server_url, timeout_ms), &secrets(), Bytes::from(sample_body()), "wo-123").await
 }
 
@@ -315,7 +317,7 @@ async fn test_connection_refused_is_retryable() {
 #[tokio::test]
 async fn test_missing_secret_is_permanent_and_sends_nothing() {
     let mut server = TestServer::start(|_| Reply::status(200)).await;
-    let client = WebhookClient::new().unwrap();
+    let client = WebhookClient::new(WebhookPolicy::default()).unwrap();
     let outcome = client
         .deliver(&target(server.url(), 5_000), &TriggerSecrets::default(), Bytes::from(sample_body()), "wo-1")
         .await;
@@ -329,7 +331,7 @@ async fn test_missing_secret_is_permanent_and_sends_nothing() {
 #[tokio::test]
 async fn test_one_client_serves_repeated_deliveries() {
     let mut server = TestServer::start(|i| if i == 0 { Reply::status(500) } else { Reply::status(200) }).await;
-    let client = WebhookClient::new().unwrap();
+    let client = WebhookClient::new(WebhookPolicy::default()).unwrap();
     let (target, secrets) = (target(server.url(), 5_000), secrets());
     let first = client.deliver(&target, &secrets, Bytes::from(sample_body()), "wo-9").await;
     assert!(matches!(first, DeliveryOutcome::RetryableFailure { .. }), "{first:?}");
@@ -338,4 +340,35 @@ async fn test_one_client_serves_repeated_deliveries() {
     for _ in 0..2 {
         assert_eq!(server.next_request().await.headers["idempotency-key"], "wo-9");
     }
+}
+
+/// Pins issue #10 item 6: webhook targets were unrestricted, and the error
+/// of a closed port differed from an open one's (a port scanner).
+#[tokio::test]
+async fn test_refused_targets_get_no_connection_and_one_error_listening_or_not() {
+    let listening = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listening.set_nonblocking(true).unwrap();
+    let open = listening.local_addr().unwrap().port();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let client = WebhookClient::new(WebhookPolicy::parse("127.0.0.0/8,::1/128", "").unwrap()).unwrap();
+    for port in [open, closed] {
+        // A name goes through the resolver; literals are checked before sending.
+        for host in ["localhost", "127.0.0.1", "[::ffff:127.0.0.1]"] {
+            let url = format!("http://{host}:{port}/hook");
+            let outcome =
+                client.deliver(&target(url.clone(), 5_000), &secrets(), Bytes::from(sample_body()), "wo").await;
+            let refused = DeliveryOutcome::RetryableFailure { error: REFUSED.into(), retry_after: None };
+            assert_eq!(outcome, refused, "{url}");
+        }
+    }
+    let accepted = listening.accept();
+    assert_eq!(accepted.map(|_| ()).unwrap_err().kind(), std::io::ErrorKind::WouldBlock, "a connection was made");
+
+    // Allowed, the same target is reached through the resolver.
+    let mut server = TestServer::start(|_| Reply::status(200)).await;
+    let allowing = WebhookClient::new(WebhookPolicy::parse("127.0.0.0/8", "127.0.0.1/32").unwrap()).unwrap();
+    let url = server.url().replace("127.0.0.1", "localhost");
+    let outcome = allowing.deliver(&target(url, 5_000), &secrets(), Bytes::from(sample_body()), "wo").await;
+    assert_eq!(outcome, DeliveryOutcome::Succeeded);
+    assert_eq!(server.next_request().await.path, "/hooks/orders");
 }

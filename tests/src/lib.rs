@@ -15,6 +15,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use kt_common::crypto::Keyring;
 use kt_common::secret::Secret;
+use kt_common::webhook_policy::WebhookPolicy;
 use sqlx::{Connection, PgConnection};
 use tokio_util::sync::CancellationToken;
 use tonic::metadata::MetadataValue;
@@ -107,6 +108,8 @@ pub struct ControlPlaneOptions {
     pub listen: Option<SocketAddr>,
     /// The claims' lease (`--claim-lease-seconds`); the default when `None`.
     pub claim_lease: Option<Duration>,
+    /// The webhook target policy; the default one when `None`.
+    pub webhook_policy: Option<WebhookPolicy>,
 }
 
 /// A control plane running in this process on a free port.
@@ -126,6 +129,7 @@ impl TestControlPlane {
             keys: Keyring::from_base64([key.as_str()])?,
             heartbeat: opts.heartbeat.unwrap_or(Duration::from_millis(500)),
             claim_lease: opts.claim_lease.unwrap_or(kt_common::dispatch::lease::DEFAULT_LEASE),
+            webhook_policy: opts.webhook_policy.unwrap_or_default(),
             ..kt_control_plane::Config::new(db.url.clone())
         };
         let shutdown = CancellationToken::new();

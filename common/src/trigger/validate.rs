@@ -10,6 +10,7 @@ use kt_proto::v1;
 use unicode_properties::{GeneralCategory, UnicodeGeneralCategory as _};
 
 use super::*;
+use crate::webhook_policy::WebhookPolicy;
 
 pub(super) const MAX_NAME_LEN: usize = 200;
 pub(super) const MAX_HOSTS: usize = 100;
@@ -68,11 +69,15 @@ impl Checker {
 
 /// Validates `t` (fields under `prefix`, e.g. `"trigger."`). With `existing`
 /// (an update), an empty `group_id` and empty secrets keep their stored value,
-/// and a different `group_id` is refused.
+/// and a different `group_id` is refused. With `policy`, a `webhook.url` whose
+/// host is an IP literal the policy refuses is a violation (host names are
+/// resolved by the caller, [`WebhookPolicy::refused_dns_answer`]); nodes pass
+/// none, since they check the target when they connect.
 pub fn validate_trigger(
     t: &v1::Trigger,
     prefix: &str,
     existing: Option<(&TriggerSpec, &TriggerSecrets)>,
+    policy: Option<&WebhookPolicy>,
 ) -> Result<ValidatedTrigger, Vec<FieldViolation>> {
     let mut c = Checker { prefix: prefix.to_owned(), violations: Vec::new() };
 
@@ -102,7 +107,7 @@ pub fn validate_trigger(
         c.bad("webhook", "is required");
         &default_webhook
     });
-    let (webhook, header_secrets) = check_webhook(&mut c, webhook, existing);
+    let (webhook, header_secrets) = check_webhook(&mut c, webhook, existing, policy);
     let retry = check_retry(&mut c, t.retry.as_ref());
     let tuning = check_tuning(&mut c, t.tuning.as_ref());
 
@@ -404,6 +409,7 @@ fn check_webhook(
     c: &mut Checker,
     w: &v1::WebhookTarget,
     existing: Option<(&TriggerSpec, &TriggerSecrets)>,
+    policy: Option<&WebhookPolicy>,
 ) -> (WebhookTarget, BTreeMap<String, Secret>) {
     let stored = existing.map(|e| e.1);
     let url = w.url.trim().to_owned();
@@ -422,7 +428,11 @@ fn check_webhook(
             Ok(u) if !u.username().is_empty() || u.password().is_some() => {
                 c.bad("webhook.url", "must not embed credentials; use a secret header")
             }
-            Ok(_) => {}
+            Ok(u) => {
+                if let Some(Err(refusal)) = policy.map(|p| p.check_url_literal(&u)) {
+                    c.bad("webhook.url", format!("address {refusal}"));
+                }
+            }
             Err(e) => c.bad("webhook.url", format!("is not a valid URL: {e}")),
         }
     }

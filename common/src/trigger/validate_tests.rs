@@ -42,7 +42,7 @@ fn sasl(mech: v1::SaslMechanism) -> i32 {
 
 #[test]
 fn test_valid_trigger_gets_defaults_and_a_generated_group() {
-    let v = validate_trigger(&valid(), "trigger.", None).unwrap();
+    let v = validate_trigger(&valid(), "trigger.", None, None).unwrap();
     assert!(v.spec.kafka.group_id.starts_with("kafka-triggers-"));
     assert_eq!(v.spec.kafka.initial_offset_reset_policy, OffsetPolicy::Latest);
     assert_eq!(v.spec.kafka.connect_timeout_seconds, DEFAULT_CONNECT_TIMEOUT_SECONDS);
@@ -76,7 +76,11 @@ fn test_valid_variants_are_accepted() {
         }),
     ];
     for (i, t) in cases.iter().enumerate() {
-        assert!(validate_trigger(t, "", None).is_ok(), "case {i} rejected: {:?}", validate_trigger(t, "", None));
+        assert!(
+            validate_trigger(t, "", None, None).is_ok(),
+            "case {i} rejected: {:?}",
+            validate_trigger(t, "", None, None)
+        );
     }
 }
 
@@ -265,7 +269,7 @@ fn test_invalid_inputs_name_the_bad_field() {
     ];
     assert!(cases.len() >= 30);
     for (what, input, field) in cases {
-        let violations = validate_trigger(&input, "trigger.", None).expect_err(what);
+        let violations = validate_trigger(&input, "trigger.", None, None).expect_err(what);
         assert!(
             violations.iter().any(|v| v.field == field && !v.description.is_empty()),
             "{what}: expected a violation on {field}, got {violations:?}"
@@ -281,7 +285,7 @@ fn test_every_bad_field_is_reported_at_once() {
         webhook: Some(v1::WebhookTarget { url: "nope".into(), ..Default::default() }),
         ..Default::default()
     };
-    let fields: Vec<String> = validate_trigger(&t, "", None).unwrap_err().into_iter().map(|v| v.field).collect();
+    let fields: Vec<String> = validate_trigger(&t, "", None, None).unwrap_err().into_iter().map(|v| v.field).collect();
     assert_eq!(fields, ["name", "kafka.hosts[0]", "kafka.topics", "webhook.url"]);
 }
 
@@ -294,20 +298,20 @@ fn test_update_keeps_group_id_and_stored_secrets() {
     });
     created.webhook.as_mut().unwrap().headers =
         vec![v1::Header { name: "x-key".into(), value: "k1".into(), secret: true }];
-    let first = validate_trigger(&created, "", None).unwrap();
+    let first = validate_trigger(&created, "", None, None).unwrap();
 
     // The API returns no secret values; sending the trigger back unchanged
     // must keep them.
     let mut echoed = spec_to_proto(&first.spec, None);
     echoed.kafka.as_mut().unwrap().topics.push("more".into());
-    let second = validate_trigger(&echoed, "", Some((&first.spec, &first.secrets))).unwrap();
+    let second = validate_trigger(&echoed, "", Some((&first.spec, &first.secrets)), None).unwrap();
     assert_eq!(second.spec.kafka.group_id, first.spec.kafka.group_id);
     assert_eq!(second.secrets, first.secrets);
     assert_eq!(second.spec.kafka.topics, ["orders", "more"]);
 
     let mut moved = echoed.clone();
     moved.kafka.as_mut().unwrap().group_id = "another".into();
-    let err = validate_trigger(&moved, "", Some((&first.spec, &first.secrets))).unwrap_err();
+    let err = validate_trigger(&moved, "", Some((&first.spec, &first.secrets)), None).unwrap_err();
     assert_eq!(err[0].field, "kafka.group_id");
 
     // Dropping SASL drops the stored password.
@@ -315,7 +319,7 @@ fn test_update_keeps_group_id_and_stored_secrets() {
     let k = plain.kafka.as_mut().unwrap();
     k.sasl = sasl(v1::SaslMechanism::None);
     k.username.clear();
-    let third = validate_trigger(&plain, "", Some((&first.spec, &first.secrets))).unwrap();
+    let third = validate_trigger(&plain, "", Some((&first.spec, &first.secrets)), None).unwrap();
     assert_eq!(third.secrets.password, None);
 }
 
@@ -329,7 +333,7 @@ fn test_public_conversion_never_contains_secret_values() {
         k.username = "u".into();
         k.password = "pw-123".into();
     });
-    let v = validate_trigger(&t, "", None).unwrap();
+    let v = validate_trigger(&t, "", None, None).unwrap();
     let public = spec_to_proto(&v.spec, None);
     let k = public.kafka.as_ref().unwrap();
     assert!(k.password.is_empty() && k.password_set);
@@ -347,13 +351,43 @@ fn test_names_refuse_invisible_format_characters() {
     for name in ["pay\u{202E}lortnoc", "zero\u{200B}width", "\u{FEFF}bom", "tag\u{E0041}"] {
         let mut t = valid();
         t.name = name.into();
-        let err = validate_trigger(&t, "", None).unwrap_err();
+        let err = validate_trigger(&t, "", None, None).unwrap_err();
         assert_eq!(err[0].field, "name", "{name:?}");
         assert!(err[0].description.contains("format characters"), "{name:?}: {}", err[0].description);
     }
     let mut t = valid();
     t.name = "café ☕ 注文".into();
-    validate_trigger(&t, "", None).unwrap();
+    validate_trigger(&t, "", None, None).unwrap();
+}
+
+/// Pins issue #10 item 6: webhook targets were unrestricted, cloud metadata
+/// included.
+#[test]
+fn test_webhook_ip_literals_follow_the_target_policy() {
+    use crate::webhook_policy::WebhookPolicy;
+    let default = WebhookPolicy::default();
+    for url in
+        ["http://169.254.169.254/latest", "http://[::ffff:169.254.169.254]/", "http://0.0.0.0:8080/", "http://[::]/"]
+    {
+        let t = webhook(|w| w.url = url.into());
+        let err = validate_trigger(&t, "trigger.", None, Some(&default)).unwrap_err();
+        assert_eq!(err.len(), 1, "{url}: {err:?}");
+        assert_eq!(err[0].field, "trigger.webhook.url", "{url}");
+        assert!(err[0].description.contains("refused by the webhook target policy"), "{url}: {}", err[0].description);
+        // Without a policy (the nodes, which check at connect time) it passes.
+        validate_trigger(&t, "trigger.", None, None).unwrap();
+    }
+    let err = validate_trigger(&webhook(|w| w.url = "http://169.254.169.254/".into()), "", None, Some(&default));
+    assert_eq!(
+        err.unwrap_err()[0].description,
+        "address 169.254.169.254 is refused by the webhook target policy \
+         (--webhook-deny-cidrs has 169.254.0.0/16; --webhook-allow-cidrs can allow it)"
+    );
+    let allowing = WebhookPolicy::parse(crate::webhook_policy::DEFAULT_DENY_CIDRS, "169.254.169.254/32").unwrap();
+    validate_trigger(&webhook(|w| w.url = "http://169.254.169.254/".into()), "", None, Some(&allowing)).unwrap();
+    // Host names are the caller's to resolve; loopback is allowed by default.
+    validate_trigger(&webhook(|w| w.url = "http://metadata.example/".into()), "", None, Some(&default)).unwrap();
+    validate_trigger(&valid(), "", None, Some(&default)).unwrap();
 }
 
 fn header(name: &str, value: &str, secret: bool) -> v1::Header {
@@ -433,7 +467,7 @@ fn test_variable_size_fields_are_capped() {
         ),
     ];
     for (what, input, field) in cases {
-        let violations = validate_trigger(&input, "trigger.", None).expect_err(what);
+        let violations = validate_trigger(&input, "trigger.", None, None).expect_err(what);
         assert!(
             violations.iter().any(|v| v.field == field && v.description.contains("at most")),
             "{what}: expected a size violation on {field}, got {violations:?}"
@@ -445,7 +479,7 @@ fn test_variable_size_fields_are_capped() {
         k.ssl_ca_cert = pem_of("CERTIFICATE", MAX_PEM_LEN - 64);
         k.ssl_client_cert = pem_of("CERTIFICATE", MAX_PEM_LEN - 64);
     });
-    validate_trigger(&at_caps, "trigger.", None).expect("certificates under the cap");
+    validate_trigger(&at_caps, "trigger.", None, None).expect("certificates under the cap");
 }
 
 #[test]
@@ -464,7 +498,7 @@ fn test_a_trigger_too_large_in_all_is_refused_as_a_whole() {
         let w = x.webhook.as_mut().unwrap();
         w.headers = (0..4).map(|i| header(&format!("x-h{i}"), &"v".repeat(MAX_HEADER_VALUE_LEN - 16), false)).collect();
     });
-    let violations = validate_trigger(&t, "trigger.", None).unwrap_err();
+    let violations = validate_trigger(&t, "trigger.", None, None).unwrap_err();
     assert_eq!(violations.len(), 1, "{violations:?}");
     assert_eq!(violations[0].field, "trigger");
     assert!(violations[0].description.contains(&MAX_TRIGGER_BYTES.to_string()), "{violations:?}");

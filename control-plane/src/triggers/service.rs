@@ -2,12 +2,15 @@
 //! event in one transaction, then tell the assignment loop that the desired
 //! state changed.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use kt_common::backoff::Backoff;
 use kt_common::crypto::Keyring;
 use kt_common::db::{classify, DbErrorKind};
-use kt_common::trigger::{spec_to_proto, validate_trigger, TriggerSecrets, ValidatedTrigger};
+use kt_common::trigger::{spec_to_proto, validate_trigger, TriggerSecrets, TriggerSpec, ValidatedTrigger};
+use kt_common::webhook_policy::{self, WebhookPolicy};
+use kt_proto::status::FieldViolation;
 use kt_proto::v1;
 use serde_json::json;
 use sqlx::PgPool;
@@ -27,6 +30,9 @@ const ROTATE_BATCH: i64 = 500;
 /// [`TriggerService::delete`]), and the pause between them.
 const DELETE_TRIES: u32 = 5;
 const DELETE_RETRY: Backoff = Backoff::new(Duration::from_millis(20), Duration::from_millis(500));
+/// Where the fields of a request's trigger are.
+const PREFIX: &str = "trigger.";
+const URL_FIELD: &str = "trigger.webhook.url";
 
 /// What [`TriggerService::rotate_keys`] did.
 #[derive(Debug, Default)]
@@ -43,11 +49,18 @@ pub struct TriggerService {
     keys: Keyring,
     /// Bumped after every committed change; the assignment loop watches it.
     changes: watch::Sender<u64>,
+    webhook_policy: Arc<WebhookPolicy>,
 }
 
 impl TriggerService {
     pub fn new(pool: PgPool, keys: Keyring) -> Self {
-        Self { pool, keys, changes: watch::Sender::new(0) }
+        Self { pool, keys, changes: watch::Sender::new(0), webhook_policy: Arc::default() }
+    }
+
+    /// Checks webhook targets against `policy` instead of the default one.
+    pub fn with_webhook_policy(mut self, policy: WebhookPolicy) -> Self {
+        self.webhook_policy = Arc::new(policy);
+        self
     }
 
     /// Changes of the desired pipeline state.
@@ -60,7 +73,8 @@ impl TriggerService {
     }
 
     pub async fn create(&self, input: &v1::Trigger) -> Result<TriggerRow, TriggerError> {
-        let valid = validate_trigger(input, "trigger.", None).map_err(TriggerError::Invalid)?;
+        let refused = self.refused_dns_answer(input).await;
+        let valid = self.validate(input, None, refused)?;
         let id = Uuid::now_v7();
         let sealed = self.seal(id, &valid.secrets)?;
         let mut tx = self.pool.begin().await?;
@@ -111,15 +125,24 @@ impl TriggerService {
     }
 
     pub async fn update(&self, id: Uuid, patch: &v1::Trigger, paths: &[String]) -> Result<TriggerRow, TriggerError> {
+        // The webhook host is looked up before the row is locked: a lookup
+        // may take seconds, and the lock holds back this trigger's work-order
+        // inserts. A concurrent update that changes the URL meanwhile makes
+        // the lookup run again, on the URL that will be stored.
+        let unlocked = store::get(&self.pool, id).await?.ok_or(TriggerError::NotFound(id))?;
+        let looked_up = merge(&unlocked.spec, patch, paths)?;
+        let mut refused = self.refused_dns_answer(&looked_up).await;
         let mut tx = self.pool.begin().await?;
         let row = store::get_for_update(&mut tx, id).await?.ok_or(TriggerError::NotFound(id))?;
         let stored = self.open(&row)?;
-        let mut merged = spec_to_proto(&row.spec, None);
-        mask::apply(&mut merged, patch, paths).map_err(TriggerError::Invalid)?;
+        let merged = merge(&row.spec, patch, paths)?;
+        let url = |t: &v1::Trigger| t.webhook.as_ref().map(|w| w.url.clone());
+        if url(&merged) != url(&looked_up) {
+            refused = self.refused_dns_answer(&merged).await;
+        }
         // The API never returns secrets, so a client echoing a trigger back
         // sends them empty; validation keeps the stored values then.
-        let valid: ValidatedTrigger =
-            validate_trigger(&merged, "trigger.", Some((&row.spec, &stored))).map_err(TriggerError::Invalid)?;
+        let valid: ValidatedTrigger = self.validate(&merged, Some((&row.spec, &stored)), refused)?;
         if valid.spec == row.spec.0 && valid.secrets == stored {
             // Nothing to change, but secrets under an old key move to the
             // current one, as `rotate-keys` would do.
@@ -148,6 +171,34 @@ impl TriggerService {
         tracing::info!(trigger_id = %id, generation = row.generation, "trigger updated");
         self.notify();
         Ok(row)
+    }
+
+    /// Validation, with the webhook target policy: `refused` is what
+    /// [`Self::refused_dns_answer`] said of the webhook host, added to the
+    /// other violations unless the URL has one already.
+    fn validate(
+        &self,
+        t: &v1::Trigger,
+        existing: Option<(&TriggerSpec, &TriggerSecrets)>,
+        refused: Option<String>,
+    ) -> Result<ValidatedTrigger, TriggerError> {
+        let mut violations = match validate_trigger(t, PREFIX, existing, Some(&self.webhook_policy)) {
+            Ok(valid) if refused.is_none() => return Ok(valid),
+            Ok(_) => Vec::new(),
+            Err(violations) => violations,
+        };
+        if let Some(why) = refused.filter(|_| violations.iter().all(|v| v.field != URL_FIELD)) {
+            violations.push(FieldViolation::new(URL_FIELD, why));
+        }
+        Err(TriggerError::Invalid(violations))
+    }
+
+    /// Why the webhook host's DNS answers are refused by the target policy,
+    /// if one is. A name that does not resolve (in time) is no violation:
+    /// the nodes check every connection again.
+    async fn refused_dns_answer(&self, t: &v1::Trigger) -> Option<String> {
+        let url = &t.webhook.as_ref()?.url;
+        self.webhook_policy.refused_dns_answer(url, webhook_policy::LOOKUP_TIMEOUT).await
     }
 
     pub async fn set_enabled(&self, id: Uuid, enabled: bool) -> Result<TriggerRow, TriggerError> {
@@ -268,4 +319,11 @@ impl TriggerService {
             _ => Ok(TriggerSecrets::default()),
         }
     }
+}
+
+/// The stored trigger with `patch` applied to its `paths`.
+fn merge(spec: &TriggerSpec, patch: &v1::Trigger, paths: &[String]) -> Result<v1::Trigger, TriggerError> {
+    let mut merged = spec_to_proto(spec, None);
+    mask::apply(&mut merged, patch, paths).map_err(TriggerError::Invalid)?;
+    Ok(merged)
 }

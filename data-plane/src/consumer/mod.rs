@@ -135,7 +135,9 @@ impl PipelineDef {
             // offsets: the control plane always sends the stored one.
             return Err(format!("trigger {trigger_id} has no consumer group"));
         }
-        let validated = validate_trigger(trigger, "", None).map_err(|violations| {
+        // No target policy here: the workers check the webhook target when
+        // they connect, so a refused one fails its work orders, visibly.
+        let validated = validate_trigger(trigger, "", None, None).map_err(|violations| {
             let list: Vec<String> = violations.iter().map(|v| format!("{}: {}", v.field, v.description)).collect();
             format!("invalid configuration of trigger {trigger_id}: {}", list.join("; "))
         })?;

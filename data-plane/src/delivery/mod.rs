@@ -1,9 +1,11 @@
 //! Webhook delivery of work orders: the body built from a stored message
-//! ([`body`]), one HTTP attempt and its outcome ([`webhook`]), and when to try
-//! again ([`retry`]). Storage and scheduling of work orders live elsewhere.
+//! ([`body`]), one HTTP attempt and its outcome ([`webhook`]), which
+//! addresses it may reach ([`target_policy`]), and when to try again
+//! ([`retry`]). Storage and scheduling of work orders live elsewhere.
 
 pub mod body;
 pub mod retry;
+pub mod target_policy;
 pub mod webhook;
 
 pub use body::{build_body, MessageForBody};

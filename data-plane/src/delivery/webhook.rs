@@ -12,6 +12,7 @@
 //! | other 2xx                               | `Succeeded`                    |
 //! | 3xx, 4xx, 5xx (incl. 408, 429)          | `RetryableFailure`             |
 //! | timeout, connection or protocol error   | `RetryableFailure`             |
+//! | target refused by the webhook target policy | `RetryableFailure` ([`REFUSED`]) |
 //! | request cannot be built (missing secret, invalid header or URL) | `PermanentFailure` |
 //!
 //! Every 4xx is retryable on purpose: targets return 401/403/404 transiently
@@ -21,18 +22,38 @@
 //! `PermanentFailure` is kept for what no retry with the same configuration
 //! can fix; the worker should fail the work order at once.
 //!
+//! A target the node's webhook target policy refuses (an IP literal in a
+//! denied range, or a name none of whose DNS answers is allowed; see
+//! [`super::target_policy`]) gets no connection at all. It is retried like
+//! any other connection failure rather than failed at once: DNS answers
+//! change, and so does the policy when an operator widens it and restarts
+//! the nodes; names and literals are treated alike, so the outcome does not
+//! depend on how the target is spelled. Its error is always [`REFUSED`],
+//! whether or not anything listens, so `last_error` tells nothing about a
+//! denied range.
+//!
+//! Environment proxies (`HTTP_PROXY`, `HTTPS_PROXY`, `ALL_PROXY`, honouring
+//! `NO_PROXY`) are used, as reqwest does by default: through one, the node
+//! connects only to the proxy, so the resolver checks the proxy's address and
+//! the proxy resolves the target's name; IP-literal targets are still
+//! checked here before sending.
+//!
 //! Redirects are not followed: following one would turn the POST into a GET
 //! (301/302/303) and send the secret headers to whatever host the target
 //! names. A 3xx is a failure that names the `Location`.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use kt_common::trigger::{TriggerSecrets, WebhookTarget, DEFAULT_WEBHOOK_TIMEOUT_MS};
+use kt_common::webhook_policy::WebhookPolicy;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, LOCATION, RETRY_AFTER};
 use reqwest::StatusCode;
 use tracing::debug;
+
+use super::target_policy::{self, PolicyResolver, REFUSED};
 
 /// Carries the idempotency key so a target can drop a repeated attempt.
 pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
@@ -92,18 +113,22 @@ pub enum WebhookClientError {
 #[derive(Debug, Clone)]
 pub struct WebhookClient {
     http: reqwest::Client,
+    policy: Arc<WebhookPolicy>,
 }
 
 impl WebhookClient {
-    pub fn new() -> Result<Self, WebhookClientError> {
+    /// A client that connects only to addresses `policy` allows.
+    pub fn new(policy: WebhookPolicy) -> Result<Self, WebhookClientError> {
+        let policy = Arc::new(policy);
         let http = reqwest::Client::builder()
+            .dns_resolver(Arc::new(PolicyResolver::new(policy.clone())))
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("kafka-triggers/", env!("CARGO_PKG_VERSION")))
             // Notice targets that vanished without closing pooled connections.
             .tcp_keepalive(Duration::from_secs(60))
             .build()
             .map_err(WebhookClientError::Build)?;
-        Ok(Self { http })
+        Ok(Self { http, policy })
     }
 
     /// POSTs `body` (a work-order body, JSON) to `target` once.
@@ -127,6 +152,10 @@ impl WebhookClient {
         };
         let timeout_ms = if target.timeout_ms == 0 { DEFAULT_WEBHOOK_TIMEOUT_MS } else { target.timeout_ms };
         let timeout = Duration::from_millis(u64::from(timeout_ms));
+
+        if target_policy::refuses_literal(&self.policy, &target.url) {
+            return DeliveryOutcome::RetryableFailure { error: REFUSED.to_owned(), retry_after: None };
+        }
 
         let started = Instant::now();
         let sent = self.http.post(&target.url).headers(headers).timeout(timeout).body(body).send().await;
@@ -283,6 +312,9 @@ fn truncate(text: &str, max_chars: usize) -> Cow<'_, str> {
 }
 
 fn transport_failure(e: reqwest::Error, timeout: Duration) -> DeliveryOutcome {
+    if target_policy::is_refusal(&e) {
+        return DeliveryOutcome::RetryableFailure { error: REFUSED.to_owned(), retry_after: None };
+    }
     if e.is_builder() {
         return DeliveryOutcome::PermanentFailure { error: format!("invalid request: {}", describe(e)) };
     }

@@ -13,6 +13,7 @@ use std::time::Duration;
 use kt_common::backoff::Backoff;
 use kt_common::secret::Secret;
 use kt_common::trigger::{TriggerSecrets, TriggerSpec};
+use kt_common::webhook_policy::WebhookPolicy;
 use kt_proto::internal::work_service_client::WorkServiceClient;
 use kt_proto::internal::worker_message::Msg;
 use kt_proto::internal::{Credit, SetOutcomes, WorkerHello, WorkerMessage};
@@ -49,7 +50,8 @@ pub struct TriggerConfig {
 pub fn config_of(spec: &kt_proto::internal::PipelineSpec) -> Option<TriggerConfig> {
     let trigger = spec.trigger.as_ref()?;
     let id = Uuid::parse_str(&trigger.id).ok()?;
-    match kt_common::trigger::validate_trigger(trigger, "", None) {
+    // The target policy is the webhook client's, at connect time.
+    match kt_common::trigger::validate_trigger(trigger, "", None, None) {
         Ok(valid) => {
             Some(TriggerConfig { id, generation: trigger.generation, spec: valid.spec, secrets: valid.secrets })
         }
@@ -90,6 +92,8 @@ pub struct WorkerConfig {
     pub node_id: String,
     /// Sets processed at once by this node.
     pub capacity: u32,
+    /// Which addresses webhooks may reach, checked at every connection.
+    pub webhook_policy: WebhookPolicy,
 }
 
 /// Runs the work stream until `shutdown`: reconnects with backoff; on
@@ -101,7 +105,7 @@ pub async fn run(
     triggers: TriggerDirectory,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let ctx = Arc::new(Context { pool, webhook: WebhookClient::new()? });
+    let ctx = Arc::new(Context { pool, webhook: WebhookClient::new(config.webhook_policy.clone())? });
     let mut failures = 0;
     let mut tries = 0;
     while !shutdown.is_cancelled() {

@@ -132,7 +132,7 @@ async fn limit_consume(opts: &Options, broker: &Broker, topic: &str, n: usize) -
         webhook: Some(kt_proto::v1::WebhookTarget { url: "http://127.0.0.1:9/hook".into(), ..Default::default() }),
         ..Default::default()
     };
-    let v = kt_common::trigger::validate_trigger(&t, "", None)
+    let v = kt_common::trigger::validate_trigger(&t, "", None, None)
         .map_err(|violations| anyhow::anyhow!("invalid limit trigger: {violations:?}"))?;
     let config = KafkaConfig::for_trigger(
         &v.spec,

@@ -16,6 +16,7 @@ use kt_common::dispatch::grant::{self, Room};
 use kt_common::dispatch::round::{self, AfterSuccess, Posted, Success};
 use kt_common::dispatch::{Attempt, Candidate};
 use kt_common::trigger::{TriggerSecrets, WebhookTarget};
+use kt_common::webhook_policy::WebhookPolicy;
 use kt_data_plane::delivery::{build_body, DeliveryOutcome, MessageForBody, WebhookClient};
 use serde_json::{json, Map, Value};
 use uuid::Uuid;
@@ -146,7 +147,7 @@ fn typical_body() -> String {
 /// nothing. Every request must succeed.
 async fn limit_post(concurrency: usize, duration: Duration) -> anyhow::Result<f64> {
     let receiver = WebhookReceiver::start("127.0.0.1:0".parse()?).await?;
-    let client = WebhookClient::new()?;
+    let client = WebhookClient::new(WebhookPolicy::default())?;
     let target = Arc::new(WebhookTarget { url: receiver.url(), headers: Vec::new(), timeout_ms: 0 });
     let secrets = Arc::new(TriggerSecrets::default());
     let body = Bytes::from(typical_body());
