@@ -7,4 +7,5 @@ pub mod db;
 pub mod dispatch;
 pub mod secret;
 pub mod telemetry;
+pub mod tls;
 pub mod trigger;
