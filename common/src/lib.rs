@@ -8,5 +8,6 @@ pub mod db;
 pub mod dispatch;
 pub mod secret;
 pub mod telemetry;
+pub mod tls;
 pub mod trigger;
 pub mod webhook_policy;

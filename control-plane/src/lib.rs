@@ -12,6 +12,7 @@ pub mod retention;
 pub mod scheduler;
 pub mod sets;
 pub mod status;
+pub mod tls;
 pub mod triggers;
 pub mod work_orders;
 
@@ -32,12 +33,14 @@ use tokio_util::sync::CancellationToken;
 pub struct Config {
     pub database_url: String,
     pub grpc_listen: SocketAddr,
+    /// TLS of the gRPC listener; `None`: plaintext HTTP/2.
+    pub tls: Option<tls::ServerTls>,
     pub metrics_listen: Option<SocketAddr>,
     pub api_token: Option<Secret>,
     pub node_token: Option<Secret>,
-    /// Serve the node protocol without a node token. It hands every
-    /// trigger's decrypted credentials to its peer, so running it open has to
-    /// be asked for by name (`--insecure-open-node-protocol`).
+    /// Serve the node protocol without a node token or client certificates.
+    /// It hands every trigger's decrypted credentials to its peer, so running
+    /// it open has to be asked for by name (`--insecure-open-node-protocol`).
     pub insecure_open_node_protocol: bool,
     pub keys: Keyring,
     /// How often sessions exchange heartbeats with nodes.
@@ -61,6 +64,7 @@ impl Config {
         Self {
             database_url: database_url.into(),
             grpc_listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            tls: None,
             metrics_listen: None,
             api_token: None,
             node_token: None,
@@ -95,6 +99,7 @@ pub struct Running {
 /// Connects, migrates, binds and starts serving in the background.
 pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Running> {
     check_node_auth(&config)?;
+    let tls = config.tls.as_ref().map(tls::ServerTls::load).transpose()?;
     let pool = kt_common::db::connect(&config.database_url, config.max_db_connections)
         .await
         .context("failed to connect to the database")?;
@@ -106,7 +111,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     if config.api_token.is_none() {
         tracing::warn!("no API token configured: the public API is open to anyone who can reach {addr}");
     }
-    if config.node_token.is_none() {
+    if config.node_token.is_none() && !node_certificates(&config) {
         tracing::warn!(
             "INSECURE: the node protocol is open (--insecure-open-node-protocol): anyone who can reach {addr} \
              receives every trigger's decrypted credentials"
@@ -126,21 +131,30 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let retention = retention::Retention { events: config.event_retention, work_orders: config.work_order_retention };
     tokio::spawn(retention::run(pool.clone(), retention, shutdown.clone()));
     let state = AppState { triggers, registry: nodes::NodeRegistry::default(), scheduler, events, pool };
-    let auth = grpc::AuthLayer::new(config.api_token.clone(), config.node_token.clone());
-    tracing::info!(%addr, "control plane listening");
-    let task = tokio::spawn(grpc::serve(state, auth, listener, config.heartbeat, shutdown));
+    let auth = grpc::AuthLayer::new(config.api_token.clone(), config.node_token.clone(), node_certificates(&config));
+    tracing::info!(%addr, tls = tls.is_some(), node_certificates = node_certificates(&config), "control plane listening");
+    let task = tokio::spawn(grpc::serve(state, auth, listener, tls, config.heartbeat, shutdown));
     Ok(Running { addr, task })
+}
+
+/// Whether nodes authenticate with a client certificate (mutual TLS).
+fn node_certificates(config: &Config) -> bool {
+    config.tls.as_ref().is_some_and(tls::ServerTls::mutual)
 }
 
 /// Refuses to serve the node protocol unauthenticated unless that was asked
 /// for: its assignments carry decrypted passwords, client keys and secret
 /// headers, so an open default would give them to anyone who can connect.
+/// A node token, a node client certificate (mutual TLS) or both (then a
+/// node needs both) authenticate nodes.
 fn check_node_auth(config: &Config) -> anyhow::Result<()> {
-    if config.node_token.is_none() && !config.insecure_open_node_protocol {
+    if config.node_token.is_none() && !node_certificates(config) && !config.insecure_open_node_protocol {
         anyhow::bail!(
-            "refusing to start without a node token: data-plane nodes receive every trigger's decrypted \
+            "refusing to start without node authentication: data-plane nodes receive every trigger's decrypted \
              credentials, so the node protocol must be authenticated. Set --node-token / KT_NODE_TOKEN (and give \
-             the nodes the same token), or pass --insecure-open-node-protocol to run it open on purpose"
+             the nodes the same token), or --node-client-ca / KT_NODE_CLIENT_CA with --tls-cert and --tls-key \
+             (mutual TLS: nodes present client certificates), or pass --insecure-open-node-protocol to run it \
+             open on purpose"
         );
     }
     Ok(())
@@ -160,6 +174,9 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
     // Before waiting for the leader lock: a standby with a bad configuration
     // should fail now, not when it takes over.
     check_node_auth(&config)?;
+    if let Some(tls) = &config.tls {
+        tls.load()?;
+    }
     scheduler::check_lease(config.claim_lease)?;
     metrics::gauge!("kt_control_plane_active").set(0.0);
     loop {
@@ -264,6 +281,29 @@ fn database_unavailable(error: &anyhow::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_nodes_authenticate_with_a_token_a_certificate_or_on_purpose_not_at_all() {
+        let tls = |node_client_ca: Option<&str>| tls::ServerTls {
+            cert: "cert.pem".into(),
+            key: "key.pem".into(),
+            node_client_ca: node_client_ca.map(Into::into),
+        };
+        let config = |token: bool, tls: Option<tls::ServerTls>, open: bool| Config {
+            node_token: token.then(|| Secret::new("t")),
+            tls,
+            insecure_open_node_protocol: open,
+            ..Config::new("postgres://localhost/kt")
+        };
+        assert!(check_node_auth(&config(true, None, false)).is_ok());
+        assert!(check_node_auth(&config(false, Some(tls(Some("ca.pem"))), false)).is_ok());
+        assert!(check_node_auth(&config(true, Some(tls(Some("ca.pem"))), false)).is_ok());
+        assert!(check_node_auth(&config(false, None, true)).is_ok());
+        // TLS without client certificates authenticates nobody.
+        let error = check_node_auth(&config(false, Some(tls(None)), false)).unwrap_err().to_string();
+        assert!(error.contains("--node-client-ca"), "{error}");
+        assert!(check_node_auth(&config(false, None, false)).is_err());
+    }
 
     #[test]
     fn test_only_an_unreachable_database_is_waited_out() {

@@ -1,6 +1,7 @@
 //! `control-plane`: serve the API (default) or apply migrations.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -23,6 +24,23 @@ struct Cli {
     #[arg(long, env = "KT_GRPC_LISTEN", default_value = "127.0.0.1:50051")]
     grpc_listen: SocketAddr,
 
+    /// PEM certificate (chain, leaf first) of the gRPC listener: with
+    /// --tls-key, the listener speaks TLS only. None: plaintext HTTP/2.
+    #[arg(long, env = "KT_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "KT_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+
+    /// PEM CA certificate(s) that sign data-plane nodes' client
+    /// certificates (mutual TLS; needs --tls-cert). Nodes must then present
+    /// one whose subject CN or a DNS name is their node id; API callers need
+    /// none. Authenticates nodes on its own or, with --node-token, together
+    /// with the token.
+    #[arg(long, env = "KT_NODE_CLIENT_CA", requires = "tls_cert")]
+    node_client_ca: Option<PathBuf>,
+
     /// Address of the Prometheus /metrics endpoint; none = no metrics server.
     #[arg(long, env = "KT_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
@@ -31,15 +49,17 @@ struct Cli {
     #[arg(long, env = "KT_API_TOKEN", hide_env_values = true)]
     api_token: Option<String>,
 
-    /// Bearer token data-plane nodes must present. Required: the control
-    /// plane refuses to start without one unless
+    /// Bearer token data-plane nodes must present. Required unless nodes
+    /// authenticate with client certificates (--node-client-ca): the control
+    /// plane refuses to start without either unless
     /// --insecure-open-node-protocol is given.
     #[arg(long, env = "KT_NODE_TOKEN", hide_env_values = true)]
     node_token: Option<String>,
 
-    /// Serve the node protocol without a node token. Anyone who can reach
-    /// the port then receives every trigger's decrypted credentials; only
-    /// for a port nothing else can reach.
+    /// Serve the node protocol without node authentication (no node token,
+    /// no --node-client-ca). Anyone who can reach the port then receives
+    /// every trigger's decrypted credentials; only for a port nothing else
+    /// can reach.
     #[arg(long, env = "KT_INSECURE_OPEN_NODE_PROTOCOL")]
     insecure_open_node_protocol: bool,
 
@@ -119,8 +139,16 @@ async fn main() -> anyhow::Result<()> {
         telemetry::install_metrics(addr).context("failed to start the metrics endpoint")?;
     }
     let non_empty = |s: Option<String>| s.filter(|s| !s.is_empty()).map(Secret::new);
+    let tls = match (cli.tls_cert, cli.tls_key) {
+        (Some(cert), Some(key)) => {
+            Some(kt_control_plane::tls::ServerTls { cert, key, node_client_ca: cli.node_client_ca })
+        }
+        // clap enforces the pairs (`requires`).
+        _ => None,
+    };
     let config = kt_control_plane::Config {
         grpc_listen: cli.grpc_listen,
+        tls,
         metrics_listen: cli.metrics_listen,
         api_token: non_empty(cli.api_token),
         node_token: non_empty(cli.node_token),

@@ -4,10 +4,12 @@
 //!
 //! Where things live: `consumer/` reads Kafka and stores/commits offsets,
 //! `store/` writes messages to Postgres, `pipelines/` starts and stops
-//! consumers as assigned, `session/` talks to the control plane, `status/`
-//! holds what is reported back.
+//! consumers as assigned, `control_plane.rs` connects to the control plane,
+//! `session/` holds the node's session with it, `worker/` its work stream,
+//! `status/` holds what is reported back.
 
 pub mod consumer;
+pub mod control_plane;
 pub mod delivery;
 pub mod pipelines;
 pub mod session;
@@ -26,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::consumer::IngestSettings;
+use crate::control_plane::{ClientTls, ControlPlane};
 use crate::pipelines::{spawn_supervisor, SupervisorEnv};
 use crate::session::{run_session, SessionSettings};
 use crate::status::StatusBoard;
@@ -45,6 +48,8 @@ pub struct Config {
     pub control_plane_url: String,
     /// What the node presents to the control plane.
     pub node_token: Option<Secret>,
+    /// TLS towards an `https://` control plane (CA, client certificate).
+    pub tls: ClientTls,
     /// Unique per running node; a generated one by default.
     pub node_id: String,
     /// Message sets this node works on at once (see `worker/`); 0 runs no
@@ -70,6 +75,7 @@ impl Config {
             database_url: database_url.into(),
             control_plane_url: control_plane_url.into(),
             node_token: None,
+            tls: ClientTls::default(),
             node_id: generate_node_id(),
             workers: DEFAULT_WORKERS,
             db_max_connections: 10,
@@ -82,13 +88,21 @@ impl Config {
         }
     }
 
-    fn session_settings(&self, triggers: TriggerDirectory) -> SessionSettings {
+    /// The connection both the session and the work stream use; an error
+    /// (bad URL, token or TLS file) stops the node at start-up.
+    fn control_plane(&self) -> anyhow::Result<ControlPlane> {
+        let control_plane = ControlPlane::new(&self.control_plane_url, self.node_token.as_ref(), &self.tls)
+            .context("invalid control plane connection settings")?;
+        Ok(control_plane.with_keepalive(self.heartbeat_interval, self.control_plane_timeout))
+    }
+
+    fn session_settings(&self, control_plane: ControlPlane, triggers: TriggerDirectory) -> SessionSettings {
         SessionSettings {
             triggers: Some(triggers),
             heartbeat_interval: self.heartbeat_interval,
             peer_timeout: self.control_plane_timeout,
             reconnect_backoff: self.reconnect_backoff,
-            ..SessionSettings::new(&self.control_plane_url, &self.node_id, self.node_token.clone())
+            ..SessionSettings::new(control_plane, &self.node_id)
         }
     }
 }
@@ -137,8 +151,8 @@ pub async fn check_schema(pool: &PgPool) -> anyhow::Result<()> {
 /// reports and close the session.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let triggers = TriggerDirectory::default();
-    let session_settings = config.session_settings(triggers.clone());
-    session_settings.authorization().context("invalid node token")?;
+    let control_plane = config.control_plane()?;
+    let session_settings = config.session_settings(control_plane.clone(), triggers.clone());
     let pool = kt_common::db::connect(&config.database_url, config.db_max_connections)
         .await
         .context("failed to connect to the database")?;
@@ -163,8 +177,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let worker_pool = kt_common::db::generic_plan_pool(&pool, config.db_max_connections);
     let workers_task = (config.workers > 0).then(|| {
         let worker_config = WorkerConfig {
-            control_plane_url: config.control_plane_url.clone(),
-            node_token: config.node_token.clone(),
+            control_plane,
             node_id: config.node_id.clone(),
             capacity: config.workers as u32,
             webhook_policy: config.webhook_policy.clone(),

@@ -3,12 +3,14 @@
 //! SIGTERM.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
 use kt_common::secret::Secret;
 use kt_common::telemetry::{self, LogFormat};
+use kt_data_plane::control_plane::ClientTls;
 use kt_data_plane::{run, Config};
 
 /// A Kafka triggers data-plane node: consumes the Kafka topics of the
@@ -18,9 +20,28 @@ use kt_data_plane::{run, Config};
 #[command(name = "data-plane", version)]
 struct Args {
     /// gRPC URL of the control plane; several replicas comma-separated
-    /// (the node connects to whichever is active).
+    /// (the node connects to whichever is active). https:// speaks TLS.
     #[arg(long, env = "KT_CONTROL_PLANE_URL", default_value = "http://127.0.0.1:50051")]
     control_plane_url: String,
+
+    /// PEM CA certificate(s) to verify an https:// control plane with;
+    /// none: the system's trusted roots.
+    #[arg(long, env = "KT_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+
+    /// PEM client certificate this node presents to an https:// control
+    /// plane (mutual TLS: its subject CN or a DNS name must be the node id).
+    #[arg(long, env = "KT_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "KT_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+
+    /// The name the control plane's certificate must be issued for, when
+    /// it is not the URL's host.
+    #[arg(long, env = "KT_TLS_DOMAIN")]
+    tls_domain: Option<String>,
 
     /// Postgres URL, e.g. postgres://user@host:5432/kafka_triggers.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
@@ -114,6 +135,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let mut config = Config::new(args.database_url, args.control_plane_url);
     config.node_token = args.node_token.filter(|t| !t.is_empty()).map(Secret::new);
+    config.tls = ClientTls { ca: args.tls_ca, cert: args.tls_cert, key: args.tls_key, domain: args.tls_domain };
     let fixed_id = args.node_id.filter(|id| !id.trim().is_empty());
     config.ingest.static_membership = match args.kafka_static_membership {
         StaticMembership::Auto => fixed_id.is_some(),

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use kt_common::backoff::Backoff;
 use kt_common::secret::Secret;
+use kt_data_plane::control_plane::{ClientTls, ControlPlane};
 use kt_data_plane::pipelines::{spawn_supervisor, SupervisorEnv, SupervisorHandle};
 use kt_data_plane::session::{run_session, SessionSettings};
 use kt_data_plane::status::StatusBoard;
@@ -115,7 +116,10 @@ fn session_settings(url: &str, token: &str) -> SessionSettings {
         heartbeat_interval: Duration::from_millis(200),
         peer_timeout: Duration::from_secs(5),
         reconnect_backoff: Backoff::new(Duration::from_millis(50), Duration::from_millis(200)),
-        ..SessionSettings::new(url, "node-test-1", Some(Secret::new(token)))
+        ..SessionSettings::new(
+            ControlPlane::new(url, Some(&Secret::new(token)), &ClientTls::default()).unwrap(),
+            "node-test-1",
+        )
     }
 }
 

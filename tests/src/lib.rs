@@ -98,8 +98,11 @@ fn replace_database(url: &str, db: &str) -> String {
 #[derive(Clone, Default)]
 pub struct ControlPlaneOptions {
     pub api_token: Option<String>,
-    /// Defaults to [`TEST_NODE_TOKEN`], which [`TestNode`] presents.
+    /// Defaults to [`TEST_NODE_TOKEN`], which [`TestNode`] presents;
+    /// `Some("")` means no node token (nodes then need another way in).
     pub node_token: Option<String>,
+    /// TLS of the listener (and mutual TLS for nodes); plaintext when `None`.
+    pub tls: Option<kt_control_plane::tls::ServerTls>,
     /// Defaults to [`TEST_ENCRYPTION_KEY`]; `Some("")` means no key.
     pub encryption_key: Option<String>,
     pub heartbeat: Option<Duration>,
@@ -115,6 +118,8 @@ pub struct ControlPlaneOptions {
 /// A control plane running in this process on a free port.
 pub struct TestControlPlane {
     pub addr: SocketAddr,
+    /// Serves TLS: [`Self::url`] is `https://`.
+    pub tls: bool,
     pub shutdown: CancellationToken,
     pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -125,7 +130,12 @@ impl TestControlPlane {
         let config = kt_control_plane::Config {
             grpc_listen: opts.listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
             api_token: opts.api_token.map(Secret::new),
-            node_token: Some(Secret::new(opts.node_token.unwrap_or_else(|| TEST_NODE_TOKEN.into()))),
+            node_token: match opts.node_token.as_deref() {
+                None => Some(Secret::new(TEST_NODE_TOKEN)),
+                Some("") => None,
+                Some(token) => Some(Secret::new(token)),
+            },
+            tls: opts.tls.clone(),
             keys: Keyring::from_base64([key.as_str()])?,
             heartbeat: opts.heartbeat.unwrap_or(Duration::from_millis(500)),
             claim_lease: opts.claim_lease.unwrap_or(kt_common::dispatch::lease::DEFAULT_LEASE),
@@ -134,11 +144,12 @@ impl TestControlPlane {
         };
         let shutdown = CancellationToken::new();
         let running = kt_control_plane::start(config, shutdown.clone()).await?;
-        Ok(Self { addr: running.addr, shutdown, task: running.task })
+        Ok(Self { addr: running.addr, tls: opts.tls.is_some(), shutdown, task: running.task })
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     pub async fn channel(&self) -> anyhow::Result<Channel> {

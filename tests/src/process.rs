@@ -22,6 +22,11 @@ const OUTPUT_LINES: usize = 2_000;
 /// does (auth, ports, telemetry); the test says what it wants instead.
 const SCRUBBED_ENV: &[&str] = &[
     "KT_NODE_TOKEN",
+    "KT_TLS_CA",
+    "KT_TLS_CERT",
+    "KT_TLS_KEY",
+    "KT_TLS_DOMAIN",
+    "KT_NODE_CLIENT_CA",
     "KT_METRICS_LISTEN",
     "KT_LOG_FORMAT",
     "KT_WORKERS",

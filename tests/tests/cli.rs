@@ -130,6 +130,7 @@ async fn test_control_plane_refuses_to_start_without_a_node_token_or_the_insecur
             .env("KT_GRPC_LISTEN", "127.0.0.1:0")
             .env_remove("KT_NODE_TOKEN")
             .env_remove("KT_INSECURE_OPEN_NODE_PROTOCOL")
+            .env_remove("KT_NODE_CLIENT_CA")
             .env("RUST_LOG", "warn")
             .env("NO_COLOR", "1")
             .kill_on_drop(true);
@@ -139,8 +140,9 @@ async fn test_control_plane_refuses_to_start_without_a_node_token_or_the_insecur
         tokio::time::timeout(Duration::from_secs(30), control_plane().output()).await.expect("exits at once").unwrap();
     assert!(!out.status.success());
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains("refusing to start without a node token"), "{text}");
+    assert!(text.contains("refusing to start without node authentication"), "{text}");
     assert!(text.contains("--node-token") && text.contains("--insecure-open-node-protocol"), "{text}");
+    assert!(text.contains("--node-client-ca"), "{text}");
 
     // Asked for by name, it runs open, and says so loudly.
     let mut child = control_plane().arg("--insecure-open-node-protocol").stdout(Stdio::piped()).spawn().unwrap();

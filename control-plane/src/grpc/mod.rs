@@ -1,11 +1,13 @@
 //! The gRPC server: public services, the node protocol, reflection and
-//! health, behind the authentication layer. Handlers are thin adapters.
+//! health, behind the authentication layer, over TLS when configured.
+//! Handlers are thin adapters.
 
 mod auth;
 mod convert;
 mod events;
 mod message_sets;
 mod nodes;
+mod peer;
 mod triggers;
 mod work;
 mod work_orders;
@@ -36,6 +38,7 @@ pub async fn serve(
     state: AppState,
     auth: AuthLayer,
     listener: TcpListener,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     heartbeat: Duration,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -58,7 +61,11 @@ pub async fn serve(
         shutdown.clone(),
     );
 
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls)?;
+    }
+    server
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .layer(auth)

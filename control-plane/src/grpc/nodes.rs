@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use uuid::Uuid;
 
+use super::peer::NodeIdentity;
 use crate::events::{self, EventKind};
 use crate::nodes::{desired_assignment, NodeRegistry};
 use crate::triggers::TriggerService;
@@ -61,6 +62,7 @@ impl NodeService for NodeHandler {
     type SessionStream = Pin<Box<dyn Stream<Item = Result<ControlMessage, Status>> + Send>>;
 
     async fn session(&self, req: Request<Streaming<NodeMessage>>) -> Result<Response<Self::SessionStream>, Status> {
+        let certificate = NodeIdentity::of(&req);
         let mut inbound = req.into_inner();
         let hello = match inbound.message().await? {
             Some(NodeMessage { msg: Some(NodeMsg::Hello(hello)) }) => hello,
@@ -75,6 +77,7 @@ impl NodeService for NodeHandler {
         if node_id.is_empty() || node_id.len() > 200 {
             return Err(invalid_argument(&[FieldViolation::new("hello.node_id", "must be 1-200 characters")]));
         }
+        NodeIdentity::admit(certificate.as_ref(), &node_id)?;
         let expected = kt_common::db::expected_schema_version();
         if hello.schema_version != expected {
             return Err(Status::failed_precondition(format!(

@@ -14,6 +14,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use uuid::Uuid;
 
+use super::peer::NodeIdentity;
 use crate::scheduler::{Scheduler, GRANT_CAPACITY};
 
 pub struct WorkHandler {
@@ -25,6 +26,7 @@ impl WorkService for WorkHandler {
     type WorkStream = Pin<Box<dyn Stream<Item = Result<WorkGrant, Status>> + Send>>;
 
     async fn work(&self, req: Request<Streaming<WorkerMessage>>) -> Result<Response<Self::WorkStream>, Status> {
+        let certificate = NodeIdentity::of(&req);
         let mut inbound = req.into_inner();
         let node_id = match inbound.message().await? {
             Some(WorkerMessage { msg: Some(Msg::Hello(h)) }) if !h.node_id.trim().is_empty() => h.node_id,
@@ -35,6 +37,7 @@ impl WorkService for WorkHandler {
                 )]))
             }
         };
+        NodeIdentity::admit(certificate.as_ref(), &node_id)?;
         let session = Uuid::now_v7();
         let (tx, rx) = mpsc::channel(GRANT_CAPACITY);
         self.scheduler.join(session, node_id, tx).await;

@@ -1,9 +1,10 @@
-//! The node's session with the control plane: one bidirectional stream,
-//! authenticated with the node token. The node says hello, sends heartbeats
-//! (its own, and an answer to each of the control plane's) and pipeline
-//! reports; the control plane sends assignments (full desired state,
-//! versioned) and heartbeats. A lost session is reconnected with
-//! jittered backoff; meanwhile the pipelines keep running as last assigned.
+//! The node's session with the control plane: one bidirectional stream
+//! over the node's [`ControlPlane`] connection (TLS, node token). The node
+//! says hello, sends heartbeats (its own, and an answer to each of the
+//! control plane's) and pipeline reports; the control plane sends
+//! assignments (full desired state, versioned) and heartbeats. A lost
+//! session is reconnected with jittered backoff; meanwhile the pipelines
+//! keep running as last assigned.
 
 mod assembly;
 
@@ -13,7 +14,6 @@ use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use kt_common::backoff::Backoff;
-use kt_common::secret::Secret;
 use kt_proto::internal::node_service_client::NodeServiceClient;
 use kt_proto::internal::{
     control_message, node_message, ControlMessage, Heartbeat, Hello, NodeMessage, PipelineReport, PipelineState,
@@ -24,9 +24,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::worker::TriggerDirectory;
-use tonic::metadata::MetadataValue;
-use tonic::transport::Endpoint;
 
+use crate::control_plane::{ControlPlane, ControlPlaneError};
 use crate::pipelines::SupervisorHandle;
 use crate::status::{Reports, StatusBoard};
 
@@ -40,15 +39,13 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone)]
 pub struct SessionSettings {
-    pub control_plane_url: String,
+    /// Where to connect (replicas tried in turn), how, with which token.
+    pub control_plane: ControlPlane,
     pub node_id: String,
-    /// Presented as `authorization: Bearer <token>`; none: no header.
-    pub node_token: Option<Secret>,
     pub heartbeat_interval: Duration,
     /// Without any message from the control plane for this long, the
     /// session is considered dead and reconnected.
     pub peer_timeout: Duration,
-    pub connect_timeout: Duration,
     pub reconnect_backoff: Backoff,
     /// Where the workers look up the triggers of this node's assignment
     /// (webhook target, secrets, retry policy); replaced on every assignment.
@@ -56,36 +53,22 @@ pub struct SessionSettings {
 }
 
 impl SessionSettings {
-    pub fn new(control_plane_url: impl Into<String>, node_id: impl Into<String>, node_token: Option<Secret>) -> Self {
+    pub fn new(control_plane: ControlPlane, node_id: impl Into<String>) -> Self {
         Self {
-            control_plane_url: control_plane_url.into(),
+            control_plane,
             node_id: node_id.into(),
-            node_token,
             heartbeat_interval: Duration::from_secs(5),
             peer_timeout: Duration::from_secs(30),
-            connect_timeout: Duration::from_secs(5),
             reconnect_backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(10)),
             triggers: None,
         }
-    }
-
-    /// The `authorization` header value, checked once at start-up.
-    pub fn authorization(&self) -> Result<Option<MetadataValue<tonic::metadata::Ascii>>, SessionError> {
-        self.node_token
-            .as_ref()
-            .map(|t| format!("Bearer {}", t.expose()).parse().map_err(|_| SessionError::BadToken))
-            .transpose()
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
-    #[error("the node token contains characters not allowed in a header")]
-    BadToken,
-    #[error("invalid control plane URL: {0}")]
-    BadUrl(String),
-    #[error("cannot connect to the control plane: {0}")]
-    Connect(#[source] tonic::transport::Error),
+    #[error(transparent)]
+    ControlPlane(#[from] ControlPlaneError),
     #[error("control plane session failed: {0}")]
     Rpc(#[source] tonic::Status),
     #[error("control plane closed the session")]
@@ -110,14 +93,13 @@ pub async fn run_session(
         let started = Instant::now();
         // With several control-plane replicas listed, each attempt tries the
         // next one: only the active replica accepts connections.
-        let mut current = settings.clone();
-        current.control_plane_url = crate::control_plane_url(&settings.control_plane_url, tries);
+        let url = settings.control_plane.url(tries);
         tries = tries.wrapping_add(1);
-        match session_once(&current, &supervisor, &board, &cancel).await {
+        match session_once(&settings, &url, &supervisor, &board, &cancel).await {
             Ok(()) => return,
             Err(SessionError::SupervisorGone) => return,
             Err(e) => {
-                tracing::warn!(url = %settings.control_plane_url, error = %e, "control plane session lost; pipelines keep running")
+                tracing::warn!(%url, error = %e, "control plane session lost; pipelines keep running")
             }
         }
         // A session that lasted a while was healthy: start backing off anew.
@@ -135,20 +117,14 @@ pub async fn run_session(
 
 async fn session_once(
     settings: &SessionSettings,
+    url: &str,
     supervisor: &SupervisorHandle,
     board: &StatusBoard,
     cancel: &CancellationToken,
 ) -> Result<(), SessionError> {
-    let endpoint = Endpoint::from_shared(settings.control_plane_url.clone())
-        .map_err(|e| SessionError::BadUrl(e.to_string()))?
-        .connect_timeout(settings.connect_timeout)
-        // Transport-level liveness, independent of our heartbeats.
-        .http2_keep_alive_interval(settings.heartbeat_interval)
-        .keep_alive_timeout(settings.peer_timeout)
-        .keep_alive_while_idle(true);
     let channel = tokio::select! {
         _ = cancel.cancelled() => return Ok(()),
-        channel = endpoint.connect() => channel.map_err(SessionError::Connect)?,
+        channel = settings.control_plane.connect(url) => channel?,
     };
     let mut client = NodeServiceClient::new(channel);
     let (out, out_rx) = mpsc::channel(OUTBOUND_CAPACITY);
@@ -160,15 +136,12 @@ async fn session_once(
             version: env!("CARGO_PKG_VERSION").to_owned(),
         }))
         .await?;
-    let mut request = tonic::Request::new(ReceiverStream::new(out_rx));
-    if let Some(auth) = settings.authorization()? {
-        request.metadata_mut().insert("authorization", auth);
-    }
+    let request = settings.control_plane.request(ReceiverStream::new(out_rx));
     let mut inbound = tokio::select! {
         _ = cancel.cancelled() => return Ok(()),
         response = client.session(request) => response.map_err(SessionError::Rpc)?.into_inner(),
     };
-    tracing::info!(url = %settings.control_plane_url, node_id = %settings.node_id, "connected to the control plane");
+    tracing::info!(%url, node_id = %settings.node_id, "connected to the control plane");
 
     let mut reports = board.subscribe();
     let mut sent = HashMap::new();

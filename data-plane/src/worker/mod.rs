@@ -11,7 +11,6 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use kt_common::backoff::Backoff;
-use kt_common::secret::Secret;
 use kt_common::trigger::{TriggerSecrets, TriggerSpec};
 use kt_common::webhook_policy::WebhookPolicy;
 use kt_proto::internal::work_service_client::WorkServiceClient;
@@ -21,11 +20,11 @@ use sqlx::PgPool;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::metadata::MetadataValue;
 use uuid::Uuid;
 
 pub use engine::{Context, Engine, TIME_SLICE};
 
+use crate::control_plane::ControlPlane;
 use crate::delivery::WebhookClient;
 
 /// Messages queued towards the control plane on the work stream.
@@ -87,8 +86,8 @@ impl TriggerDirectory {
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
-    pub control_plane_url: String,
-    pub node_token: Option<Secret>,
+    /// The same connection settings as the node's session.
+    pub control_plane: ControlPlane,
     pub node_id: String,
     /// Sets processed at once by this node.
     pub capacity: u32,
@@ -109,7 +108,7 @@ pub async fn run(
     let mut failures = 0;
     let mut tries = 0;
     while !shutdown.is_cancelled() {
-        let url = crate::control_plane_url(&config.control_plane_url, tries);
+        let url = config.control_plane.url(tries);
         tries = tries.wrapping_add(1);
         match session(&config, &url, &ctx, &triggers, &shutdown).await {
             Ok(()) => failures = 0,
@@ -133,24 +132,11 @@ async fn session(
     triggers: &TriggerDirectory,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())?
-        .connect_timeout(Duration::from_secs(5))
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(20))
-        .connect()
-        .await?;
-    let token: Option<MetadataValue<_>> =
-        config.node_token.as_ref().map(|t| format!("Bearer {}", t.expose()).parse()).transpose()?;
-    let mut client = WorkServiceClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
-        if let Some(t) = &token {
-            req.metadata_mut().insert("authorization", t.clone());
-        }
-        Ok(req)
-    });
+    let mut client = WorkServiceClient::new(config.control_plane.connect(url).await?);
     let (out, rx) = mpsc::channel(OUTBOUND_CAPACITY);
     out.send(WorkerMessage { msg: Some(Msg::Hello(WorkerHello { node_id: config.node_id.clone() })) }).await?;
     out.send(WorkerMessage { msg: Some(Msg::Credit(Credit { sets: config.capacity })) }).await?;
-    let mut grants = client.work(ReceiverStream::new(rx)).await?.into_inner();
+    let mut grants = client.work(config.control_plane.request(ReceiverStream::new(rx))).await?.into_inner();
     tracing::info!(node_id = %config.node_id, capacity = config.capacity, "work stream connected");
 
     let mut engine = Engine::new(ctx.clone());
