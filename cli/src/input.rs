@@ -98,6 +98,10 @@ mod tests {
         .unwrap();
         assert_eq!(paths, ["kafka.topics", "name"]);
         assert_eq!(t.kafka.unwrap().topics, ["a"]);
+        let (t, paths) =
+            message_with_edits::<Trigger>(None, &["webhook.format=cloudevents".into()], "trigger").unwrap();
+        assert_eq!(paths, ["webhook.format"]);
+        assert_eq!(t.webhook.unwrap().format(), kt_proto::v1::WebhookFormat::Cloudevents);
         assert!(message_with_edits::<Trigger>(None, &["name".into()], "trigger").is_err());
     }
 }

@@ -16,10 +16,10 @@ use hyper::service::service_fn;
 use hyper::{HeaderMap, Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use kt_common::secret::Secret;
-use kt_common::trigger::{TriggerSecrets, WebhookHeader, WebhookTarget};
+use kt_common::trigger::{TriggerSecrets, WebhookFormat, WebhookHeader, WebhookTarget};
 use kt_common::webhook_policy::WebhookPolicy;
 use kt_data_plane::delivery::target_policy::REFUSED;
-use kt_data_plane::delivery::{build_body, DeliveryOutcome, MessageForBody, WebhookClient};
+use kt_data_plane::delivery::{build_body, cloud_event, DeliveryOutcome, MessageForBody, Payload, WebhookClient};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
@@ -138,6 +138,7 @@ fn target(url: String, timeout_ms: u32) -> WebhookTarget {
             WebhookHeader { name: "Authorization".into(), value: String::new(), secret: true },
         ],
         timeout_ms,
+        format: WebhookFormat::Json,
     }
 }
 
@@ -164,7 +165,7 @@ fn sample_body() -> String {
 
 async fn deliver_once(server_url: String, timeout_ms: u32) -> DeliveryOutcome {
     let client = WebhookClient::new(WebhookPolicy::default()).expect("client");
-    client.deliver(&target(server_url, timeout_ms), &secrets(), Bytes::from(sample_body()), "wo-123").await
+    client.deliver(&target(server_url, timeout_ms), &secrets(), Payload::json(sample_body()), "wo-123").await
 }
 
 fn retryable(outcome: &DeliveryOutcome) -> (&str, Option<Duration>) {
@@ -194,6 +195,43 @@ async fn test_200_succeeds_and_server_sees_body_and_headers() {
     let json: serde_json::Value = serde_json::from_slice(&req.body).unwrap();
     assert_eq!(json["data"]["order"], 7);
     assert_eq!(json["request"]["offset"], 99);
+}
+
+#[tokio::test]
+async fn test_a_cloud_event_reaches_the_server_as_built() {
+    let mut server = TestServer::start(|_| Reply::status(200)).await;
+    let client = WebhookClient::new(WebhookPolicy::default()).expect("client");
+    let message = MessageForBody {
+        topic: "orders".into(),
+        partition: 1,
+        offset: 99,
+        key: Some(b"customer-7".to_vec()),
+        value: Some(b"plain text".to_vec()),
+        ts_ms: Some(1_700_000_000_123),
+        headers: vec![("traceparent".into(), Some(b"00-ab-cd-01".to_vec()))],
+    };
+    let mut target = target(server.url(), 5_000);
+    target.format = WebhookFormat::CloudEvents;
+    let outcome = client.deliver(&target, &secrets(), cloud_event(&message, "wo-5"), "wo-5").await;
+    assert_eq!(outcome, DeliveryOutcome::Succeeded);
+
+    let req = server.next_request().await;
+    assert_eq!(req.body, Bytes::from_static(b"plain text"));
+    assert_eq!(req.headers["content-type"], "application/octet-stream");
+    for (name, value) in [
+        ("ce-specversion", "1.0"),
+        ("ce-id", "wo-5"),
+        ("ce-source", "kafka://orders#1"),
+        ("ce-type", "dev.kafka-triggers.message"),
+        ("ce-time", "2023-11-14T22:13:20.123Z"),
+        ("ce-subject", "customer-7"),
+        ("ce-traceparent", "00-ab-cd-01"),
+        ("idempotency-key", "wo-5"),
+        ("authorization", TOKEN),
+        ("x-source", "kafka-triggers-test"),
+    ] {
+        assert_eq!(req.headers[name], value, "{name}");
+    }
 }
 
 #[tokio::test]
@@ -319,7 +357,7 @@ async fn test_missing_secret_is_permanent_and_sends_nothing() {
     let mut server = TestServer::start(|_| Reply::status(200)).await;
     let client = WebhookClient::new(WebhookPolicy::default()).unwrap();
     let outcome = client
-        .deliver(&target(server.url(), 5_000), &TriggerSecrets::default(), Bytes::from(sample_body()), "wo-1")
+        .deliver(&target(server.url(), 5_000), &TriggerSecrets::default(), Payload::json(sample_body()), "wo-1")
         .await;
     assert_eq!(
         outcome,
@@ -333,9 +371,9 @@ async fn test_one_client_serves_repeated_deliveries() {
     let mut server = TestServer::start(|i| if i == 0 { Reply::status(500) } else { Reply::status(200) }).await;
     let client = WebhookClient::new(WebhookPolicy::default()).unwrap();
     let (target, secrets) = (target(server.url(), 5_000), secrets());
-    let first = client.deliver(&target, &secrets, Bytes::from(sample_body()), "wo-9").await;
+    let first = client.deliver(&target, &secrets, Payload::json(sample_body()), "wo-9").await;
     assert!(matches!(first, DeliveryOutcome::RetryableFailure { .. }), "{first:?}");
-    let second = client.deliver(&target, &secrets, Bytes::from(sample_body()), "wo-9").await;
+    let second = client.deliver(&target, &secrets, Payload::json(sample_body()), "wo-9").await;
     assert_eq!(second, DeliveryOutcome::Succeeded);
     for _ in 0..2 {
         assert_eq!(server.next_request().await.headers["idempotency-key"], "wo-9");
@@ -356,7 +394,7 @@ async fn test_refused_targets_get_no_connection_and_one_error_listening_or_not()
         for host in ["localhost", "127.0.0.1", "[::ffff:127.0.0.1]"] {
             let url = format!("http://{host}:{port}/hook");
             let outcome =
-                client.deliver(&target(url.clone(), 5_000), &secrets(), Bytes::from(sample_body()), "wo").await;
+                client.deliver(&target(url.clone(), 5_000), &secrets(), Payload::json(sample_body()), "wo").await;
             let refused = DeliveryOutcome::RetryableFailure { error: REFUSED.into(), retry_after: None };
             assert_eq!(outcome, refused, "{url}");
         }
@@ -368,7 +406,7 @@ async fn test_refused_targets_get_no_connection_and_one_error_listening_or_not()
     let mut server = TestServer::start(|_| Reply::status(200)).await;
     let allowing = WebhookClient::new(WebhookPolicy::parse("127.0.0.0/8", "127.0.0.1/32").unwrap()).unwrap();
     let url = server.url().replace("127.0.0.1", "localhost");
-    let outcome = allowing.deliver(&target(url, 5_000), &secrets(), Bytes::from(sample_body()), "wo").await;
+    let outcome = allowing.deliver(&target(url, 5_000), &secrets(), Payload::json(sample_body()), "wo").await;
     assert_eq!(outcome, DeliveryOutcome::Succeeded);
     assert_eq!(server.next_request().await.path, "/hooks/orders");
 }

@@ -22,7 +22,11 @@ use tokio_util::sync::CancellationToken;
 /// One delivery as the target saw it.
 #[derive(Debug, Clone)]
 pub struct Delivery {
+    /// The body as JSON; `Null` when it is not JSON.
     pub body: Value,
+    /// The body as sent (a CloudEvent's value need not be JSON).
+    pub raw: Bytes,
+    pub headers: hyper::HeaderMap,
     pub work_order_id: String,
     pub received_at: std::time::Instant,
     pub status: u16,
@@ -45,6 +49,11 @@ impl Delivery {
 
     pub fn partition(&self) -> i32 {
         self.body["request"]["partition"].as_i64().unwrap_or(-1) as i32
+    }
+
+    /// A header as text, `None` when absent or not text.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
     }
 }
 
@@ -208,7 +217,8 @@ async fn handle(
     }
     let work_order_id =
         req.headers().get("x-work-order-id").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
-    let bytes = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let (parts, body) = req.into_parts();
+    let bytes = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
     let key_fails = body["request"]["key"].as_str().is_some_and(|k| failing.lock().unwrap().contains(k));
     let reply = if key_fails {
@@ -222,6 +232,8 @@ async fn handle(
     }
     deliveries.lock().unwrap().push(Delivery {
         body,
+        raw: bytes,
+        headers: parts.headers,
         work_order_id,
         received_at: std::time::Instant::now(),
         status: reply.status,

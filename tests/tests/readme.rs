@@ -74,13 +74,18 @@ async fn test_readme_trigger_walkthrough_runs_as_written() {
     assert!(outputs[0].contains("kafka_triggers.v1.TriggerService"), "{}", outputs[0]);
     assert!(outputs[0].contains("grpc.health.v1.Health"));
     assert!(outputs[1].contains("\"groupId\": \"kafka-triggers-"), "{}", outputs[1]);
-    let lifecycle = &outputs[2];
+    let cloudevents = &outputs[2];
+    assert!(cloudevents.contains("\"format\": \"WEBHOOK_FORMAT_CLOUDEVENTS\""), "format updated: {cloudevents}");
+    assert!(cloudevents.contains("\"url\": \"http://localhost:8080/hook\""), "the mask kept the url: {cloudevents}");
+    assert!(cloudevents.contains("\"generation\": \"2\""), "{cloudevents}");
+    let lifecycle = &outputs[3];
     assert!(lifecycle.contains("\"refunds\""), "update applied: {lifecycle}");
-    assert!(lifecycle.contains("\"generation\": \"4\""), "disable + enable bumped the generation: {lifecycle}");
+    assert!(lifecycle.contains("WEBHOOK_FORMAT_CLOUDEVENTS"), "the format stays: {lifecycle}");
+    assert!(lifecycle.contains("\"generation\": \"5\""), "disable + enable bumped the generation: {lifecycle}");
     let pool = db.pool().await.unwrap();
     let left: i64 = sqlx::query_scalar("SELECT count(*) FROM triggers").fetch_one(&pool).await.unwrap();
     assert_eq!(left, 0, "the walkthrough deletes its trigger");
-    let invalid = &outputs[3];
+    let invalid = &outputs[4];
     for field in ["trigger.kafka.topics[0]", "trigger.webhook.url"] {
         assert!(invalid.contains(field), "{invalid}");
     }

@@ -191,6 +191,13 @@ async fn test_invalid_triggers_get_field_violations() {
             vec!["trigger.webhook.url"],
         ),
         (Trigger { webhook: None, kafka: None, ..base() }, vec!["trigger.kafka", "trigger.webhook"]),
+        (
+            Trigger {
+                webhook: Some(WebhookTarget { url: "http://x/".into(), format: 9, ..Default::default() }),
+                ..base()
+            },
+            vec!["trigger.webhook.format"],
+        ),
     ];
     for (input, expected) in cases {
         let status = client.create_trigger(create(input.clone())).await.unwrap_err();
@@ -209,12 +216,25 @@ async fn test_invalid_triggers_get_field_violations() {
     let created = client.create_trigger(create(base())).await.unwrap().into_inner();
     let status = client
         .update_trigger(UpdateTriggerRequest {
-            trigger: Some(created),
+            trigger: Some(created.clone()),
             update_mask: Some(prost_types::FieldMask { paths: vec!["kafka.bogus".into()] }),
         })
         .await
         .unwrap_err();
     assert_eq!(violations(&status), ["update_mask.paths[0]"]);
+
+    // So is an unknown format set through its own mask path.
+    let mut patch = created;
+    patch.webhook.get_or_insert_with(Default::default).format = 9;
+    let status = client
+        .update_trigger(UpdateTriggerRequest {
+            trigger: Some(patch),
+            update_mask: Some(prost_types::FieldMask { paths: vec!["webhook.format".into()] }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(violations(&status), ["trigger.webhook.format"]);
 }
 
 #[tokio::test]

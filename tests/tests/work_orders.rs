@@ -38,8 +38,12 @@ async fn stack(topic: &str, partitions: i32) -> Stack {
 }
 
 async fn create_trigger(s: &Stack, topic: &str, retry: RetryPolicy) -> String {
+    create_trigger_with(s, topic, retry, |_| {}).await
+}
+
+async fn create_trigger_with(s: &Stack, topic: &str, retry: RetryPolicy, edit: impl FnOnce(&mut Trigger)) -> String {
     let mut client = TriggerServiceClient::new(s.cp.channel().await.unwrap());
-    let trigger = Trigger {
+    let mut trigger = Trigger {
         name: format!("t-{topic}"),
         kafka: Some(KafkaSource {
             hosts: vec![s.kafka.bootstrap_servers()],
@@ -51,6 +55,7 @@ async fn create_trigger(s: &Stack, topic: &str, retry: RetryPolicy) -> String {
         retry: Some(retry),
         ..Default::default()
     };
+    edit(&mut trigger);
     client.create_trigger(CreateTriggerRequest { trigger: Some(trigger) }).await.unwrap().into_inner().id
 }
 
@@ -212,6 +217,94 @@ async fn test_retry_after_is_honoured_and_accepted_work_orders_wait_for_completi
     let last = &s.receiver.deliveries()[2];
     assert_eq!(last.body["encoding"], "base64", "non-JSON values arrive base64: {}", last.body);
     assert_eq!(last.body["data"], "bm90IGpzb24=");
+}
+
+/// Issue 12 item 5: `webhook.format`. A CloudEvents trigger POSTs each
+/// message as a CloudEvent in binary content mode; switching it to JSON with
+/// UpdateTrigger reaches the running node.
+#[tokio::test]
+async fn test_cloudevents_format_delivers_events_until_switched_to_json() {
+    const TRACEPARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let s = stack("events", 2).await;
+    let id = create_trigger_with(&s, "events", fast_retry(3), |t| {
+        let webhook = t.webhook.as_mut().unwrap();
+        webhook.format = WebhookFormat::Cloudevents.into();
+        webhook.headers = vec![Header { name: "x-tenant".into(), value: "acme".into(), secret: false }];
+    })
+    .await;
+    let ts = 1_700_000_000_123;
+    let value = r#"{"order": 7}"#;
+    let first = TestMessage::new(value).key("user-1").timestamp_ms(ts).header("traceparent", TRACEPARENT);
+    produce_to(&s.kafka.bootstrap_servers(), "events", [first]).await.unwrap();
+    s.receiver.wait_for_deliveries(1, WAIT).await.unwrap();
+    let d = s.receiver.deliveries().remove(0);
+
+    let wos = WorkOrderServiceClient::new(s.cp.channel().await.unwrap());
+    let wo = wait_for("the work order listed", WAIT, || {
+        let (mut wos, trigger_id) = (wos.clone(), id.clone());
+        async move {
+            let request =
+                ListWorkOrdersRequest { trigger_id, state: WorkOrderState::Success.into(), ..Default::default() };
+            wos.list_work_orders(request).await.unwrap().into_inner().work_orders.into_iter().next()
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!((wo.topic.as_str(), wo.key.as_deref()), ("events", Some(&b"user-1"[..])));
+    let time = chrono::DateTime::parse_from_rfc3339(d.header("ce-time").unwrap()).unwrap();
+    assert_eq!(time.timestamp_millis(), ts, "ce-time is the message timestamp");
+    for (name, expected) in [
+        ("ce-specversion", "1.0".to_owned()),
+        ("ce-id", wo.id.clone()),
+        ("ce-source", format!("kafka://events#{}", wo.partition)),
+        ("ce-type", "dev.kafka-triggers.message".to_owned()),
+        ("ce-subject", "user-1".to_owned()),
+        ("ce-partitionkey", "user-1".to_owned()),
+        ("ce-kafkaoffset", wo.offset.to_string()),
+        ("ce-traceparent", TRACEPARENT.to_owned()),
+        ("content-type", "application/json".to_owned()),
+        ("x-tenant", "acme".to_owned()),
+        ("idempotency-key", wo.id.clone()),
+    ] {
+        assert_eq!(d.header(name), Some(expected.as_str()), "{name}");
+    }
+    assert_eq!(d.raw, value.as_bytes(), "the body is the message value");
+
+    let mut triggers = TriggerServiceClient::new(s.cp.channel().await.unwrap());
+    let shown = triggers.get_trigger(GetTriggerRequest { id: id.clone() }).await.unwrap().into_inner();
+    assert_eq!(shown.webhook.unwrap().format(), WebhookFormat::Cloudevents);
+    let patch = Trigger {
+        id: id.clone(),
+        webhook: Some(WebhookTarget { format: WebhookFormat::Json.into(), ..Default::default() }),
+        ..Default::default()
+    };
+    let mask = prost_types::FieldMask { paths: vec!["webhook.format".into()] };
+    let updated = triggers
+        .update_trigger(UpdateTriggerRequest { trigger: Some(patch), update_mask: Some(mask) })
+        .await
+        .unwrap()
+        .into_inner();
+    let webhook = updated.webhook.unwrap();
+    assert_eq!((webhook.format(), webhook.url), (WebhookFormat::Json, s.receiver.url()), "only the format changed");
+    // The node replaces its workers' configuration before it restarts the
+    // pipeline, so once the new generation runs, workers have the new format.
+    let started = format!(
+        "SELECT count(*) FROM events WHERE kind = 'pipeline_started' AND trigger_id = '{id}'
+           AND (details->>'generation')::bigint = {}",
+        updated.generation
+    );
+    wait_for("the new generation running", WAIT, || async { (count(&s.pool, &started).await > 0).then_some(()) })
+        .await
+        .unwrap();
+
+    let second = TestMessage::new(r#"{"order": 8}"#).key("user-1").timestamp_ms(ts + 1);
+    produce_to(&s.kafka.bootstrap_servers(), "events", [second]).await.unwrap();
+    s.receiver.wait_for_deliveries(2, WAIT).await.unwrap();
+    let d = s.receiver.deliveries().remove(1);
+    assert_eq!(d.body["data"], serde_json::json!({"order": 8}), "the JSON body: {}", d.body);
+    assert_eq!(d.key(), Some("user-1"));
+    assert_eq!(d.header("content-type"), Some("application/json"));
+    assert_eq!(d.header("ce-specversion"), None);
 }
 
 #[tokio::test]

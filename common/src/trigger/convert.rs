@@ -50,6 +50,11 @@ pub fn spec_to_proto(spec: &TriggerSpec, secrets: Option<&TriggerSecrets>) -> v1
             url: spec.webhook.url.clone(),
             headers,
             timeout_ms: Some(spec.webhook.timeout_ms),
+            format: match spec.webhook.format {
+                WebhookFormat::Json => v1::WebhookFormat::Json,
+                WebhookFormat::CloudEvents => v1::WebhookFormat::Cloudevents,
+            }
+            .into(),
         }),
         retry: Some(v1::RetryPolicy {
             max_attempts: Some(spec.retry.max_attempts),

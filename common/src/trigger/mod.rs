@@ -106,11 +106,25 @@ pub struct WebhookHeader {
     pub secret: bool,
 }
 
+/// How a work order is sent: the JSON work-order body, or a CloudEvent in
+/// HTTP binary content mode (the message value as the body).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WebhookFormat {
+    #[default]
+    #[serde(rename = "json")]
+    Json,
+    #[serde(rename = "cloudevents")]
+    CloudEvents,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WebhookTarget {
     pub url: String,
     pub headers: Vec<WebhookHeader>,
     pub timeout_ms: u32,
+    /// Absent in triggers stored before formats existed: those are JSON.
+    #[serde(default)]
+    pub format: WebhookFormat,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -499,7 +499,15 @@ fn check_webhook(
             DEFAULT_WEBHOOK_TIMEOUT_MS
         }
     };
-    (WebhookTarget { url, headers, timeout_ms }, secrets)
+    let format = match v1::WebhookFormat::try_from(w.format) {
+        Ok(v1::WebhookFormat::Unspecified | v1::WebhookFormat::Json) => WebhookFormat::Json,
+        Ok(v1::WebhookFormat::Cloudevents) => WebhookFormat::CloudEvents,
+        Err(_) => {
+            c.bad("webhook.format", format!("unknown format {}", w.format));
+            WebhookFormat::Json
+        }
+    };
+    (WebhookTarget { url, headers, timeout_ms, format }, secrets)
 }
 
 fn is_header_token_byte(b: u8) -> bool {

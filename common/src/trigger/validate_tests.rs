@@ -159,6 +159,7 @@ fn test_invalid_inputs_name_the_bad_field() {
             "trigger.kafka.password",
         ),
         ("unknown sasl", kafka(|k| k.sasl = 42), "trigger.kafka.sasl"),
+        ("unknown webhook format", webhook(|w| w.format = 7), "trigger.webhook.format"),
         (
             "zero connect timeout",
             kafka(|k| k.connect_timeout_seconds = Some(0)),
@@ -275,6 +276,25 @@ fn test_invalid_inputs_name_the_bad_field() {
             "{what}: expected a violation on {field}, got {violations:?}"
         );
     }
+}
+
+#[test]
+fn test_webhook_format_defaults_to_json_and_round_trips() {
+    let v = validate_trigger(&valid(), "", None, None).unwrap();
+    assert_eq!(v.spec.webhook.format, WebhookFormat::Json);
+    assert_eq!(spec_to_proto(&v.spec, None).webhook.unwrap().format(), v1::WebhookFormat::Json);
+
+    let ce = webhook(|w| w.format = v1::WebhookFormat::Cloudevents.into());
+    let v = validate_trigger(&ce, "", None, None).unwrap();
+    assert_eq!(v.spec.webhook.format, WebhookFormat::CloudEvents);
+    assert_eq!(spec_to_proto(&v.spec, None).webhook.unwrap().format(), v1::WebhookFormat::Cloudevents);
+
+    // A trigger stored before formats existed reads as JSON.
+    let mut stored = serde_json::to_value(&v.spec).unwrap();
+    assert_eq!(stored["webhook"]["format"], "cloudevents");
+    stored["webhook"].as_object_mut().unwrap().remove("format");
+    let old: TriggerSpec = serde_json::from_value(stored).unwrap();
+    assert_eq!(old.webhook.format, WebhookFormat::Json);
 }
 
 #[test]

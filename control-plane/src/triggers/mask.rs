@@ -77,6 +77,7 @@ fn apply_path(current: &mut v1::Trigger, patch: &v1::Trigger, path: &str) -> boo
         "webhook.url" => section_field!(webhook, url),
         "webhook.headers" => section_field!(webhook, headers),
         "webhook.timeout_ms" => section_field!(webhook, timeout_ms),
+        "webhook.format" => section_field!(webhook, format),
         "retry.max_attempts" => section_field!(retry, max_attempts),
         "retry.initial_backoff_ms" => section_field!(retry, initial_backoff_ms),
         "retry.max_backoff_ms" => section_field!(retry, max_backoff_ms),
@@ -108,6 +109,16 @@ mod tests {
         apply(&mut current, &patch, &["kafka.topics".into()]).unwrap();
         assert_eq!(current.kafka.as_ref().unwrap().topics, ["b"]);
         assert_eq!(current.webhook.as_ref().unwrap().url, "http://old/");
+    }
+
+    #[test]
+    fn test_mask_changes_only_the_webhook_format() {
+        let mut current = trigger("a", "http://old/");
+        let mut patch = trigger("b", "http://new/");
+        patch.webhook.as_mut().unwrap().format = v1::WebhookFormat::Cloudevents.into();
+        apply(&mut current, &patch, &["webhook.format".into()]).unwrap();
+        let webhook = current.webhook.unwrap();
+        assert_eq!((webhook.url.as_str(), webhook.format()), ("http://old/", v1::WebhookFormat::Cloudevents));
     }
 
     #[test]

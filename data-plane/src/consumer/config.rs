@@ -207,7 +207,12 @@ mod tests {
                 username: (sasl != Sasl::None).then(|| "alice".into()),
                 connect_timeout_seconds: 7,
             },
-            webhook: WebhookTarget { url: "http://x".into(), headers: vec![], timeout_ms: 1000 },
+            webhook: WebhookTarget {
+                url: "http://x".into(),
+                headers: vec![],
+                timeout_ms: 1000,
+                format: Default::default(),
+            },
             retry: RetryPolicy { max_attempts: 1, initial_backoff_ms: 1, max_backoff_ms: 1, max_age_seconds: 0 },
             tuning: Tuning { rate_limit_per_second: 0, max_in_flight: 1, fetch_max_bytes: 0 },
         }

@@ -60,6 +60,11 @@ fn classify(value: Option<&[u8]>) -> Data<'_> {
     }
 }
 
+/// Whether `value` is one JSON value, by the test that embeds it as JSON.
+pub(super) fn is_json(value: &[u8]) -> bool {
+    matches!(classify(Some(value)), Data::Json(_))
+}
+
 /// The only whitespace JSON allows between tokens (RFC 8259 §2).
 fn is_json_whitespace(c: char) -> bool {
     matches!(c, ' ' | '\t' | '\n' | '\r')

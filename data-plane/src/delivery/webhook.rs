@@ -102,6 +102,28 @@ impl DeliveryOutcome {
     }
 }
 
+/// What one attempt sends, in the trigger's format.
+#[derive(Debug, Clone)]
+pub struct Payload {
+    /// `None` sends no `Content-Type` (a CloudEvent without data).
+    pub content_type: Option<HeaderValue>,
+    /// The format's own headers (CloudEvents attributes); they replace
+    /// configured headers of the same name.
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Payload {
+    /// A work-order body ([`super::build_body`]), as JSON.
+    pub fn json(body: impl Into<Bytes>) -> Self {
+        Self {
+            content_type: Some(HeaderValue::from_static("application/json")),
+            headers: HeaderMap::new(),
+            body: body.into(),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum WebhookClientError {
     #[error("failed to build the webhook http client")]
@@ -131,22 +153,23 @@ impl WebhookClient {
         Ok(Self { http, policy })
     }
 
-    /// POSTs `body` (a work-order body, JSON) to `target` once.
+    /// POSTs `payload` (a work-order body, or a CloudEvent) to `target` once.
     ///
     /// `idempotency_key` should be the work order's id: stable across
     /// attempts, so a target that saw an attempt whose answer was lost can
     /// recognise the next one. It is sent as `Idempotency-Key` and
-    /// `X-Work-Order-Id`; those and `Content-Type` override any configured
-    /// header of the same name. The whole attempt, connecting and reading
-    /// the answer included, is bounded by `target.timeout_ms`.
+    /// `X-Work-Order-Id`; those, `Content-Type` and the payload's headers
+    /// override any configured header of the same name. The whole attempt,
+    /// connecting and reading the answer included, is bounded by
+    /// `target.timeout_ms`.
     pub async fn deliver(
         &self,
         target: &WebhookTarget,
         secrets: &TriggerSecrets,
-        body: Bytes,
+        payload: Payload,
         idempotency_key: &str,
     ) -> DeliveryOutcome {
-        let headers = match request_headers(target, secrets, idempotency_key) {
+        let headers = match request_headers(target, secrets, idempotency_key, &payload) {
             Ok(headers) => headers,
             Err(error) => return DeliveryOutcome::PermanentFailure { error },
         };
@@ -158,7 +181,7 @@ impl WebhookClient {
         }
 
         let started = Instant::now();
-        let sent = self.http.post(&target.url).headers(headers).timeout(timeout).body(body).send().await;
+        let sent = self.http.post(&target.url).headers(headers).timeout(timeout).body(payload.body).send().await;
         let outcome = match sent {
             Ok(response) => {
                 let status = response.status();
@@ -179,8 +202,9 @@ fn request_headers(
     target: &WebhookTarget,
     secrets: &TriggerSecrets,
     idempotency_key: &str,
+    payload: &Payload,
 ) -> Result<HeaderMap, String> {
-    let mut headers = HeaderMap::with_capacity(target.headers.len() + 3);
+    let mut headers = HeaderMap::with_capacity(target.headers.len() + payload.headers.len() + 3);
     for h in &target.headers {
         let name = HeaderName::from_bytes(h.name.as_bytes())
             .map_err(|_| format!("webhook header `{}` has an invalid name", h.name))?;
@@ -202,7 +226,13 @@ fn request_headers(
 
     let key =
         HeaderValue::from_str(idempotency_key).map_err(|_| "idempotency key is not a valid header value".to_owned())?;
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    match &payload.content_type {
+        Some(content_type) => headers.insert(CONTENT_TYPE, content_type.clone()),
+        None => headers.remove(CONTENT_TYPE),
+    };
+    for (name, value) in &payload.headers {
+        headers.insert(name, value.clone());
+    }
     headers.insert(HeaderName::from_static(IDEMPOTENCY_KEY_HEADER), key.clone());
     headers.insert(HeaderName::from_static(WORK_ORDER_ID_HEADER), key);
     Ok(headers)
@@ -425,7 +455,7 @@ mod tests {
     use kt_common::trigger::WebhookHeader;
 
     fn target_with(headers: Vec<WebhookHeader>) -> WebhookTarget {
-        WebhookTarget { url: "http://127.0.0.1:9/hook".into(), headers, timeout_ms: 1000 }
+        WebhookTarget { url: "http://127.0.0.1:9/hook".into(), headers, timeout_ms: 1000, format: Default::default() }
     }
 
     fn header(name: &str, value: &str, secret: bool) -> WebhookHeader {
@@ -446,7 +476,8 @@ mod tests {
             header("Authorization", "", true),
             header("Idempotency-Key", "mine", false),
         ]);
-        let h = request_headers(&target, &secrets(&[("Authorization", "Bearer s3cr3t")]), "wo-1").unwrap();
+        let h = request_headers(&target, &secrets(&[("Authorization", "Bearer s3cr3t")]), "wo-1", &Payload::json(""))
+            .unwrap();
         assert_eq!(h["x-plain"], "p");
         assert_eq!(h["authorization"], "Bearer s3cr3t");
         assert!(h["authorization"].is_sensitive());
@@ -456,11 +487,25 @@ mod tests {
     }
 
     #[test]
+    fn test_payload_headers_replace_configured_ones() {
+        let target = target_with(vec![header("ce-type", "mine", false), header("ce-extra", "kept", false)]);
+        let mut payload = Payload::json("");
+        payload.content_type = None;
+        payload.headers.insert("ce-type", HeaderValue::from_static("dev.kafka-triggers.message"));
+        let h = request_headers(&target, &TriggerSecrets::default(), "wo-1", &payload).unwrap();
+        assert_eq!(h.get_all("ce-type").iter().collect::<Vec<_>>(), ["dev.kafka-triggers.message"]);
+        assert_eq!(h["ce-extra"], "kept");
+        assert!(h.get("content-type").is_none());
+        assert_eq!(h["idempotency-key"], "wo-1");
+    }
+
+    #[test]
     fn test_missing_or_invalid_secret_is_named_not_shown() {
         let target = target_with(vec![header("X-Token", "", true)]);
-        let err = request_headers(&target, &TriggerSecrets::default(), "wo").unwrap_err();
+        let json = Payload::json("");
+        let err = request_headers(&target, &TriggerSecrets::default(), "wo", &json).unwrap_err();
         assert_eq!(err, "secret webhook header `X-Token` has no stored value");
-        let err = request_headers(&target, &secrets(&[("X-Token", "bad\nvalue")]), "wo").unwrap_err();
+        let err = request_headers(&target, &secrets(&[("X-Token", "bad\nvalue")]), "wo", &json).unwrap_err();
         assert!(!err.contains("bad"), "{err}");
     }
 

@@ -28,7 +28,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use chrono::Utc;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
@@ -39,6 +38,7 @@ use kt_common::dispatch::grant;
 use kt_common::dispatch::lease::Held as StillHeld;
 use kt_common::dispatch::round::{self, AfterSuccess, Failure, Posted, Success};
 use kt_common::dispatch::{work_order_id, AfterAttempt, Attempt, Candidate, SetState, WorkOrderState};
+use kt_common::trigger::WebhookFormat;
 use kt_proto::internal::{SetGrant, SetOutcome, SetOutcomeKind, WorkGrant};
 use sqlx::PgPool;
 use tokio::time::Instant;
@@ -46,7 +46,9 @@ use uuid::Uuid;
 
 use super::lease::{self, Lease, OnHold, RenewError, Renewals, Verdict};
 use super::{TriggerConfig, TriggerDirectory};
-use crate::delivery::{build_body, next_step, DeliveryOutcome, MessageForBody, RetryDecision, WebhookClient};
+use crate::delivery::{
+    build_body, cloud_event, next_step, DeliveryOutcome, MessageForBody, Payload, RetryDecision, WebhookClient,
+};
 
 /// Longest a worker keeps draining one set before handing it back, so a
 /// single hot key cannot hold a worker forever.
@@ -436,15 +438,20 @@ impl Engine {
             metrics::counter!("kt_work_orders_created_total").increment(1);
         }
         let ctx = self.ctx.clone();
-        let wo = work_order_id(c.trigger_id, &c.topic, partition, offset);
+        let wo = work_order_id(c.trigger_id, &c.topic, partition, offset).to_string();
+        // The work order records the JSON body whatever the format: it
+        // describes the message in text, which a CloudEvent's binary value
+        // cannot be stored as. A CloudEvent is built from the message at
+        // every attempt, so a format change applies to retries too.
+        let payload = match trigger.spec.webhook.format {
+            WebhookFormat::Json => Payload::json(body.clone()),
+            WebhookFormat::CloudEvents => cloud_event(&body_input(&c, partition, offset), &wo),
+        };
         self.tasks.push(
             async move {
                 let at = Utc::now();
                 let clock = Instant::now();
-                let outcome = ctx
-                    .webhook
-                    .deliver(&trigger.spec.webhook, &trigger.secrets, Bytes::from(body.clone()), &wo.to_string())
-                    .await;
+                let outcome = ctx.webhook.deliver(&trigger.spec.webhook, &trigger.secrets, payload, &wo).await;
                 let elapsed = clock.elapsed();
                 metrics::histogram!("kt_delivery_seconds").record(elapsed.as_secs_f64());
                 let attempt = Attempt { at, ms: elapsed.as_millis() as u64, outcome: "success", error: None };

@@ -10,14 +10,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use bytes::Bytes;
 use chrono::Utc;
 use kt_common::dispatch::grant::{self, Room};
 use kt_common::dispatch::round::{self, AfterSuccess, Posted, Success};
 use kt_common::dispatch::{Attempt, Candidate};
 use kt_common::trigger::{TriggerSecrets, WebhookTarget};
 use kt_common::webhook_policy::WebhookPolicy;
-use kt_data_plane::delivery::{build_body, DeliveryOutcome, MessageForBody, WebhookClient};
+use kt_data_plane::delivery::{build_body, DeliveryOutcome, MessageForBody, Payload, WebhookClient};
 use serde_json::{json, Map, Value};
 use uuid::Uuid;
 
@@ -148,9 +147,10 @@ fn typical_body() -> String {
 async fn limit_post(concurrency: usize, duration: Duration) -> anyhow::Result<f64> {
     let receiver = WebhookReceiver::start("127.0.0.1:0".parse()?).await?;
     let client = WebhookClient::new(WebhookPolicy::default())?;
-    let target = Arc::new(WebhookTarget { url: receiver.url(), headers: Vec::new(), timeout_ms: 0 });
+    let target =
+        Arc::new(WebhookTarget { url: receiver.url(), headers: Vec::new(), timeout_ms: 0, format: Default::default() });
     let secrets = Arc::new(TriggerSecrets::default());
-    let body = Bytes::from(typical_body());
+    let body = Payload::json(typical_body());
     let started = Instant::now();
     let deadline = started + duration;
     let mut tasks = tokio::task::JoinSet::new();
