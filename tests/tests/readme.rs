@@ -50,17 +50,17 @@ async fn test_readme_kt_walkthrough_runs_as_written() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-#[tokio::test]
-async fn test_readme_trigger_walkthrough_runs_as_written() {
+/// Runs the grpcurl walkthrough `name` against a fresh control plane, the
+/// same commands pointed at it and run in a temp dir (so files such as
+/// `trigger.json` land there). Returns the database and each block's output.
+async fn run_grpcurl_walkthrough(name: &str) -> (TestDb, Vec<String>) {
     let grpcurl = grpcurl().unwrap();
     let db = TestDb::create().await.unwrap();
     let cp = TestControlPlane::start(&db, ControlPlaneOptions::default()).await.unwrap();
     let readme = std::fs::read_to_string(readme_path()).unwrap();
     let dir = std::env::temp_dir().join(format!("kt-readme-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).unwrap();
-    // Same commands, pointed at this control plane and run in a temp dir so
-    // `trigger.json` lands there.
-    let mut walkthrough = blocks(&readme, "triggers").unwrap();
+    let mut walkthrough = blocks(&readme, name).unwrap();
     for block in &mut walkthrough {
         block.code = format!("cd '{}'\n{}", dir.display(), block.code.replace("localhost:50051", &cp.addr.to_string()));
     }
@@ -70,7 +70,13 @@ async fn test_readme_trigger_walkthrough_runs_as_written() {
         ("HOME".to_owned(), dir.display().to_string()),
     ]);
     let outputs = run_blocks(&walkthrough, &env).await.unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+    (db, outputs)
+}
 
+#[tokio::test]
+async fn test_readme_trigger_walkthrough_runs_as_written() {
+    let (db, outputs) = run_grpcurl_walkthrough("triggers").await;
     assert!(outputs[0].contains("kafka_triggers.v1.TriggerService"), "{}", outputs[0]);
     assert!(outputs[0].contains("grpc.health.v1.Health"));
     assert!(outputs[1].contains("\"groupId\": \"kafka-triggers-"), "{}", outputs[1]);
@@ -84,7 +90,13 @@ async fn test_readme_trigger_walkthrough_runs_as_written() {
     for field in ["trigger.kafka.topics[0]", "trigger.webhook.url"] {
         assert!(invalid.contains(field), "{invalid}");
     }
-    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn test_readme_operating_walkthrough_runs_as_written() {
+    let (_db, outputs) = run_grpcurl_walkthrough("operating").await;
+    let health = &outputs[0];
+    assert_eq!(health.matches("\"status\": \"SERVING\"").count(), 5, "the server and four services: {health}");
 }
 
 #[tokio::test]
