@@ -97,6 +97,8 @@ async fn test_readme_operating_walkthrough_runs_as_written() {
     let (_db, outputs) = run_grpcurl_walkthrough("operating").await;
     let health = &outputs[0];
     assert_eq!(health.matches("\"status\": \"SERVING\"").count(), 5, "the server and four services: {health}");
+    let created = &outputs[1];
+    assert_eq!(created.matches("\"enabled\": false").count(), 2, "created and read back disabled: {created}");
 }
 
 #[tokio::test]

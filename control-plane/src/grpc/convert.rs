@@ -30,7 +30,7 @@ pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
 pub fn trigger_to_proto(row: &TriggerRow) -> v1::Trigger {
     v1::Trigger {
         id: row.id.to_string(),
-        enabled: row.enabled,
+        enabled: Some(row.enabled),
         generation: row.generation,
         create_time: Some(timestamp(row.created_at)),
         update_time: Some(timestamp(row.updated_at)),
