@@ -11,7 +11,7 @@ use kt_proto::internal::*;
 use kt_proto::v1::trigger_service_client::TriggerServiceClient;
 use kt_proto::v1::{
     CreateTriggerRequest, DeleteTriggerRequest, DisableTriggerRequest, EnableTriggerRequest, GetTriggerRequest,
-    SaslMechanism, Trigger,
+    GetTriggerStatusRequest, SaslMechanism, Trigger, TriggerHealth,
 };
 use kt_tests::{sample_trigger, wait_for, ControlPlaneOptions, TestControlPlane, TestDb, TestNode, TEST_NODE_TOKEN};
 use tokio::sync::mpsc;
@@ -139,6 +139,84 @@ async fn test_a_trigger_created_disabled_runs_nowhere_until_enabled() {
         .await
         .unwrap();
     assert_eq!(kinds, ["trigger_created", "trigger_disabled", "trigger_enabled"]);
+}
+
+/// Waits for the trigger's summary state to be `health` with a reason
+/// containing `reason`.
+async fn wait_health(
+    triggers: &mut TriggerServiceClient<tonic::transport::Channel>,
+    id: &str,
+    health: TriggerHealth,
+    reason: &str,
+) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let request = GetTriggerStatusRequest { id: id.to_owned() };
+        let status = triggers.get_trigger_status(request).await.unwrap().into_inner();
+        if status.health() == health && status.reason.contains(reason) {
+            return;
+        }
+        let seen = (status.health(), status.reason);
+        assert!(tokio::time::Instant::now() < deadline, "waiting for {health:?} ({reason}), last seen: {seen:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn report(trigger_id: &str, state: PipelineState, error: &str) -> NodeMessage {
+    let report = PipelineReport {
+        trigger_id: trigger_id.into(),
+        generation: 1,
+        state: state.into(),
+        error: error.into(),
+        partitions: vec![],
+    };
+    NodeMessage { msg: Some(Msg::Pipeline(report)) }
+}
+
+#[tokio::test]
+async fn test_trigger_health_follows_what_nodes_report() {
+    let db = TestDb::create().await.unwrap();
+    let cp = TestControlPlane::start(&db, ControlPlaneOptions::default()).await.unwrap();
+    let mut triggers = TriggerServiceClient::new(cp.channel().await.unwrap());
+    let mut nodes = NodeServiceClient::new(cp.authed(TEST_NODE_TOKEN).await.unwrap());
+    let pool = db.pool().await.unwrap();
+    let create = |t: Trigger| CreateTriggerRequest { trigger: Some(t) };
+
+    let off = Trigger { enabled: Some(false), ..sample_trigger("off", "b:9092", "t") };
+    let off = triggers.create_trigger(create(off)).await.unwrap().into_inner();
+    let status = triggers.get_trigger_status(GetTriggerStatusRequest { id: off.id }).await.unwrap().into_inner();
+    assert_eq!((status.health(), status.reason.as_str()), (TriggerHealth::Disabled, ""));
+
+    let id = triggers.create_trigger(create(sample_trigger("on", "b:9092", "t"))).await.unwrap().into_inner().id;
+    wait_health(&mut triggers, &id, TriggerHealth::Degraded, "no data-plane node is connected").await;
+
+    let version = kt_common::db::expected_schema_version();
+    let (tx, mut inbound) = open(&mut nodes, hello("node-h", version)).await.unwrap();
+    next_assignment(&mut inbound).await;
+    wait_health(&mut triggers, &id, TriggerHealth::Degraded, "no node reports the pipeline running yet").await;
+    tx.send(report(&id, PipelineState::Running, "")).await.unwrap();
+    wait_health(&mut triggers, &id, TriggerHealth::Healthy, "").await;
+
+    let trigger_id = uuid::Uuid::parse_str(&id).unwrap();
+    sqlx::query(
+        "INSERT INTO message_sets (trigger_id, topic, key, state, blocked_since)
+         VALUES ($1, 't', 'k', 'blocked', now() - interval '5 seconds')",
+    )
+    .bind(trigger_id)
+    .execute(&pool)
+    .await
+    .unwrap();
+    wait_health(&mut triggers, &id, TriggerHealth::Degraded, "1 blocked set(s), the oldest blocked for").await;
+    sqlx::query("DELETE FROM message_sets WHERE trigger_id = $1").bind(trigger_id).execute(&pool).await.unwrap();
+
+    tx.send(report(&id, PipelineState::Failed, "broker unreachable")).await.unwrap();
+    wait_health(&mut triggers, &id, TriggerHealth::Failed, "node node-h: broker unreachable").await;
+
+    // Another node runs it: still served, but not well.
+    let (tx2, mut inbound2) = open(&mut nodes, hello("node-i", version)).await.unwrap();
+    next_assignment(&mut inbound2).await;
+    tx2.send(report(&id, PipelineState::Running, "")).await.unwrap();
+    wait_health(&mut triggers, &id, TriggerHealth::Degraded, "node node-h: broker unreachable").await;
 }
 
 #[tokio::test]

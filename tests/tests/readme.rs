@@ -99,6 +99,11 @@ async fn test_readme_operating_walkthrough_runs_as_written() {
     assert_eq!(health.matches("\"status\": \"SERVING\"").count(), 5, "the server and four services: {health}");
     let created = &outputs[1];
     assert_eq!(created.matches("\"enabled\": false").count(), 2, "created and read back disabled: {created}");
+    let status = &outputs[2];
+    let disabled = status.find("\"health\": \"TRIGGER_HEALTH_DISABLED\"").expect(status);
+    let degraded = status.find("\"health\": \"TRIGGER_HEALTH_DEGRADED\"").expect(status);
+    assert!(disabled < degraded, "disabled, then enabled: {status}");
+    assert!(status.contains("\"reason\": \"no data-plane node is connected\""), "{status}");
 }
 
 #[tokio::test]
@@ -151,6 +156,8 @@ async fn test_readme_stack_walkthrough_runs_as_written() {
     assert!(outputs[1].lines().all(|l| l.contains("EVENT_KIND_WORK_ORDER_SUCCEEDED")), "{}", outputs[1]);
     assert!(outputs[2].contains("MESSAGE_SET_STATE_BLOCKED"), "{}", outputs[2]);
     assert!(outputs[2].contains("\"blockedSets\": \"1\""), "kt triggers status: {}", outputs[2]);
+    assert!(outputs[2].contains("\"health\": \"TRIGGER_HEALTH_DEGRADED\""), "a blocked set: {}", outputs[2]);
+    assert!(outputs[2].contains("\"reason\": \"1 blocked set(s), the oldest blocked for "), "{}", outputs[2]);
     assert!(outputs[3].contains("EVENT_KIND_SET_UNBLOCKED"), "the retry: {}", outputs[3]);
 
     // The stack printed user-7's deliveries: failures, then both in order.

@@ -102,6 +102,8 @@ fn status_view(trigger: &Trigger, s: &TriggerStatus) -> String {
     let mut summary = Table::new(&["", ""]);
     summary.row(vec!["trigger".into(), format!("{} ({})", trigger.name, s.trigger_id)]);
     summary.row(vec!["enabled".into(), if trigger.enabled() { "yes" } else { "no" }.into()]);
+    let health = output::enum_name(s.health().as_str_name(), "TRIGGER_HEALTH_");
+    summary.row(vec!["health".into(), if s.reason.is_empty() { health } else { format!("{health}: {}", s.reason) }]);
     summary.row(vec!["stored messages".into(), s.stored_messages.to_string()]);
     let blocked = if s.blocked_sets > 0 {
         format!("{} (oldest blocked {} ago)", s.blocked_sets, output::duration(s.oldest_blocked_age_seconds))
