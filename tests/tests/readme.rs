@@ -104,6 +104,13 @@ async fn test_readme_operating_walkthrough_runs_as_written() {
     let degraded = status.find("\"health\": \"TRIGGER_HEALTH_DEGRADED\"").expect(status);
     assert!(disabled < degraded, "disabled, then enabled: {status}");
     assert!(status.contains("\"reason\": \"no data-plane node is connected\""), "{status}");
+    let lookups = &outputs[3];
+    // Two empty answers (grpcurl leaves out empty fields).
+    assert_eq!(lookups.split_whitespace().collect::<String>(), "{}{}", "{lookups}");
+    let invalid = &outputs[4];
+    for violation in ["key_utf8: cannot be combined with key", "partition: is required", "offset_from: must not be"] {
+        assert!(invalid.contains(violation), "{violation}: {invalid}");
+    }
 }
 
 #[tokio::test]
