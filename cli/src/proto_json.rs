@@ -185,6 +185,7 @@ mod tests {
     fn test_messages_round_trip_through_proto_json() {
         let trigger = Trigger {
             name: "orders".into(),
+            enabled: Some(false),
             generation: 4,
             kafka: Some(KafkaSource {
                 hosts: vec!["[::1]:9092".into()],

@@ -401,7 +401,7 @@ async fn test_disable_and_delete_stop_the_pipeline() {
         .await
         .unwrap()
         .into_inner();
-    assert!(!disabled.enabled);
+    assert_eq!(disabled.enabled, Some(false));
     wait_for("pipeline_stopped reported", WAIT, || async {
         (!events(&s.pool, id, "pipeline_stopped").await.is_empty()).then_some(())
     })

@@ -10,7 +10,8 @@ use kt_proto::internal::work_service_client::WorkServiceClient;
 use kt_proto::internal::*;
 use kt_proto::v1::trigger_service_client::TriggerServiceClient;
 use kt_proto::v1::{
-    CreateTriggerRequest, DeleteTriggerRequest, DisableTriggerRequest, EnableTriggerRequest, SaslMechanism,
+    CreateTriggerRequest, DeleteTriggerRequest, DisableTriggerRequest, EnableTriggerRequest, GetTriggerRequest,
+    GetTriggerStatusRequest, SaslMechanism, Trigger, TriggerHealth,
 };
 use kt_tests::{sample_trigger, wait_for, ControlPlaneOptions, TestControlPlane, TestDb, TestNode, TEST_NODE_TOKEN};
 use tokio::sync::mpsc;
@@ -87,6 +88,135 @@ async fn test_assignments_follow_trigger_changes() {
     triggers.delete_trigger(DeleteTriggerRequest { id: t.id.clone() }).await.unwrap();
     assert!(next_assignment(&mut inbound).await.pipelines.is_empty());
     assert!(next_assignment(&mut inbound2).await.pipelines.is_empty());
+}
+
+/// `CreateTrigger` with `enabled: false` (before, the flag was ignored and
+/// every trigger was created enabled).
+#[tokio::test]
+async fn test_a_trigger_created_disabled_runs_nowhere_until_enabled() {
+    let db = TestDb::create().await.unwrap();
+    let cp = TestControlPlane::start(&db, ControlPlaneOptions::default()).await.unwrap();
+    let mut triggers = TriggerServiceClient::new(cp.channel().await.unwrap());
+    let mut nodes = NodeServiceClient::new(cp.authed(TEST_NODE_TOKEN).await.unwrap());
+    let (_tx, mut inbound) = open(&mut nodes, hello("node-d", kt_common::db::expected_schema_version())).await.unwrap();
+    assert!(next_assignment(&mut inbound).await.pipelines.is_empty());
+
+    let disabled = Trigger { enabled: Some(false), ..sample_trigger("off", "b:9092", "t") };
+    let off = triggers.create_trigger(CreateTriggerRequest { trigger: Some(disabled) }).await.unwrap().into_inner();
+    assert_eq!(off.enabled, Some(false));
+    let got = triggers.get_trigger(GetTriggerRequest { id: off.id.clone() }).await.unwrap().into_inner();
+    assert_eq!((got.enabled, got.generation), (Some(false), 1));
+    // An enabled trigger created after it shows that plans were sent, and
+    // that they leave the disabled one out.
+    let on = triggers
+        .create_trigger(CreateTriggerRequest { trigger: Some(sample_trigger("on", "b:9092", "t")) })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(on.enabled, Some(true), "omitted means enabled");
+    let plan = loop {
+        let plan = trigger_ids(&next_assignment(&mut inbound).await);
+        assert!(plan.iter().all(|(id, _)| *id != off.id), "a disabled trigger is assigned: {plan:?}");
+        if !plan.is_empty() {
+            break plan;
+        }
+    };
+    assert_eq!(plan, [(on.id.clone(), 1)]);
+
+    let enabled = triggers.enable_trigger(EnableTriggerRequest { id: off.id.clone() }).await.unwrap().into_inner();
+    assert_eq!((enabled.enabled, enabled.generation), (Some(true), 2));
+    let mut plan = trigger_ids(&next_assignment(&mut inbound).await);
+    plan.sort();
+    let mut expected = vec![(on.id.clone(), 1), (off.id.clone(), 2)];
+    expected.sort();
+    assert_eq!(plan, expected);
+
+    // Created disabled: the events a create and a disable would record.
+    let pool = db.pool().await.unwrap();
+    let kinds: Vec<String> = sqlx::query_scalar("SELECT kind FROM events WHERE trigger_id = $1 ORDER BY id")
+        .bind(uuid::Uuid::parse_str(&off.id).unwrap())
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(kinds, ["trigger_created", "trigger_disabled", "trigger_enabled"]);
+}
+
+/// Waits for the trigger's summary state to be `health` with a reason
+/// containing `reason`.
+async fn wait_health(
+    triggers: &mut TriggerServiceClient<tonic::transport::Channel>,
+    id: &str,
+    health: TriggerHealth,
+    reason: &str,
+) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let request = GetTriggerStatusRequest { id: id.to_owned() };
+        let status = triggers.get_trigger_status(request).await.unwrap().into_inner();
+        if status.health() == health && status.reason.contains(reason) {
+            return;
+        }
+        let seen = (status.health(), status.reason);
+        assert!(tokio::time::Instant::now() < deadline, "waiting for {health:?} ({reason}), last seen: {seen:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn report(trigger_id: &str, state: PipelineState, error: &str) -> NodeMessage {
+    let report = PipelineReport {
+        trigger_id: trigger_id.into(),
+        generation: 1,
+        state: state.into(),
+        error: error.into(),
+        partitions: vec![],
+    };
+    NodeMessage { msg: Some(Msg::Pipeline(report)) }
+}
+
+#[tokio::test]
+async fn test_trigger_health_follows_what_nodes_report() {
+    let db = TestDb::create().await.unwrap();
+    let cp = TestControlPlane::start(&db, ControlPlaneOptions::default()).await.unwrap();
+    let mut triggers = TriggerServiceClient::new(cp.channel().await.unwrap());
+    let mut nodes = NodeServiceClient::new(cp.authed(TEST_NODE_TOKEN).await.unwrap());
+    let pool = db.pool().await.unwrap();
+    let create = |t: Trigger| CreateTriggerRequest { trigger: Some(t) };
+
+    let off = Trigger { enabled: Some(false), ..sample_trigger("off", "b:9092", "t") };
+    let off = triggers.create_trigger(create(off)).await.unwrap().into_inner();
+    let status = triggers.get_trigger_status(GetTriggerStatusRequest { id: off.id }).await.unwrap().into_inner();
+    assert_eq!((status.health(), status.reason.as_str()), (TriggerHealth::Disabled, ""));
+
+    let id = triggers.create_trigger(create(sample_trigger("on", "b:9092", "t"))).await.unwrap().into_inner().id;
+    wait_health(&mut triggers, &id, TriggerHealth::Degraded, "no data-plane node is connected").await;
+
+    let version = kt_common::db::expected_schema_version();
+    let (tx, mut inbound) = open(&mut nodes, hello("node-h", version)).await.unwrap();
+    next_assignment(&mut inbound).await;
+    wait_health(&mut triggers, &id, TriggerHealth::Degraded, "no node reports the pipeline running yet").await;
+    tx.send(report(&id, PipelineState::Running, "")).await.unwrap();
+    wait_health(&mut triggers, &id, TriggerHealth::Healthy, "").await;
+
+    let trigger_id = uuid::Uuid::parse_str(&id).unwrap();
+    sqlx::query(
+        "INSERT INTO message_sets (trigger_id, topic, key, state, blocked_since)
+         VALUES ($1, 't', 'k', 'blocked', now() - interval '5 seconds')",
+    )
+    .bind(trigger_id)
+    .execute(&pool)
+    .await
+    .unwrap();
+    wait_health(&mut triggers, &id, TriggerHealth::Degraded, "1 blocked set(s), the oldest blocked for").await;
+    sqlx::query("DELETE FROM message_sets WHERE trigger_id = $1").bind(trigger_id).execute(&pool).await.unwrap();
+
+    tx.send(report(&id, PipelineState::Failed, "broker unreachable")).await.unwrap();
+    wait_health(&mut triggers, &id, TriggerHealth::Failed, "node node-h: broker unreachable").await;
+
+    // Another node runs it: still served, but not well.
+    let (tx2, mut inbound2) = open(&mut nodes, hello("node-i", version)).await.unwrap();
+    next_assignment(&mut inbound2).await;
+    tx2.send(report(&id, PipelineState::Running, "")).await.unwrap();
+    wait_health(&mut triggers, &id, TriggerHealth::Degraded, "node node-h: broker unreachable").await;
 }
 
 #[tokio::test]

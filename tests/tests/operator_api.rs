@@ -729,6 +729,7 @@ async fn test_list_and_get_work_orders() {
                     state: state.into(),
                     page_size,
                     page_token,
+                    ..Default::default()
                 })
                 .await
         }

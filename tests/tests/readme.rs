@@ -50,17 +50,17 @@ async fn test_readme_kt_walkthrough_runs_as_written() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-#[tokio::test]
-async fn test_readme_trigger_walkthrough_runs_as_written() {
+/// Runs the grpcurl walkthrough `name` against a fresh control plane, the
+/// same commands pointed at it and run in a temp dir (so files such as
+/// `trigger.json` land there). Returns the database and each block's output.
+async fn run_grpcurl_walkthrough(name: &str) -> (TestDb, Vec<String>) {
     let grpcurl = grpcurl().unwrap();
     let db = TestDb::create().await.unwrap();
     let cp = TestControlPlane::start(&db, ControlPlaneOptions::default()).await.unwrap();
     let readme = std::fs::read_to_string(readme_path()).unwrap();
     let dir = std::env::temp_dir().join(format!("kt-readme-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).unwrap();
-    // Same commands, pointed at this control plane and run in a temp dir so
-    // `trigger.json` lands there.
-    let mut walkthrough = blocks(&readme, "triggers").unwrap();
+    let mut walkthrough = blocks(&readme, name).unwrap();
     for block in &mut walkthrough {
         block.code = format!("cd '{}'\n{}", dir.display(), block.code.replace("localhost:50051", &cp.addr.to_string()));
     }
@@ -70,7 +70,13 @@ async fn test_readme_trigger_walkthrough_runs_as_written() {
         ("HOME".to_owned(), dir.display().to_string()),
     ]);
     let outputs = run_blocks(&walkthrough, &env).await.unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+    (db, outputs)
+}
 
+#[tokio::test]
+async fn test_readme_trigger_walkthrough_runs_as_written() {
+    let (db, outputs) = run_grpcurl_walkthrough("triggers").await;
     assert!(outputs[0].contains("kafka_triggers.v1.TriggerService"), "{}", outputs[0]);
     assert!(outputs[0].contains("grpc.health.v1.Health"));
     assert!(outputs[1].contains("\"groupId\": \"kafka-triggers-"), "{}", outputs[1]);
@@ -89,7 +95,27 @@ async fn test_readme_trigger_walkthrough_runs_as_written() {
     for field in ["trigger.kafka.topics[0]", "trigger.webhook.url"] {
         assert!(invalid.contains(field), "{invalid}");
     }
-    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn test_readme_operating_walkthrough_runs_as_written() {
+    let (_db, outputs) = run_grpcurl_walkthrough("operating").await;
+    let health = &outputs[0];
+    assert_eq!(health.matches("\"status\": \"SERVING\"").count(), 5, "the server and four services: {health}");
+    let created = &outputs[1];
+    assert_eq!(created.matches("\"enabled\": false").count(), 2, "created and read back disabled: {created}");
+    let status = &outputs[2];
+    let disabled = status.find("\"health\": \"TRIGGER_HEALTH_DISABLED\"").expect(status);
+    let degraded = status.find("\"health\": \"TRIGGER_HEALTH_DEGRADED\"").expect(status);
+    assert!(disabled < degraded, "disabled, then enabled: {status}");
+    assert!(status.contains("\"reason\": \"no data-plane node is connected\""), "{status}");
+    let lookups = &outputs[3];
+    // Two empty answers (grpcurl leaves out empty fields).
+    assert_eq!(lookups.split_whitespace().collect::<String>(), "{}{}", "{lookups}");
+    let invalid = &outputs[4];
+    for violation in ["key_utf8: cannot be combined with key", "partition: is required", "offset_from: must not be"] {
+        assert!(invalid.contains(violation), "{violation}: {invalid}");
+    }
 }
 
 #[tokio::test]
@@ -142,6 +168,8 @@ async fn test_readme_stack_walkthrough_runs_as_written() {
     assert!(outputs[1].lines().all(|l| l.contains("EVENT_KIND_WORK_ORDER_SUCCEEDED")), "{}", outputs[1]);
     assert!(outputs[2].contains("MESSAGE_SET_STATE_BLOCKED"), "{}", outputs[2]);
     assert!(outputs[2].contains("\"blockedSets\": \"1\""), "kt triggers status: {}", outputs[2]);
+    assert!(outputs[2].contains("\"health\": \"TRIGGER_HEALTH_DEGRADED\""), "a blocked set: {}", outputs[2]);
+    assert!(outputs[2].contains("\"reason\": \"1 blocked set(s), the oldest blocked for "), "{}", outputs[2]);
     assert!(outputs[3].contains("EVENT_KIND_SET_UNBLOCKED"), "the retry: {}", outputs[3]);
 
     // The stack printed user-7's deliveries: failures, then both in order.

@@ -32,7 +32,7 @@ async fn test_trigger_lifecycle_over_grpc() {
     let created =
         client.create_trigger(create(sample_trigger("orders", "localhost:9092", "orders"))).await.unwrap().into_inner();
     assert_eq!(created.generation, 1);
-    assert!(created.enabled);
+    assert_eq!(created.enabled, Some(true), "omitted means enabled");
     let group = created.kafka.as_ref().unwrap().group_id.clone();
     assert!(group.starts_with("kafka-triggers-"), "{group}");
     assert_eq!(uuid::Uuid::parse_str(&created.id).unwrap().get_version_num(), 7);
@@ -73,12 +73,12 @@ async fn test_trigger_lifecycle_over_grpc() {
     assert_eq!(violations(&err), ["trigger.kafka.group_id"]);
 
     let disabled = client.disable_trigger(DisableTriggerRequest { id: created.id.clone() }).await.unwrap().into_inner();
-    assert!(!disabled.enabled);
+    assert_eq!(disabled.enabled, Some(false));
     assert_eq!(disabled.generation, 3);
     let again = client.disable_trigger(DisableTriggerRequest { id: created.id.clone() }).await.unwrap().into_inner();
     assert_eq!(again.generation, 3, "disabling twice changes nothing");
     let enabled = client.enable_trigger(EnableTriggerRequest { id: created.id.clone() }).await.unwrap().into_inner();
-    assert!(enabled.enabled);
+    assert_eq!(enabled.enabled, Some(true));
     assert_eq!(enabled.generation, 4);
 
     client.delete_trigger(DeleteTriggerRequest { id: created.id.clone() }).await.unwrap();

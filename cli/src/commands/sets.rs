@@ -90,6 +90,9 @@ async fn list(
             state: state.unwrap_or(MessageSetState::Unspecified).into(),
             page_size: PAGE_SIZE,
             page_token,
+            // `--key` takes the KEY column's form (text or `base64:…`) and
+            // is matched here.
+            ..Default::default()
         };
         let page = api.call(api.sets().list_message_sets(req)).await?;
         sets.extend(page.message_sets.into_iter().filter(|s| keep(s)));

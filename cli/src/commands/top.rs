@@ -219,7 +219,7 @@ fn render(frame: &Frame, server: &str, interval: Duration, events: &str) -> Vec<
 
 /// `disabled`, `no node`, or the pipelines' states (`running`, `running x2`).
 fn pipeline_state(t: &Trigger, s: &TriggerStatus) -> String {
-    if !t.enabled {
+    if !t.enabled() {
         return "disabled".into();
     }
     if s.nodes.is_empty() {

@@ -85,7 +85,7 @@ fn list_table(triggers: &[Trigger]) -> String {
         table.row(vec![
             t.id.clone(),
             t.name.clone(),
-            if t.enabled { "yes" } else { "no" }.into(),
+            if t.enabled() { "yes" } else { "no" }.into(),
             kafka.topics.join(","),
             kafka.hosts.join(","),
             or_dash(&t.webhook.as_ref().map(|w| w.url.clone()).unwrap_or_default()),
@@ -101,7 +101,9 @@ fn list_table(triggers: &[Trigger]) -> String {
 fn status_view(trigger: &Trigger, s: &TriggerStatus) -> String {
     let mut summary = Table::new(&["", ""]);
     summary.row(vec!["trigger".into(), format!("{} ({})", trigger.name, s.trigger_id)]);
-    summary.row(vec!["enabled".into(), if trigger.enabled { "yes" } else { "no" }.into()]);
+    summary.row(vec!["enabled".into(), if trigger.enabled() { "yes" } else { "no" }.into()]);
+    let health = output::enum_name(s.health().as_str_name(), "TRIGGER_HEALTH_");
+    summary.row(vec!["health".into(), if s.reason.is_empty() { health } else { format!("{health}: {}", s.reason) }]);
     summary.row(vec!["stored messages".into(), s.stored_messages.to_string()]);
     let blocked = if s.blocked_sets > 0 {
         format!("{} (oldest blocked {} ago)", s.blocked_sets, output::duration(s.oldest_blocked_age_seconds))

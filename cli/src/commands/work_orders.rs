@@ -34,6 +34,7 @@ pub async fn run(ctx: &Ctx, cmd: WorkOrdersCmd) -> Result<()> {
                     state: state.into(),
                     page_size,
                     page_token,
+                    ..Default::default()
                 };
                 let page = api.call(api.work_orders().list_work_orders(req)).await?;
                 work_orders.extend(page.work_orders);

@@ -100,6 +100,7 @@ async fn test_sets_work_orders_status_and_events_against_a_running_node() {
     for expected in [
         format!("trigger          shop ({trigger})"),
         "blocked sets     5 (oldest blocked ".into(),
+        "health           degraded: 5 blocked set(s), the oldest blocked for ".into(),
         "NODE".into(),
         "HIGH WATERMARK".into(),
         node_id.clone(),

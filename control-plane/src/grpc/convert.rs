@@ -18,6 +18,16 @@ pub fn parse_id(field: &str, value: &str) -> Result<Uuid, Status> {
         .map_err(|_| invalid_argument(&[FieldViolation::new(field, format!("`{value}` is not a valid UUID"))]))
 }
 
+/// The key filter of a listing: `key` (bytes) or `key_utf8` (text), at
+/// most one of them.
+pub fn key_filter(key: Option<Vec<u8>>, key_utf8: Option<String>) -> Result<Option<Vec<u8>>, FieldViolation> {
+    match (key, key_utf8) {
+        (Some(_), Some(_)) => Err(FieldViolation::new("key_utf8", "cannot be combined with key; set one of them")),
+        (Some(key), None) => Ok(Some(key)),
+        (None, text) => Ok(text.map(String::into_bytes)),
+    }
+}
+
 pub fn required<T>(field: &str, value: Option<T>) -> Result<T, Status> {
     value.ok_or_else(|| invalid_argument(&[FieldViolation::new(field, "is required")]))
 }
@@ -30,7 +40,7 @@ pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
 pub fn trigger_to_proto(row: &TriggerRow) -> v1::Trigger {
     v1::Trigger {
         id: row.id.to_string(),
-        enabled: row.enabled,
+        enabled: Some(row.enabled),
         generation: row.generation,
         create_time: Some(timestamp(row.created_at)),
         update_time: Some(timestamp(row.updated_at)),

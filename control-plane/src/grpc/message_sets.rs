@@ -6,7 +6,7 @@ use kt_proto::v1::*;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use super::convert::{parse_id, timestamp};
+use super::convert::{key_filter, parse_id, timestamp};
 use super::work_orders::work_order_state_to_proto;
 use crate::sets::{SetFilter, SetListQuery, SetService, SetState, SetView};
 
@@ -23,6 +23,7 @@ impl MessageSetApi for MessageSetHandler {
         let req = req.into_inner();
         let query = SetListQuery {
             trigger_id: optional_id("trigger_id", &req.trigger_id)?,
+            key: key_filter(req.key, req.key_utf8).map_err(|v| invalid_argument(&[v]))?,
             filter: parse_filter(req.state)?,
             page_size: req.page_size,
             page_token: req.page_token,

@@ -5,6 +5,7 @@
 mod auth;
 mod convert;
 mod events;
+pub mod health;
 mod message_sets;
 mod nodes;
 mod peer;
@@ -50,8 +51,7 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(kt_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    let (mut health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<TriggerServiceServer<triggers::TriggerHandler>>().await;
+    let (health_state, health) = health::serving().await;
 
     let node_handler = nodes::NodeHandler::new(
         state.triggers.clone(),
@@ -82,7 +82,12 @@ pub async fn serve(
         .add_service(EventServiceServer::new(events::EventHandler { hub: state.events.clone() }))
         .add_service(NodeServiceServer::new(node_handler))
         .add_service(WorkServiceServer::new(work::WorkHandler { scheduler: state.scheduler.clone() }))
-        .serve_with_incoming_shutdown(accept_until(listener, shutdown.clone()), shutdown.cancelled_owned())
+        .serve_with_incoming_shutdown(accept_until(listener, shutdown.clone()), async move {
+            shutdown.cancelled().await;
+            // Before the drain: clients still connected learn at once that
+            // this replica no longer serves.
+            health_state.stop_serving().await;
+        })
         .await?;
     Ok(())
 }

@@ -26,7 +26,7 @@ pub async fn desired_assignment(triggers: &TriggerService, plan_version: i64) ->
         .map(|(row, secrets)| {
             let mut trigger = spec_to_proto(&row.spec, Some(&secrets));
             trigger.id = row.id.to_string();
-            trigger.enabled = row.enabled;
+            trigger.enabled = Some(row.enabled);
             trigger.generation = row.generation;
             PipelineSpec { trigger: Some(trigger) }
         })

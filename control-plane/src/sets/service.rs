@@ -87,6 +87,8 @@ pub enum SetFilter {
 #[derive(Debug, Clone)]
 pub struct SetListQuery {
     pub trigger_id: Option<Uuid>,
+    /// Only the keyed sets of this key.
+    pub key: Option<Vec<u8>>,
     pub filter: SetFilter,
     pub page_size: i32,
     pub page_token: String,
@@ -193,10 +195,17 @@ impl SetService {
             SetFilter::Only(SetState::Blocked) => Some((&[Stored::Blocked], true)),
             SetFilter::Only(SetState::Idle) => Some((&[Stored::Idle], true)),
         };
-        let mut rows = match by_state {
-            None => store::list_claimed(&self.pool, trigger, after, fetch).await?,
-            Some((states, with_live_claims)) => {
+        let mut rows = match (by_state, &query.key) {
+            (None, None) => store::list_claimed(&self.pool, trigger, after, fetch).await?,
+            (None, Some(key)) => {
+                let claimable = [Stored::Ready, Stored::Waiting];
+                store::list_by_key(&self.pool, key, trigger, &claimable, true, true, after, fetch).await?
+            }
+            (Some((states, with_live_claims)), None) => {
                 store::list_in_states(&self.pool, trigger, states, with_live_claims, after, fetch).await?
+            }
+            (Some((states, with_live_claims)), Some(key)) => {
+                store::list_by_key(&self.pool, key, trigger, states, with_live_claims, false, after, fetch).await?
             }
         };
         let next = if rows.len() as i64 > limit {

@@ -1,5 +1,6 @@
 //! SQL of the operator view of `message_sets`. Listing walks the set indexes
-//! only (`message_sets_state_idx`, the claims index); per-row details (head
+//! only (`message_sets_state_idx`, the claims index, `message_sets_key_idx`
+//! for a key filter); per-row details (head
 //! message, stored count, head work order) are looked up for the rows of
 //! one page through `messages_set_idx`, the messages primary key and the
 //! work-order unique key, never by scanning `messages`.
@@ -118,4 +119,45 @@ pub async fn list_claimed(
                      AND ($1::uuid IS NULL OR ms.trigger_id = $1) AND ms.id > $2
                    ORDER BY ms.id LIMIT $3";
     sqlx::query_as(&with_details(source)).bind(trigger).bind(after).bind(limit).fetch_all(db).await
+}
+
+/// The query of [`list_by_key`] (public for the EXPLAIN test).
+pub fn by_key_query() -> String {
+    with_details(
+        "SELECT ms.* FROM message_sets ms
+          WHERE ms.key = $1 AND ms.key IS NOT NULL AND ($2::uuid IS NULL OR ms.trigger_id = $2)
+            AND ms.state = ANY($3::text[]) AND ms.id > $4
+            AND CASE WHEN $6::boolean THEN ms.lock_id IS NOT NULL AND ms.lock_expires > now()
+                     ELSE $5::boolean OR ms.lock_id IS NULL OR ms.lock_expires <= now() END
+          ORDER BY ms.id LIMIT $7",
+    )
+}
+
+/// Up to `limit` keyed sets of `key` with id > `after`, of one trigger or
+/// of every trigger, in `states`, in id order, through
+/// `message_sets_key_idx` (a key has one set per trigger and topic).
+/// `claimed_only` keeps only sets a worker holds a live claim on;
+/// otherwise `with_live_claims = false` leaves them out.
+#[allow(clippy::too_many_arguments)]
+pub async fn list_by_key(
+    db: impl PgExecutor<'_>,
+    key: &[u8],
+    trigger: Option<Uuid>,
+    states: &[kt_common::dispatch::SetState],
+    with_live_claims: bool,
+    claimed_only: bool,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<SetRow>, sqlx::Error> {
+    let states: Vec<&str> = states.iter().map(|s| s.as_str()).collect();
+    sqlx::query_as(&by_key_query())
+        .bind(key)
+        .bind(trigger)
+        .bind(states)
+        .bind(after)
+        .bind(with_live_claims)
+        .bind(claimed_only)
+        .bind(limit)
+        .fetch_all(db)
+        .await
 }

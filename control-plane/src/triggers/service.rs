@@ -75,23 +75,25 @@ impl TriggerService {
     pub async fn create(&self, input: &v1::Trigger) -> Result<TriggerRow, TriggerError> {
         let refused = self.refused_dns_answer(input).await;
         let valid = self.validate(input, None, refused)?;
+        // Absent means enabled, as before the field had presence.
+        let enabled = input.enabled.unwrap_or(true);
         let id = Uuid::now_v7();
         let sealed = self.seal(id, &valid.secrets)?;
         let mut tx = self.pool.begin().await?;
         let row =
-            store::insert(&mut tx, id, &valid.spec, true, sealed.as_ref().map(|(k, c)| (k.as_str(), c.as_slice())))
+            store::insert(&mut tx, id, &valid.spec, enabled, sealed.as_ref().map(|(k, c)| (k.as_str(), c.as_slice())))
                 .await
                 .map_err(|e| TriggerError::from_write(e, &valid.spec.name))?;
-        events::record(
-            &mut *tx,
-            EventKind::TriggerCreated,
-            Some(id),
-            None,
-            json!({"name": row.name, "generation": row.generation}),
-        )
-        .await?;
+        let details = json!({"name": row.name, "generation": row.generation, "enabled": enabled});
+        events::record(&mut *tx, EventKind::TriggerCreated, Some(id), None, details).await?;
+        if !enabled {
+            // What a disable emits, so that a consumer following the enabled
+            // flag through `trigger_disabled` / `trigger_enabled` sees it.
+            let details = json!({"generation": row.generation});
+            events::record(&mut *tx, EventKind::TriggerDisabled, Some(id), None, details).await?;
+        }
         tx.commit().await?;
-        tracing::info!(trigger_id = %id, name = %row.name, "trigger created");
+        tracing::info!(trigger_id = %id, name = %row.name, enabled, "trigger created");
         self.notify();
         Ok(row)
     }

@@ -7,4 +7,6 @@ mod service;
 pub mod store;
 
 pub use error::WorkOrderError;
-pub use service::{WorkOrderListQuery, WorkOrderService, WorkOrderState, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE};
+pub use service::{
+    OffsetRange, WorkOrderListQuery, WorkOrderService, WorkOrderState, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE,
+};

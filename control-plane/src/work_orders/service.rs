@@ -41,10 +41,23 @@ pub const MAX_ERROR_BYTES: usize = 8 * 1024;
 /// The stored states of a work order: the shared state machine's.
 pub use kt_common::dispatch::WorkOrderState;
 
+/// Messages at `from <= offset < to` (no upper bound when `to` is `None`)
+/// of one topic and partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OffsetRange {
+    pub topic: String,
+    pub partition: i32,
+    pub from: i64,
+    pub to: Option<i64>,
+}
+
 #[derive(Debug, Clone)]
 pub struct WorkOrderListQuery {
     pub trigger_id: Option<Uuid>,
     pub state: Option<WorkOrderState>,
+    /// Only work orders of messages with this key.
+    pub key: Option<Vec<u8>>,
+    pub range: Option<OffsetRange>,
     pub page_size: i32,
     pub page_token: String,
 }
@@ -78,15 +91,20 @@ impl WorkOrderService {
             token => Uuid::parse_str(token)
                 .map_err(|_| WorkOrderError::invalid("page_token", "is not a token from a previous page"))?,
         };
-        let mut rows = match (query.trigger_id, query.state) {
-            (None, None) => store::list_all(&self.pool, after, limit + 1).await?,
-            (trigger, state) => {
-                let states: Vec<&str> = match state {
-                    Some(s) => vec![s.as_str()],
-                    None => WorkOrderState::ALL.iter().map(|s| s.as_str()).collect(),
-                };
-                store::list_filtered(&self.pool, trigger, &states, after, limit + 1).await?
+        let states: Vec<&str> = match query.state {
+            Some(s) => vec![s.as_str()],
+            None => WorkOrderState::ALL.iter().map(|s| s.as_str()).collect(),
+        };
+        let filter = store::Filter { trigger: query.trigger_id, states: &states, after, limit: limit + 1 };
+        let mut rows = match (&query.range, &query.key) {
+            (Some(r), key) => {
+                store::list_in_range(&self.pool, &r.topic, r.partition, r.from, r.to, key.as_deref(), filter).await?
             }
+            (None, Some(key)) => store::list_by_key(&self.pool, key, filter).await?,
+            (None, None) if query.trigger_id.is_none() && query.state.is_none() => {
+                store::list_all(&self.pool, after, limit + 1).await?
+            }
+            (None, None) => store::list_filtered(&self.pool, query.trigger_id, &states, after, limit + 1).await?,
         };
         let next = if rows.len() as i64 > limit {
             rows.truncate(limit as usize);

@@ -1,7 +1,9 @@
 //! SQL of the `work_orders` table for the operator API. Listing walks the
-//! primary key (no filter) or `work_orders_trigger_state_idx` (trigger_id,
-//! state, id) per (trigger, state) pair, so a page costs at most a page of
-//! index rows per pair, whatever the history kept.
+//! primary key (no filter) or `work_orders_state_trigger_idx` (state,
+//! trigger_id, id) per (trigger, state) pair, so a page costs at most a page
+//! of index rows per pair, whatever the history kept. A key filter walks
+//! `work_orders_key_idx` (key, id); an offset range reads the range from the
+//! unique key (trigger_id, topic, partition, offset) of each trigger.
 
 use chrono::{DateTime, Utc};
 use sqlx::types::Json;
@@ -76,6 +78,81 @@ pub async fn list_filtered(
     .bind(limit)
     .fetch_all(db)
     .await
+}
+
+/// What [`list_by_key`] and [`list_in_range`] filter on besides their index.
+#[derive(Debug, Clone, Copy)]
+pub struct Filter<'a> {
+    pub trigger: Option<Uuid>,
+    pub states: &'a [&'a str],
+    pub after: Uuid,
+    pub limit: i64,
+}
+
+/// The query of [`list_by_key`] (public for the EXPLAIN test).
+pub fn by_key_query() -> String {
+    format!(
+        "SELECT {SUMMARY_COLUMNS} FROM work_orders w
+          WHERE w.key = $1 AND w.key IS NOT NULL AND ($2::uuid IS NULL OR w.trigger_id = $2)
+            AND w.state = ANY($3::text[]) AND w.id > $4
+          ORDER BY w.id LIMIT $5"
+    )
+}
+
+/// Up to `limit` work orders of messages keyed `key`, in id order.
+pub async fn list_by_key(db: impl PgExecutor<'_>, key: &[u8], f: Filter<'_>) -> Result<Vec<WorkOrderRow>, sqlx::Error> {
+    sqlx::query_as(&by_key_query())
+        .bind(key)
+        .bind(f.trigger)
+        .bind(f.states)
+        .bind(f.after)
+        .bind(f.limit)
+        .fetch_all(db)
+        .await
+}
+
+/// The query of [`list_in_range`] (public for the EXPLAIN test). Both
+/// bounds are index conditions, also in a generic plan (no upper bound is
+/// `i64::MAX`, an offset Kafka never reaches).
+pub fn in_range_query() -> String {
+    format!(
+        "SELECT p.* FROM (SELECT id FROM triggers WHERE $1::uuid IS NULL OR id = $1) t
+          CROSS JOIN LATERAL (
+               SELECT {SUMMARY_COLUMNS} FROM work_orders w
+                WHERE w.trigger_id = t.id AND w.topic = $2 AND w.partition = $3
+                  AND w.\"offset\" >= $4 AND w.\"offset\" < COALESCE($5::bigint, 9223372036854775807)
+                  AND ($6::bytea IS NULL OR w.key = $6)
+                  AND w.state = ANY($7::text[]) AND w.id > $8
+                ORDER BY w.id LIMIT $9) p
+         ORDER BY p.id LIMIT $9"
+    )
+}
+
+/// Up to `limit` work orders of the messages at `from <= offset < to` (no
+/// upper bound when `to` is `None`) in one topic and partition, optionally
+/// only those keyed `key`, in id order.
+#[allow(clippy::too_many_arguments)]
+pub async fn list_in_range(
+    db: impl PgExecutor<'_>,
+    topic: &str,
+    partition: i32,
+    from: i64,
+    to: Option<i64>,
+    key: Option<&[u8]>,
+    f: Filter<'_>,
+) -> Result<Vec<WorkOrderRow>, sqlx::Error> {
+    sqlx::query_as(&in_range_query())
+        .bind(f.trigger)
+        .bind(topic)
+        .bind(partition)
+        .bind(from)
+        .bind(to)
+        .bind(key)
+        .bind(f.states)
+        .bind(f.after)
+        .bind(f.limit)
+        .fetch_all(db)
+        .await
 }
 
 /// The set a work order belongs to, read without locking (the caller locks

@@ -274,7 +274,7 @@ pub fn trigger_proto(id: Uuid, generation: i64, bootstrap: &str, topics: &[&str]
     v1::Trigger {
         id: id.to_string(),
         name: format!("trigger-{id}"),
-        enabled: true,
+        enabled: Some(true),
         kafka: Some(v1::KafkaSource {
             hosts: bootstrap.split(',').map(str::to_owned).collect(),
             topics: topics.iter().map(|t| (*t).to_owned()).collect(),

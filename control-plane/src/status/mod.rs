@@ -1,6 +1,7 @@
 //! `GetTriggerStatus`: what the nodes report about a trigger's pipeline
 //! (state, partitions, lag, last error) joined with what Postgres knows
-//! (stored messages, work orders by state, blocked sets).
+//! (stored messages, work orders by state, blocked sets), summed up in one
+//! [`health`] state.
 
 use std::collections::HashMap;
 
@@ -13,13 +14,17 @@ use crate::grpc::timestamp;
 use crate::nodes::NodeRegistry;
 use crate::triggers::{store, TriggerError};
 
+mod health;
+
 pub async fn trigger_status(pool: &PgPool, registry: &NodeRegistry, id: Uuid) -> Result<TriggerStatus, TriggerError> {
-    store::get(pool, id).await?.ok_or(TriggerError::NotFound(id))?;
+    let trigger = store::get(pool, id).await?.ok_or(TriggerError::NotFound(id))?;
     let key = id.to_string();
 
     let mut nodes = Vec::new();
     let mut last_error: Option<(DateTime<Utc>, String)> = None;
-    for node in registry.snapshot() {
+    let connected = registry.snapshot();
+    let mut pipelines = Vec::new();
+    for node in &connected {
         let Some(p) = node.pipelines.get(&key) else { continue };
         let partitions = p
             .report
@@ -39,6 +44,7 @@ pub async fn trigger_status(pool: &PgPool, registry: &NodeRegistry, id: Uuid) ->
                 },
             })
             .collect();
+        pipelines.push(health::NodePipeline { node_id: &node.node_id, state: p.state, error: &p.error });
         if !p.error.is_empty() && last_error.as_ref().is_none_or(|(at, _)| p.reported_at > *at) {
             last_error = Some((p.reported_at, p.error.clone()));
         }
@@ -81,14 +87,24 @@ pub async fn trigger_status(pool: &PgPool, registry: &NodeRegistry, id: Uuid) ->
         }
     }
 
+    let oldest_blocked_age_seconds = oldest_blocked.map(|s| s.round() as i64).unwrap_or(0);
+    let (summary, reason) = health::summarize(&health::HealthInput {
+        enabled: trigger.enabled,
+        connected_nodes: connected.len(),
+        pipelines,
+        blocked_sets,
+        oldest_blocked_age_seconds,
+    });
     Ok(TriggerStatus {
         trigger_id: key,
         nodes,
         stored_messages,
         blocked_sets,
-        oldest_blocked_age_seconds: oldest_blocked.map(|s| s.round() as i64).unwrap_or(0),
+        oldest_blocked_age_seconds,
         work_orders_by_state: by_state.into_iter().collect::<HashMap<_, _>>(),
         last_error: last_error.as_ref().map(|(_, e)| e.clone()).unwrap_or_default(),
         last_error_time: last_error.map(|(at, _)| timestamp(at)),
+        health: summary.into(),
+        reason,
     })
 }
