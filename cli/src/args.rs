@@ -165,7 +165,8 @@ pub enum SetsCmd {
         trigger: Option<TriggerRef>,
         #[arg(long, value_enum)]
         state: Option<SetState>,
-        /// Only the set of this key (as shown in the KEY column: text, or `base64:…`).
+        /// Only the sets of this key, looked up by the server: text, or `base64:…` as the KEY
+        /// column shows it; `-` lists the unkeyed sets.
         #[arg(long)]
         key: Option<String>,
         /// At most this many sets (0: all).

@@ -8,7 +8,7 @@ use base64::Engine as _;
 use serde_json::Value;
 
 use crate::args::Format;
-use crate::error::Result;
+use crate::error::{CliError, Result};
 use prost_reflect::{Kind, MessageDescriptor};
 
 use crate::proto_json::{self, Typed};
@@ -155,6 +155,16 @@ fn plain(v: &Value) -> String {
     }
 }
 
+/// The bytes of a key written as [`key`] prints it: `base64:…`, or text.
+pub fn parse_key(text: &str) -> Result<Vec<u8>, CliError> {
+    match text.strip_prefix("base64:") {
+        Some(encoded) => base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .map_err(|e| CliError::usage(format!("--key {text}: not valid base64 ({e})"))),
+        None => Ok(text.as_bytes().to_vec()),
+    }
+}
+
 /// A key as text when it is printable UTF-8, else `base64:…`; `-` for none.
 pub fn key(key: Option<&[u8]>) -> String {
     match key {
@@ -243,6 +253,10 @@ mod tests {
     fn test_keys_show_as_text_or_base64() {
         assert_eq!(key(Some(b"user-7")), "user-7");
         assert_eq!(key(Some(&[0xff, 0x00])), "base64:/wA=");
+        for shown in [key(Some(&[0xff, 0x00])), key(Some(b"a\nb")), key(Some(b"user-9"))] {
+            assert_eq!(key(Some(&parse_key(&shown).unwrap())), shown, "parse_key undoes key");
+        }
+        assert!(parse_key("base64:!!").is_err());
         assert_eq!(key(Some(b"a\nb")), "base64:YQpi");
         assert_eq!(key(None), "-");
     }

@@ -27,10 +27,15 @@ pub async fn run(ctx: &Ctx, cmd: SetsCmd) -> Result<()> {
                 Some(t) => Some(trigger_id(api, &t).await?),
                 None => None,
             };
-            let mut sets = list(api, trigger_id.as_deref(), state.map(proto_state), limit, |s| {
-                key.as_ref().is_none_or(|k| output::key(s.key.as_deref()) == *k)
-            })
-            .await?;
+            // A key is looked up by the server (an index); `-`, the KEY
+            // column's form of "no key", selects the unkeyed sets here.
+            let (server_key, unkeyed_only) = match key.as_deref() {
+                None => (None, false),
+                Some("-") => (None, true),
+                Some(k) => (Some(output::parse_key(k)?), false),
+            };
+            let filters = Filters { trigger_id: trigger_id.as_deref(), state: state.map(proto_state), key: server_key };
+            let mut sets = list(api, filters, limit, |s| !unkeyed_only || s.key.is_none()).await?;
             sets.truncate(if limit == 0 { usize::MAX } else { limit });
             let names = trigger_names(api, ctx.format).await?;
             let response = ListMessageSetsResponse { message_sets: sets, next_page_token: String::new() };
@@ -74,11 +79,18 @@ pub async fn run(ctx: &Ctx, cmd: SetsCmd) -> Result<()> {
     }
 }
 
+/// What the server filters sets by.
+#[derive(Default)]
+struct Filters<'a> {
+    trigger_id: Option<&'a str>,
+    state: Option<MessageSetState>,
+    key: Option<Vec<u8>>,
+}
+
 /// Sets matching the server-side filters and `keep`, at most `limit` (0: all).
 async fn list(
     api: &Api,
-    trigger_id: Option<&str>,
-    state: Option<MessageSetState>,
+    filters: Filters<'_>,
     limit: usize,
     keep: impl Fn(&MessageSet) -> bool,
 ) -> Result<Vec<MessageSet>> {
@@ -86,12 +98,11 @@ async fn list(
     let mut page_token = String::new();
     loop {
         let req = ListMessageSetsRequest {
-            trigger_id: trigger_id.unwrap_or_default().to_owned(),
-            state: state.unwrap_or(MessageSetState::Unspecified).into(),
+            trigger_id: filters.trigger_id.unwrap_or_default().to_owned(),
+            state: filters.state.unwrap_or(MessageSetState::Unspecified).into(),
+            key: filters.key.clone(),
             page_size: PAGE_SIZE,
             page_token,
-            // `--key` takes the KEY column's form (text or `base64:…`) and
-            // is matched here.
             ..Default::default()
         };
         let page = api.call(api.sets().list_message_sets(req)).await?;
@@ -105,7 +116,8 @@ async fn list(
 
 async fn retry_all_blocked(ctx: &Ctx, trigger: &str) -> Result<()> {
     let api = &ctx.api;
-    let blocked = list(api, Some(trigger), Some(MessageSetState::Blocked), 0, |_| true).await?;
+    let filters = Filters { trigger_id: Some(trigger), state: Some(MessageSetState::Blocked), ..Default::default() };
+    let blocked = list(api, filters, 0, |_| true).await?;
     // Drawn on stderr, and only when it is a terminal.
     let bar = indicatif::ProgressBar::new(blocked.len() as u64).with_style(
         indicatif::ProgressStyle::with_template("{spinner} retrying blocked sets [{bar:30}] {pos}/{len} {msg}")
