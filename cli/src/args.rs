@@ -218,6 +218,20 @@ pub enum WorkOrdersCmd {
         trigger: Option<TriggerRef>,
         #[arg(long, value_enum)]
         state: Option<WorkOrderState>,
+        /// Only the work orders of this key (text, or `base64:…` as the KEY column shows it).
+        #[arg(long)]
+        key: Option<String>,
+        /// Only offsets of this topic (with --partition; --from and --to bound them).
+        #[arg(long, requires = "partition")]
+        topic: Option<String>,
+        #[arg(long, requires = "topic")]
+        partition: Option<i32>,
+        /// First offset of the range (inclusive).
+        #[arg(long = "from", requires = "partition", value_name = "OFFSET")]
+        offset_from: Option<i64>,
+        /// End of the range (exclusive).
+        #[arg(long = "to", requires = "partition", value_name = "OFFSET")]
+        offset_to: Option<i64>,
         /// At most this many (0: all).
         #[arg(long, default_value_t = 100)]
         limit: usize,

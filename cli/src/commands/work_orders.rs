@@ -17,12 +17,13 @@ use crate::proto_json;
 pub async fn run(ctx: &Ctx, cmd: WorkOrdersCmd) -> Result<()> {
     let api = &ctx.api;
     match cmd {
-        WorkOrdersCmd::List { trigger, state, limit } => {
+        WorkOrdersCmd::List { trigger, state, key, topic, partition, offset_from, offset_to, limit } => {
             let trigger_id = match trigger {
                 Some(t) => trigger_id(api, &t).await?,
                 None => String::new(),
             };
             let state = state.map(proto_state).unwrap_or(WorkOrderState::Unspecified);
+            let key = key.as_deref().map(output::parse_key).transpose()?;
             let mut work_orders = Vec::new();
             let mut page_token = String::new();
             let mut more = false;
@@ -32,6 +33,11 @@ pub async fn run(ctx: &Ctx, cmd: WorkOrdersCmd) -> Result<()> {
                 let req = ListWorkOrdersRequest {
                     trigger_id: trigger_id.clone(),
                     state: state.into(),
+                    key: key.clone(),
+                    topic: topic.clone().unwrap_or_default(),
+                    partition,
+                    offset_from,
+                    offset_to,
                     page_size,
                     page_token,
                     ..Default::default()

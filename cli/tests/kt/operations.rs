@@ -116,6 +116,22 @@ async fn test_sets_work_orders_status_and_events_against_a_running_node() {
     let row = &rows(&table.stdout, &failed_head)[0];
     assert_eq!(row[1..3], ["shop", TOPIC], "{table}");
     assert_eq!(row[5..8], ["user-7", "failed", "2"], "{table}");
+    // --key and an offset range, both served by the server: the blocked
+    // key has exactly its failed head.
+    let by_key = s.kt(&["work-orders", "list", "--key", "user-7"]).await.ok().json();
+    let ids: Vec<&Value> = by_key["workOrders"].as_array().unwrap().iter().map(|w| &w["id"]).collect();
+    assert_eq!(ids, [&Value::from(failed_head.as_str())], "{by_key}");
+    let head = &by_key["workOrders"][0];
+    let (partition, offset) = (head["partition"].to_string(), head["offset"].as_str().unwrap().parse::<i64>().unwrap());
+    let (from, past) = (offset.to_string(), (offset + 1).to_string());
+    let range = ["--topic", TOPIC, "--partition", &partition, "--from", &from];
+    let one = [&range[..], &["--to", &past]].concat();
+    let in_range = s.kt(&[&["work-orders", "list"][..], &one].concat()).await.ok().json();
+    assert_eq!(in_range["workOrders"].as_array().unwrap().len(), 1, "{in_range}");
+    assert_eq!(in_range["workOrders"][0]["id"], failed_head);
+    let empty = [&range[..], &["--to", &from]].concat();
+    let none = s.kt(&[&["work-orders", "list"][..], &empty].concat()).await.ok().json();
+    assert!(none["workOrders"].as_array().is_none_or(|a| a.is_empty()), "from = to is empty: {none}");
     let get = s.kt(&["-o", "table", "work-orders", "get", &failed_head]).await.ok();
     assert!(get.stdout.contains("attempts:\n  1. ") && get.stdout.contains("  2. "), "{get}");
     assert!(get.stdout.contains("--body"), "{get}");
