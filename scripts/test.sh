@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace, from any directory, on a fresh Debian/Ubuntu machine too:
 # installs the system packages and the Python tools (grpcurl, tansu) it needs, finds or starts
-# a Postgres, then `cargo test --workspace --all-targets`.
+# a Postgres, checks format and lints (cargo fmt --check, clippy -D warnings), then
+# `cargo test --workspace --all-targets`.
 #
 #   scripts/test.sh                    every test
 #   scripts/test.sh -p kt-kafka-testing  extra arguments replace the default cargo test arguments
@@ -24,6 +25,22 @@ if [[ $# -gt 0 ]]; then
     args=("$@")
 else
     args=(--workspace --all-targets --no-fail-fast)
+fi
+# The whole suite also holds the code to the house format and to clippy, as
+# reviewers do; a toolchain without rustfmt or clippy skips that check.
+if [[ $# -eq 0 ]]; then
+    if cargo fmt --version >/dev/null 2>&1; then
+        kt_log "cargo fmt --all --check"
+        cargo fmt --all --check
+    else
+        kt_log "rustfmt is not installed: format check skipped"
+    fi
+    if cargo clippy --version >/dev/null 2>&1; then
+        kt_log "cargo clippy --workspace --all-targets -- -D warnings"
+        cargo clippy --workspace --all-targets -- -D warnings
+    else
+        kt_log "clippy is not installed: lint check skipped"
+    fi
 fi
 # Whole-system tests run the real binaries (control-plane, data-plane, stack)
 # as processes; `cargo test` alone builds them only as test harnesses.
