@@ -34,7 +34,7 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Er
 ///   statement on a path whose every statement waits on the one before. A
 ///   connection that died is found by the statement instead, which fails
 ///   and is retried by its caller like any other database error.
-pub fn generic_plan_pool(pool: &PgPool, max_connections: u32) -> PgPool {
+pub fn dispatch_pool(pool: &PgPool, max_connections: u32) -> PgPool {
     let options = pool.connect_options().as_ref().clone().options([("plan_cache_mode", "force_generic_plan")]);
     PgPoolOptions::new()
         .max_connections(max_connections)

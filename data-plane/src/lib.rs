@@ -174,7 +174,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let tracker = TaskTracker::new();
     let workers_cancel = CancellationToken::new();
     // The workers' rounds get a pool of their own, tuned for dispatch.
-    let worker_pool = kt_common::db::generic_plan_pool(&pool, config.db_max_connections);
+    let worker_pool = kt_common::db::dispatch_pool(&pool, config.db_max_connections);
     let workers_task = (config.workers > 0).then(|| {
         let worker_config = WorkerConfig {
             control_plane,

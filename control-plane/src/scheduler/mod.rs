@@ -124,7 +124,7 @@ impl Scheduler {
             sessions: HashMap::new(),
             lease,
             // The task is the only user, one statement at a time.
-            pool: kt_common::db::generic_plan_pool(&pool, 1),
+            pool: kt_common::db::dispatch_pool(&pool, 1),
             dirty: true,
             next_retry: None,
         };
@@ -177,7 +177,7 @@ struct SchedulerTask {
     sessions: HashMap<SessionId, SessionHandle>,
     /// The lease of every claim this scheduler writes.
     lease: Duration,
-    /// Its own connection, on generic plans (see `generic_plan_pool`).
+    /// Its own connection, on generic plans (see `dispatch_pool`).
     pool: PgPool,
     /// Something may be grantable that was not when we last filled.
     dirty: bool,
