@@ -20,8 +20,10 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use kt_common::backoff::Backoff;
 use kt_common::crypto::Keyring;
 use kt_common::secret::Secret;
+use kt_common::tasks::{Failpoints, Supervisor};
 use kt_common::webhook_policy::WebhookPolicy;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -35,7 +37,6 @@ pub struct Config {
     pub grpc_listen: SocketAddr,
     /// TLS of the gRPC listener; `None`: plaintext HTTP/2.
     pub tls: Option<tls::ServerTls>,
-    pub metrics_listen: Option<SocketAddr>,
     pub api_token: Option<Secret>,
     pub node_token: Option<Secret>,
     /// Serve the node protocol without a node token or client certificates.
@@ -57,6 +58,8 @@ pub struct Config {
     /// Which webhook targets triggers may name (`--webhook-deny-cidrs`,
     /// `--webhook-allow-cidrs`).
     pub webhook_policy: WebhookPolicy,
+    /// Where tests make tasks fail on purpose; inert by default.
+    pub failpoints: Failpoints,
 }
 
 impl Config {
@@ -65,7 +68,6 @@ impl Config {
             database_url: database_url.into(),
             grpc_listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             tls: None,
-            metrics_listen: None,
             api_token: None,
             node_token: None,
             insecure_open_node_protocol: false,
@@ -76,6 +78,7 @@ impl Config {
             work_order_retention: Duration::from_secs(7 * 24 * 3600),
             claim_lease: kt_common::dispatch::lease::DEFAULT_LEASE,
             webhook_policy: WebhookPolicy::default(),
+            failpoints: Failpoints::default(),
         }
     }
 }
@@ -88,6 +91,8 @@ pub struct AppState {
     pub registry: nodes::NodeRegistry,
     pub scheduler: scheduler::Scheduler,
     pub events: events::stream::EventHub,
+    /// Where the handlers spawn the tasks of their streams.
+    pub tasks: Supervisor,
 }
 
 /// A started control plane.
@@ -122,19 +127,53 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     }
     let triggers = triggers::TriggerService::new(pool.clone(), config.keys.clone())
         .with_webhook_policy(config.webhook_policy.clone());
-    let scheduler = scheduler::Scheduler::start(pool.clone(), triggers.clone(), config.claim_lease, shutdown.clone())
-        .await
-        .context("failed to start the candidate-set scheduler")?;
-    let events = events::stream::EventHub::start(pool.clone(), shutdown.clone())
+    // Every task of the term; a fatal failure among them ends the term with
+    // its error (see `serve_until_failed`).
+    let tasks = Supervisor::new();
+    let scheduler = scheduler::Scheduler::start(
+        pool.clone(),
+        triggers.clone(),
+        config.claim_lease,
+        shutdown.clone(),
+        &tasks,
+        config.failpoints.clone(),
+    )
+    .await
+    .context("failed to start the candidate-set scheduler")?;
+    let events = events::stream::EventHub::start(pool.clone(), shutdown.clone(), &tasks)
         .await
         .context("failed to start the event stream")?;
     let retention = retention::Retention { events: config.event_retention, work_orders: config.work_order_retention };
-    tokio::spawn(retention::run(pool.clone(), retention, shutdown.clone()));
-    let state = AppState { triggers, registry: nodes::NodeRegistry::default(), scheduler, events, pool };
+    let retention_pool = pool.clone();
+    let retention_stop = shutdown.clone();
+    tasks.spawn_restarting("retention", RESTART_BACKOFF, &shutdown, move || {
+        retention::run(retention_pool.clone(), retention, retention_stop.clone())
+    });
+    let state =
+        AppState { triggers, registry: nodes::NodeRegistry::default(), scheduler, events, pool, tasks: tasks.clone() };
     let auth = grpc::AuthLayer::new(config.api_token.clone(), config.node_token.clone(), node_certificates(&config));
     tracing::info!(%addr, tls = tls.is_some(), node_certificates = node_certificates(&config), "control plane listening");
-    let task = tokio::spawn(grpc::serve(state, auth, listener, tls, config.heartbeat, shutdown));
+    let server = grpc::serve(state, auth, listener, tls, config.heartbeat, shutdown);
+    let task = tokio::spawn(serve_until_failed(server, tasks));
     Ok(Running { addr, task })
+}
+
+/// How long a restarting task of the control plane waits before it runs
+/// again, at first and at most.
+const RESTART_BACKOFF: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+
+/// The server of a term, until it ends or a fatal task fails: then the term
+/// ends with that task's error, and the process with it (see [`run`]), since
+/// a replica without its scheduler or event tail would go on answering the
+/// API while granting nothing.
+async fn serve_until_failed(
+    server: impl std::future::Future<Output = anyhow::Result<()>>,
+    tasks: Supervisor,
+) -> anyhow::Result<()> {
+    tokio::select! {
+        result = server => result,
+        failed = tasks.failed() => Err(anyhow::Error::new(failed).context("the control plane cannot go on")),
+    }
 }
 
 /// Whether nodes authenticate with a client certificate (mutual TLS).

@@ -149,7 +149,6 @@ async fn main() -> anyhow::Result<()> {
     let config = kt_control_plane::Config {
         grpc_listen: cli.grpc_listen,
         tls,
-        metrics_listen: cli.metrics_listen,
         api_token: non_empty(cli.api_token),
         node_token: non_empty(cli.node_token),
         insecure_open_node_protocol: cli.insecure_open_node_protocol,

@@ -22,14 +22,14 @@ use std::time::Duration;
 use anyhow::Context;
 use kt_common::backoff::Backoff;
 use kt_common::secret::Secret;
+use kt_common::tasks::{self, Failpoints};
 use kt_common::webhook_policy::WebhookPolicy;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::consumer::IngestSettings;
 use crate::control_plane::{ClientTls, ControlPlane};
-use crate::pipelines::{spawn_supervisor, SupervisorEnv};
+use crate::pipelines::{pipeline_supervisor, SupervisorEnv};
 use crate::session::{run_session, SessionSettings};
 use crate::status::StatusBoard;
 use crate::store::{run_dedup_cleanup, DedupCleanupSettings};
@@ -67,6 +67,8 @@ pub struct Config {
     /// Which addresses webhooks may reach (`--webhook-deny-cidrs`,
     /// `--webhook-allow-cidrs`), checked at every connection.
     pub webhook_policy: WebhookPolicy,
+    /// Where tests make tasks fail on purpose (`workers`); inert by default.
+    pub failpoints: Failpoints,
 }
 
 impl Config {
@@ -85,6 +87,7 @@ impl Config {
             control_plane_timeout: Duration::from_secs(30),
             reconnect_backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(10)),
             webhook_policy: WebhookPolicy::default(),
+            failpoints: Failpoints::default(),
         }
     }
 
@@ -145,10 +148,27 @@ pub async fn check_schema(pool: &PgPool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How long a restarting task of the node waits before it runs again, at
+/// first and at most.
+const RESTART_BACKOFF: Backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+
 /// Runs a node until `shutdown`: pipelines as assigned by the control
-/// plane, the session with it, and the dedup retention cleanup. Shutdown
-/// order: stop intake and commit what is stored, then send the final
-/// reports and close the session.
+/// plane, the session with it, the workers and the dedup retention cleanup,
+/// each a supervised task (`kt_common::tasks`):
+///
+/// - the pipeline supervisor is fatal: it holds which consumers run, and
+///   without it the node could neither start nor stop one, so the node stops
+///   (in order, as below) and returns the error, and its partitions move to
+///   the other nodes;
+/// - the session, the workers and the dedup cleanup restart with backoff:
+///   each rebuilds what it needs from the control plane and the database
+///   (sets a failed worker loop held are released when its stream ends, or
+///   when their claims expire).
+///
+/// Shutdown order, on `shutdown` or a fatal failure: stop claiming sets and
+/// finish the ones in hand, stop intake and commit what is stored, then send
+/// the final reports and close the session. Each stage is a child of
+/// `shutdown`, cancelled in turn.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let triggers = TriggerDirectory::default();
     let control_plane = config.control_plane()?;
@@ -159,9 +179,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     check_schema(&pool).await?;
     tracing::info!(node_id = %config.node_id, control_plane = %config.control_plane_url, "data plane starting");
 
+    let tasks = tasks::Supervisor::new();
+    let workers_stop = shutdown.child_token();
+    let intake_stop = shutdown.child_token();
+    let session_stop = shutdown.child_token();
+
     let board = StatusBoard::new();
-    let supervisor_cancel = CancellationToken::new();
-    let (supervisor, supervisor_task) = spawn_supervisor(
+    let (supervisor, supervisor_run) = pipeline_supervisor(
         SupervisorEnv {
             pool: pool.clone(),
             settings: std::sync::Arc::new(config.ingest.clone()),
@@ -169,48 +193,58 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             client_id: format!("kafka-triggers/{}", config.node_id),
             node_id: config.node_id.clone(),
         },
-        supervisor_cancel.clone(),
+        intake_stop.clone(),
     );
-    let tracker = TaskTracker::new();
-    let workers_cancel = CancellationToken::new();
+    let intake = tasks.spawn_fatal("pipeline supervisor", &intake_stop, supervisor_run);
     // The workers' rounds get a pool of their own, tuned for dispatch.
     let worker_pool = kt_common::db::dispatch_pool(&pool, config.db_max_connections);
-    let workers_task = (config.workers > 0).then(|| {
+    let workers = (config.workers > 0).then(|| {
         let worker_config = WorkerConfig {
             control_plane,
             node_id: config.node_id.clone(),
             capacity: config.workers as u32,
             webhook_policy: config.webhook_policy.clone(),
+            failpoints: config.failpoints.clone(),
         };
-        tokio::spawn(worker::run(worker_config, worker_pool.clone(), triggers, workers_cancel.clone()))
+        let (pool, stop) = (worker_pool.clone(), workers_stop.clone());
+        tasks.spawn_restarting("workers", RESTART_BACKOFF, &workers_stop, move || {
+            worker::run(worker_config.clone(), pool.clone(), triggers.clone(), stop.clone())
+        })
     });
-    let session_cancel = CancellationToken::new();
-    tracker.spawn(run_session(session_settings, supervisor, board, session_cancel.clone()));
-    tracker.spawn(run_dedup_cleanup(pool.clone(), config.dedup, shutdown.child_token()));
+    let stop = session_stop.clone();
+    tasks.spawn_restarting("session", RESTART_BACKOFF, &session_stop, move || {
+        run_session(session_settings.clone(), supervisor.clone(), board.clone(), stop.clone())
+    });
+    let (dedup_pool, dedup, stop) = (pool.clone(), config.dedup, session_stop.clone());
+    tasks.spawn_restarting("dedup cleanup", RESTART_BACKOFF, &session_stop, move || {
+        run_dedup_cleanup(dedup_pool.clone(), dedup, stop.clone())
+    });
 
-    shutdown.cancelled().await;
-    tracing::info!("data plane shutting down");
+    let failed = tokio::select! {
+        _ = shutdown.cancelled() => None,
+        failed = tasks.failed() => Some(failed),
+    };
+    match &failed {
+        None => tracing::info!("data plane shutting down"),
+        Some(failed) => tracing::error!(error = %failed, "data plane stopping after a fatal task failure"),
+    }
     // Stop claiming sets; the sets in hand finish and release their claims.
-    workers_cancel.cancel();
-    if let Some(task) = workers_task {
-        match task.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "workers failed"),
-            Err(e) => tracing::error!(error = %e, "workers panicked"),
-        }
+    workers_stop.cancel();
+    if let Some(workers) = workers {
+        let _ = workers.await;
     }
     worker_pool.close().await;
     // Stop intake; what is stored gets its offsets committed.
-    supervisor_cancel.cancel();
-    if let Err(e) = supervisor_task.await {
-        tracing::error!(error = %e, "pipeline supervisor failed");
-    }
-    session_cancel.cancel();
-    tracker.close();
-    tracker.wait().await;
+    intake_stop.cancel();
+    let _ = intake.await;
+    session_stop.cancel();
+    tasks.wait().await;
     pool.close().await;
     tracing::info!("data plane stopped");
-    Ok(())
+    match failed {
+        None => Ok(()),
+        Some(failed) => Err(anyhow::Error::new(failed).context("the data plane cannot go on")),
+    }
 }
 
 #[cfg(test)]

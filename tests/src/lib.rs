@@ -113,6 +113,8 @@ pub struct ControlPlaneOptions {
     pub claim_lease: Option<Duration>,
     /// The webhook target policy; the default one when `None`.
     pub webhook_policy: Option<WebhookPolicy>,
+    /// Failpoints a test arms (`kt_common::tasks::Failpoints::armable`).
+    pub failpoints: Option<kt_common::tasks::Failpoints>,
 }
 
 /// A control plane running in this process on a free port.
@@ -140,6 +142,7 @@ impl TestControlPlane {
             heartbeat: opts.heartbeat.unwrap_or(Duration::from_millis(500)),
             claim_lease: opts.claim_lease.unwrap_or(kt_common::dispatch::lease::DEFAULT_LEASE),
             webhook_policy: opts.webhook_policy.unwrap_or_default(),
+            failpoints: opts.failpoints.unwrap_or_default(),
             ..kt_control_plane::Config::new(db.url.clone())
         };
         let shutdown = CancellationToken::new();

@@ -1,8 +1,9 @@
 //! Faults during delivery (DESIGN §7): a data-plane node killed with
 //! SIGKILL mid-delivery, a control-plane restart mid-flow, a webhook that
-//! times out or answers slowly. After each: every message has exactly one
-//! work order, per-key order held, one work order of a key in flight at a
-//! time, nothing left behind.
+//! times out or answers slowly, a task that panics (supervision, issue 14
+//! item 1). After each: every message has exactly one work order, per-key
+//! order held, one work order of a key in flight at a time, nothing left
+//! behind.
 
 mod work_order_checks;
 
@@ -10,6 +11,7 @@ use std::collections::HashSet;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use kt_common::tasks::Failpoints;
 use kt_proto::v1::message_set_service_client::MessageSetServiceClient;
 use kt_proto::v1::*;
 use kt_tests::webhook::Reply;
@@ -122,6 +124,64 @@ async fn test_node_killed_mid_delivery_leaves_no_duplicate_work_order() {
         in_flight.len(),
         started.elapsed()
     );
+}
+
+/// The scheduler is fatal to its control plane: a panic in it ends the
+/// control plane with an error that names it (the binary exits non-zero on
+/// it), instead of leaving one that answers the API and grants nothing. The
+/// replacement (an orchestrator's restart) starts with fresh state and
+/// delivers everything.
+#[tokio::test]
+async fn test_a_panicking_scheduler_stops_its_control_plane_with_the_error() {
+    let points = Failpoints::armable();
+    let cp = ControlPlaneOptions { failpoints: Some(points.clone()), ..Default::default() };
+    let mut s = Stack::start_with("sched-panic", 2, cp).await;
+    let probe = Probe::install(&s.receiver, |_, _, _| reply(200, 5));
+    let target = Target::new(2_000, retry(5, 20, 100));
+    let trigger = s.create_trigger("sched-panic", &target).await;
+    points.arm("scheduler");
+    // The node's work stream joining is the scheduler's next command.
+    let node = TestNode::start(&s.db, &s.cp().url(), |c| c.workers = 4).await;
+
+    let mut cp = s.cp.take().unwrap();
+    let ended = tokio::time::timeout(WAIT, &mut cp.task).await.expect("the control plane stops").unwrap();
+    let error = format!("{:#}", ended.expect_err("it stops with an error"));
+    assert!(error.contains("task `scheduler` panicked: failpoint `scheduler` fired"), "{error}");
+
+    s.cp = Some(
+        TestControlPlane::start(&s.db, ControlPlaneOptions { listen: Some(cp.addr), ..Default::default() })
+            .await
+            .unwrap(),
+    );
+    let produced = ids(&s.produce("sched-panic", interleaved(&keys("k", 4), 5, 5, 0)).await);
+    wait_succeeded(&s.pool, trigger, produced.len()).await;
+    assert_all_invariants(&s, &probe, trigger, &produced, target.timeout(), false).await;
+    drop(node);
+}
+
+/// A node's worker loop restarts after a panic: the sets it was granted are
+/// released when its stream ends and granted again, and every message is
+/// delivered once, in order; without supervision the node would keep its
+/// pipelines running and deliver nothing more.
+#[tokio::test]
+async fn test_a_panicking_worker_loop_is_restarted_and_delivers_everything() {
+    let s = Stack::start("worker-panic", 2).await;
+    let probe = Probe::install(&s.receiver, |_, _, _| reply(200, 5));
+    let target = Target::new(2_000, retry(5, 20, 100));
+    let trigger = s.create_trigger("worker-panic", &target).await;
+    let points = Failpoints::armable();
+    points.arm("workers");
+    let node = TestNode::start(&s.db, &s.cp().url(), |c| {
+        c.workers = 4;
+        c.failpoints = points.clone();
+    })
+    .await;
+    let produced = ids(&s.produce("worker-panic", interleaved(&keys("k", 4), 5, 5, 0)).await);
+    wait_succeeded(&s.pool, trigger, produced.len()).await;
+    assert!(!points.is_armed("workers"), "the worker loop panicked on its first grant");
+    assert!(!node.task.is_finished(), "the node runs on");
+    assert_all_invariants(&s, &probe, trigger, &produced, target.timeout(), false).await;
+    assert_eq!(s.receiver.deliveries().len(), produced.len(), "no message POSTed twice");
 }
 
 #[tokio::test]

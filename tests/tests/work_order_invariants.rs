@@ -550,7 +550,9 @@ async fn test_a_message_arriving_as_its_set_goes_idle_is_not_stranded() {
     let keys = kt_common::crypto::Keyring::from_base64([kt_tests::TEST_ENCRYPTION_KEY]).unwrap();
     let triggers = kt_control_plane::triggers::TriggerService::new(pool.clone(), keys);
     let lease = kt_common::dispatch::lease::DEFAULT_LEASE;
-    let scheduler = Scheduler::start(pool.clone(), triggers, lease, shutdown.clone()).await.unwrap();
+    let tasks = kt_common::tasks::Supervisor::new();
+    let scheduler =
+        Scheduler::start(pool.clone(), triggers, lease, shutdown.clone(), &tasks, Default::default()).await.unwrap();
     // A fake worker stream with room for one set.
     let session = Uuid::now_v7();
     let (grants_tx, mut grants) = mpsc::channel(16);

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use kt_common::tasks::Supervisor;
 use sqlx::PgPool;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
@@ -111,12 +112,13 @@ pub struct EventHub {
 }
 
 impl EventHub {
-    /// Starts the tail until `shutdown`.
-    pub async fn start(pool: PgPool, shutdown: CancellationToken) -> Result<Self, sqlx::Error> {
+    /// Starts the tail until `shutdown`. It is fatal: without it every
+    /// subscriber would silently stop receiving events.
+    pub async fn start(pool: PgPool, shutdown: CancellationToken, tasks: &Supervisor) -> Result<Self, sqlx::Error> {
         let (tx, _) = broadcast::channel(BROADCAST_CAPACITY);
         let hub = EventHub { pool: pool.clone(), tx, stopped: shutdown.clone() };
         let start = current(&pool).await?;
-        tokio::spawn(hub.clone().tail(start, shutdown.clone()));
+        tasks.spawn_fatal("event tail", &shutdown, hub.clone().tail(start, shutdown.clone()));
         Ok(hub)
     }
 

@@ -6,6 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::Stream;
+use kt_common::tasks::Supervisor;
 use kt_proto::status::{invalid_argument, FieldViolation};
 use kt_proto::v1::event_service_server::EventService;
 use kt_proto::v1::{Event, EventKind, StreamEventsRequest};
@@ -23,6 +24,8 @@ const CLIENT_CAPACITY: usize = 256;
 
 pub struct EventHandler {
     pub hub: EventHub,
+    /// Runs each subscriber's replay-then-live task.
+    pub tasks: Supervisor,
 }
 
 struct Filter {
@@ -96,7 +99,8 @@ impl EventService for EventHandler {
         // Subscribe before replaying so nothing falls between the two.
         let live = self.hub.subscribe();
         let (tx, rx) = mpsc::channel(CLIENT_CAPACITY);
-        tokio::spawn(follow(self.hub.clone(), Filter { triggers, kinds }, after, live, tx));
+        self.tasks
+            .spawn_isolated("event subscriber", follow(self.hub.clone(), Filter { triggers, kinds }, after, live, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }

@@ -59,6 +59,7 @@ pub async fn serve(
         state.registry.clone(),
         heartbeat,
         shutdown.clone(),
+        state.tasks.clone(),
     );
 
     let mut server = tonic::transport::Server::builder();
@@ -79,9 +80,15 @@ pub async fn serve(
         .add_service(WorkOrderServiceServer::new(work_orders::WorkOrderHandler {
             work_orders: WorkOrderService::new(state.pool.clone(), state.scheduler.clone()),
         }))
-        .add_service(EventServiceServer::new(events::EventHandler { hub: state.events.clone() }))
+        .add_service(EventServiceServer::new(events::EventHandler {
+            hub: state.events.clone(),
+            tasks: state.tasks.clone(),
+        }))
         .add_service(NodeServiceServer::new(node_handler))
-        .add_service(WorkServiceServer::new(work::WorkHandler { scheduler: state.scheduler.clone() }))
+        .add_service(WorkServiceServer::new(work::WorkHandler {
+            scheduler: state.scheduler.clone(),
+            tasks: state.tasks.clone(),
+        }))
         .serve_with_incoming_shutdown(accept_until(listener, shutdown.clone()), async move {
             shutdown.cancelled().await;
             // Before the drain: clients still connected learn at once that

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
+use kt_common::tasks::Supervisor;
 use kt_proto::internal::control_message::Msg as ControlMsg;
 use kt_proto::internal::node_message::Msg as NodeMsg;
 use kt_proto::internal::node_service_server::NodeService;
@@ -40,6 +41,8 @@ pub struct NodeHandler {
     pub pool: PgPool,
     pub heartbeat: Duration,
     pub shutdown: CancellationToken,
+    /// Runs each session's task.
+    pub tasks: Supervisor,
     /// Seeded from the clock so plan versions keep increasing across restarts.
     pub plan_version: Arc<AtomicI64>,
 }
@@ -51,9 +54,10 @@ impl NodeHandler {
         registry: NodeRegistry,
         heartbeat: Duration,
         shutdown: CancellationToken,
+        tasks: Supervisor,
     ) -> Self {
         let seed = chrono::Utc::now().timestamp_millis() * 1_000;
-        Self { triggers, registry, pool, heartbeat, shutdown, plan_version: Arc::new(AtomicI64::new(seed)) }
+        Self { triggers, registry, pool, heartbeat, shutdown, tasks, plan_version: Arc::new(AtomicI64::new(seed)) }
     }
 }
 
@@ -97,7 +101,7 @@ impl NodeService for NodeHandler {
             plan_version: self.plan_version.clone(),
             shutdown: self.shutdown.clone(),
         };
-        tokio::spawn(session.run(inbound, tx));
+        self.tasks.spawn_isolated("node session", session.run(inbound, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }

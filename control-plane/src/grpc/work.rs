@@ -14,11 +14,15 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use uuid::Uuid;
 
+use kt_common::tasks::Supervisor;
+
 use super::peer::NodeIdentity;
 use crate::scheduler::{Scheduler, GRANT_CAPACITY};
 
 pub struct WorkHandler {
     pub scheduler: Scheduler,
+    /// Runs each stream's reader.
+    pub tasks: Supervisor,
 }
 
 #[tonic::async_trait]
@@ -42,7 +46,7 @@ impl WorkService for WorkHandler {
         let (tx, rx) = mpsc::channel(GRANT_CAPACITY);
         self.scheduler.join(session, node_id, tx).await;
         let scheduler = self.scheduler.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn_isolated("work stream", async move {
             while let Ok(Some(msg)) = inbound.message().await {
                 match msg.msg {
                     Some(Msg::Credit(c)) => scheduler.credit(session, c.sets).await,

@@ -33,6 +33,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use kt_common::dispatch::{self, grant};
+use kt_common::tasks::{Failpoints, Supervisor};
 use kt_proto::internal::{SetGrant, SetOutcome, SetOutcomeKind, WorkGrant};
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
@@ -115,6 +116,8 @@ impl Scheduler {
         triggers: TriggerService,
         lease: Duration,
         shutdown: CancellationToken,
+        tasks: &Supervisor,
+        failpoints: Failpoints,
     ) -> anyhow::Result<Self> {
         check_lease(lease)?;
         let (tx, rx) = mpsc::channel(COMMAND_CAPACITY);
@@ -127,10 +130,24 @@ impl Scheduler {
             pool: kt_common::db::dispatch_pool(&pool, 1),
             dirty: true,
             next_retry: None,
+            failpoints,
         };
-        tokio::spawn(task.run(rx, shutdown.clone()));
-        tokio::spawn(listen_and_sweep(pool.clone(), scheduler.clone(), shutdown.clone()));
-        tokio::spawn(watch_limits(pool, triggers, scheduler.clone(), shutdown));
+        // Grants, claims and limits are held in memory by these tasks and
+        // rebuilt from the database only at the start of a term: without any
+        // of them the replica would answer the API but never grant work, so
+        // each is fatal (the replica exits and a standby, or its restart,
+        // takes over with fresh state).
+        tasks.spawn_fatal("scheduler", &shutdown, task.run(rx, shutdown.clone()));
+        tasks.spawn_fatal(
+            "scheduler listener",
+            &shutdown,
+            listen_and_sweep(pool.clone(), scheduler.clone(), shutdown.clone()),
+        );
+        tasks.spawn_fatal(
+            "trigger limits",
+            &shutdown,
+            watch_limits(pool, triggers, scheduler.clone(), shutdown.clone()),
+        );
         Ok(scheduler)
     }
 
@@ -183,6 +200,8 @@ struct SchedulerTask {
     dirty: bool,
     /// The earliest retry time an outcome reported: a wake-up, not a record.
     next_retry: Option<Instant>,
+    /// `scheduler`, hit for every command (tests).
+    failpoints: Failpoints,
 }
 
 impl SchedulerTask {
@@ -216,6 +235,7 @@ impl SchedulerTask {
     }
 
     fn handle(&mut self, cmd: Command) {
+        self.failpoints.hit("scheduler");
         match cmd {
             Command::Join { session, node_id, grants } => {
                 tracing::info!(%node_id, %session, "worker stream joined");

@@ -99,11 +99,19 @@ struct Supervisor {
 /// Starts the supervisor task. On `cancel` it stops every pipeline and
 /// finishes once all of them have committed and closed.
 pub fn spawn_supervisor(env: SupervisorEnv, cancel: CancellationToken) -> (SupervisorHandle, JoinHandle<()>) {
+    let (handle, run) = pipeline_supervisor(env, cancel);
+    (handle, tokio::spawn(run))
+}
+
+/// The supervisor's handle and the task to run it in (until `cancel`).
+pub fn pipeline_supervisor(
+    env: SupervisorEnv,
+    cancel: CancellationToken,
+) -> (SupervisorHandle, impl std::future::Future<Output = ()> + Send + 'static) {
     let (tx, rx) = mpsc::channel(COMMAND_CHANNEL_CAPACITY);
     let supervisor =
         Supervisor { env, running: HashMap::new(), rejected: HashMap::new(), tracker: TaskTracker::new(), cancel };
-    let task = tokio::spawn(supervisor.run(rx));
-    (SupervisorHandle { tx }, task)
+    (SupervisorHandle { tx }, supervisor.run(rx))
 }
 
 impl Supervisor {

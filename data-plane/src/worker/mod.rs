@@ -11,6 +11,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use kt_common::backoff::Backoff;
+use kt_common::tasks::Failpoints;
 use kt_common::trigger::{TriggerSecrets, TriggerSpec};
 use kt_common::webhook_policy::WebhookPolicy;
 use kt_proto::internal::work_service_client::WorkServiceClient;
@@ -93,6 +94,8 @@ pub struct WorkerConfig {
     pub capacity: u32,
     /// Which addresses webhooks may reach, checked at every connection.
     pub webhook_policy: WebhookPolicy,
+    /// `workers`, hit for every grant (tests).
+    pub failpoints: Failpoints,
 }
 
 /// Runs the work stream until `shutdown`: reconnects with backoff; on
@@ -144,7 +147,10 @@ async fn session(
         tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
             grant = grants.message() => match grant {
-                Ok(Some(grant)) => engine.grant(grant, triggers),
+                Ok(Some(grant)) => {
+                    config.failpoints.hit("workers");
+                    engine.grant(grant, triggers)
+                }
                 Ok(None) => break Err(anyhow::anyhow!("control plane closed the work stream")),
                 Err(status) => break Err(status.into()),
             },
