@@ -290,7 +290,8 @@ pub struct Failure {
 pub async fn record_failures(db: impl PgExecutor<'_>, failures: &[Failure]) -> Result<Vec<i64>, sqlx::Error> {
     let c = PostedColumns::new(failures.iter().map(|f| &f.posted).collect());
     let in_order = || c.order.iter().map(|i| &failures[*i]);
-    let errors: Vec<Option<&str>> = in_order().map(|f| f.posted.attempt.as_ref().and_then(|a| a.error.as_deref())).collect();
+    let errors: Vec<Option<&str>> =
+        in_order().map(|f| f.posted.attempt.as_ref().and_then(|a| a.error.as_deref())).collect();
     let wo_states: Vec<&str> = in_order().map(|f| f.after.work_order_state().as_str()).collect();
     let set_states: Vec<&str> = in_order().map(|f| f.after.set_state().as_str()).collect();
     let retry_ats: Vec<Option<DateTime<Utc>>> = in_order().map(|f| f.after.retry_at()).collect();

@@ -52,7 +52,10 @@ pub(super) fn check_on_failure(c: &mut Checker, t: &v1::Trigger) -> OnFailure {
     if let Err(why) = check_topic(topic) {
         c.bad("dead_letter_topic", why);
     } else if t.kafka.as_ref().is_some_and(|k| k.topics.iter().any(|s| s.trim() == topic)) {
-        c.bad("dead_letter_topic", format!("`{topic}` is one of kafka.topics: the trigger would consume its own dead letters"));
+        c.bad(
+            "dead_letter_topic",
+            format!("`{topic}` is one of kafka.topics: the trigger would consume its own dead letters"),
+        );
     }
     OnFailure::DeadLetter { topic: Some(topic.to_owned()) }
 }
@@ -116,7 +119,9 @@ mod tests {
 
     #[test]
     fn test_policy_round_trips_through_the_wire_and_storage() {
-        for policy in [OnFailure::Block, OnFailure::DeadLetter { topic: None }, OnFailure::DeadLetter { topic: Some("d".into()) }] {
+        for policy in
+            [OnFailure::Block, OnFailure::DeadLetter { topic: None }, OnFailure::DeadLetter { topic: Some("d".into()) }]
+        {
             let mut t = v1::Trigger::default();
             on_failure_to_proto(&policy, &mut t);
             assert_eq!(check_on_failure(&mut Checker::new(""), &t), policy);

@@ -77,9 +77,10 @@ impl Letter {
             ("kt-original-partition", self.partition.to_string()),
             ("kt-original-offset", self.offset.to_string()),
         ];
-        let original = self.headers.iter().fold(OwnedHeaders::new(), |h, (key, value)| {
-            h.insert(Header { key, value: value.as_deref() })
-        });
+        let original = self
+            .headers
+            .iter()
+            .fold(OwnedHeaders::new(), |h, (key, value)| h.insert(Header { key, value: value.as_deref() }));
         ours.iter().fold(original, |h, (key, value)| h.insert(Header { key, value: Some(value.as_bytes()) }))
     }
 }

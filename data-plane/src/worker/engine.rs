@@ -111,15 +111,40 @@ enum Slow {
 }
 
 enum Event {
-    Read { claims: Vec<(i64, Uuid)>, result: Result<Vec<Candidate>, sqlx::Error>, tries: u32 },
+    Read {
+        claims: Vec<(i64, Uuid)>,
+        result: Result<Vec<Candidate>, sqlx::Error>,
+        tries: u32,
+    },
     Delivered(Box<Delivered>),
     /// A dead letter's produce to its topic finished.
-    Produced { dead: Box<DeadLetter>, result: Result<Produced, String> },
-    Committed { batch: Batch, result: Result<Committed, sqlx::Error>, tries: u32 },
-    Slow { set_id: i64, result: Result<Slow, sqlx::Error> },
-    Unheld { set_id: i64, trigger_id: String, result: Result<Slow, sqlx::Error> },
-    GivenBack { grants: Vec<SetGrant>, result: Result<(), sqlx::Error> },
-    Renewed { sent: Instant, claims: Vec<(i64, Uuid)>, result: Result<Vec<StillHeld>, RenewError> },
+    Produced {
+        dead: Box<DeadLetter>,
+        result: Result<Produced, String>,
+    },
+    Committed {
+        batch: Batch,
+        result: Result<Committed, sqlx::Error>,
+        tries: u32,
+    },
+    Slow {
+        set_id: i64,
+        result: Result<Slow, sqlx::Error>,
+    },
+    Unheld {
+        set_id: i64,
+        trigger_id: String,
+        result: Result<Slow, sqlx::Error>,
+    },
+    GivenBack {
+        grants: Vec<SetGrant>,
+        result: Result<(), sqlx::Error>,
+    },
+    Renewed {
+        sent: Instant,
+        claims: Vec<(i64, Uuid)>,
+        result: Result<Vec<StillHeld>, RenewError>,
+    },
 }
 
 #[derive(Default)]
@@ -439,7 +464,10 @@ impl Engine {
                     .boxed()
                 });
             }
-            Some(wo) if wo.state == WorkOrderState::Failed && matches!(trigger.spec.on_failure, OnFailure::DeadLetter { .. }) => {
+            Some(wo)
+                if wo.state == WorkOrderState::Failed
+                    && matches!(trigger.spec.on_failure, OnFailure::DeadLetter { .. }) =>
+            {
                 // Its dead letter could not be produced before (or the
                 // trigger's policy changed since it failed): record it now.
                 let body = c.head.wo_body.clone().unwrap_or_default();
@@ -622,7 +650,8 @@ impl Engine {
                     self.pending.failures.push(Failure { posted: dead.posted, after });
                 } else {
                     let lock = held.lock;
-                    return self.slow(set_id, move |pool| async move { park(&pool, set_id, lock, after).await }.boxed());
+                    return self
+                        .slow(set_id, move |pool| async move { park(&pool, set_id, lock, after).await }.boxed());
                 }
             }
         }
@@ -839,11 +868,8 @@ async fn commit(pool: &PgPool, batch: &Batch) -> Result<Committed, sqlx::Error> 
     if !batch.dead_letters.is_empty() {
         successes.extend(dead_letter::commit_dead_letters(&mut *tx, &batch.dead_letters).await?);
     }
-    let failures = if batch.failures.is_empty() {
-        Vec::new()
-    } else {
-        round::record_failures(&mut *tx, &batch.failures).await?
-    };
+    let failures =
+        if batch.failures.is_empty() { Vec::new() } else { round::record_failures(&mut *tx, &batch.failures).await? };
     tx.commit().await?;
     Ok(Committed { successes, failures })
 }
