@@ -377,7 +377,7 @@ impl Engine {
                     Err(error) => {
                         let (retry, now, mut batch) = (self.retry_db(&error, tries), Instant::now(), batch);
                         let given_up = batch.retain(|set| retry && self.lease_holds(set, now));
-                        if batch.len() > 0 {
+                        if !batch.is_empty() {
                             tracing::warn!(%error, outcomes = batch.len(), "cannot record outcomes; trying again while the claims hold");
                             self.spawn_commit(batch, tries + 1);
                         }
