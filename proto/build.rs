@@ -12,6 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "kafka_triggers/v1/message_sets.proto",
         "kafka_triggers/v1/work_orders.proto",
         "kafka_triggers/v1/events.proto",
+        "kafka_triggers/v1/dead_letters.proto",
         "kafka_triggers/internal/v1/node.proto",
     ];
     for p in &protos {

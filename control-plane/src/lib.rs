@@ -4,10 +4,12 @@
 //! [`run`] is everything `main` does after parsing flags, so tests start a
 //! control plane in process with [`start`].
 
+pub mod dead_letters;
 pub mod events;
 pub mod grpc;
 pub mod leader;
 pub mod nodes;
+pub mod paging;
 pub mod retention;
 pub mod scheduler;
 pub mod sets;

@@ -16,6 +16,8 @@ pub enum ErrorCode {
     AlreadyExists,
     /// The object is not in a state that allows the operation.
     FailedPrecondition,
+    /// A concurrent operation holds the object; retrying shortly may succeed.
+    Aborted,
     /// No or wrong credentials.
     Unauthenticated,
     /// A dependency (database, broker) is unavailable; retrying may help.
@@ -31,6 +33,7 @@ impl From<ErrorCode> for Code {
             ErrorCode::NotFound => Code::NotFound,
             ErrorCode::AlreadyExists => Code::AlreadyExists,
             ErrorCode::FailedPrecondition => Code::FailedPrecondition,
+            ErrorCode::Aborted => Code::Aborted,
             ErrorCode::Unauthenticated => Code::Unauthenticated,
             ErrorCode::Unavailable => Code::Unavailable,
             ErrorCode::Internal => Code::Internal,

@@ -119,6 +119,21 @@ async fn test_readme_operating_walkthrough_runs_as_written() {
 }
 
 #[tokio::test]
+async fn test_readme_dead_letters_walkthrough_runs_as_written() {
+    let (_db, outputs) = run_grpcurl_walkthrough("deadletters").await;
+    let created = &outputs[0];
+    assert!(created.contains("\"onFailure\": \"ON_FAILURE_DEAD_LETTER\""), "{created}");
+    assert!(created.contains("\"deadLetterTopic\": \"payments.dead\""), "{created}");
+    let compact: String = created.split_whitespace().collect();
+    assert!(compact.ends_with("}{}"), "no dead letters yet: {created}");
+    let updated = &outputs[1];
+    assert!(updated.contains("\"onFailure\": \"ON_FAILURE_BLOCK\""), "{updated}");
+    assert!(!updated.contains("deadLetterTopic"), "{updated}");
+    let invalid = &outputs[2];
+    assert!(invalid.contains("dead_letter_topic: is only valid with on_failure ON_FAILURE_DEAD_LETTER"), "{invalid}");
+}
+
+#[tokio::test]
 async fn test_readme_stack_walkthrough_runs_as_written() {
     let grpcurl = grpcurl().unwrap();
     let db = TestDb::create().await.unwrap();

@@ -242,7 +242,7 @@ fn posted(set: i64, lock: Uuid, trigger: Uuid, key: &str, offset: i64, attempt: 
         partition: 0,
         offset,
         body: "{}".into(),
-        attempt,
+        attempt: Some(attempt),
     }
 }
 

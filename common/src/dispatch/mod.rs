@@ -10,6 +10,8 @@
 //! - [`round`]: a worker reads the candidates of its granted sets, commits
 //!   a group of successes, records attempts that failed, parks or releases;
 //! - [`operator`]: retry, skip, discard and `CompleteWorkOrder`;
+//! - [`dead_letter`]: a worker records dead letters (the key moves on, as
+//!   after a success); `ReplayDeadLetter` puts one back as its set's head;
 //! - [`announce`]: how ingest (and the benchmark's seeding) creates and
 //!   wakes sets for stored messages.
 //!
@@ -25,6 +27,7 @@
 
 pub mod announce;
 pub mod candidate;
+pub mod dead_letter;
 pub mod grant;
 pub mod lease;
 pub mod operator;

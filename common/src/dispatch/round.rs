@@ -61,26 +61,44 @@ pub struct Posted {
     pub partition: i32,
     pub offset: i64,
     pub body: String,
-    pub attempt: Attempt,
+    /// The attempt this outcome records; `None` when the outcome records
+    /// none (a work order that failed earlier becomes a dead letter).
+    pub attempt: Option<Attempt>,
 }
 
 /// The columns every group write binds, rows in (trigger, topic, key) order:
 /// the order ingest locks set rows in, so the two cannot deadlock.
-struct PostedColumns<'a> {
+pub(crate) struct PostedColumns<'a> {
     /// Input positions in bind order.
-    order: Vec<usize>,
+    pub(crate) order: Vec<usize>,
     ids: Vec<i64>,
     locks: Vec<Uuid>,
     partitions: Vec<i32>,
     offsets: Vec<i64>,
     wo_ids: Vec<Uuid>,
     bodies: Vec<&'a str>,
-    attempts: Vec<Json<&'a Attempt>>,
-    ats: Vec<DateTime<Utc>>,
+    attempts: Vec<Option<Json<&'a Attempt>>>,
+    ats: Vec<Option<DateTime<Utc>>>,
 }
 
 impl<'a> PostedColumns<'a> {
-    fn new(posted: Vec<&'a Posted>) -> Self {
+    /// Binds $1-$8: set, lock, partition, offset, work order id, body,
+    /// attempt and its time.
+    pub(crate) fn bind<'q, O>(
+        &'q self,
+        q: sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
+        q.bind(&self.ids)
+            .bind(&self.locks)
+            .bind(&self.partitions)
+            .bind(&self.offsets)
+            .bind(&self.wo_ids)
+            .bind(&self.bodies)
+            .bind(&self.attempts)
+            .bind(&self.ats)
+    }
+
+    pub(crate) fn new(posted: Vec<&'a Posted>) -> Self {
         let mut order: Vec<usize> = (0..posted.len()).collect();
         let key = |p: &'a Posted| (p.trigger_id, &p.topic, &p.set_key, p.set_id);
         order.sort_by(|a, b| key(posted[*a]).cmp(&key(posted[*b])));
@@ -92,8 +110,8 @@ impl<'a> PostedColumns<'a> {
             offsets: rows.iter().map(|p| p.offset).collect(),
             wo_ids: rows.iter().map(|p| work_order_id(p.trigger_id, &p.topic, p.partition, p.offset)).collect(),
             bodies: rows.iter().map(|p| p.body.as_str()).collect(),
-            attempts: rows.iter().map(|p| Json(&p.attempt)).collect(),
-            ats: rows.iter().map(|p| p.attempt.at).collect(),
+            attempts: rows.iter().map(|p| p.attempt.as_ref().map(Json)).collect(),
+            ats: rows.iter().map(|p| p.attempt.as_ref().map(|a| a.at)).collect(),
             order,
         }
     }
@@ -108,7 +126,7 @@ pub struct Success {
     pub keep: bool,
 }
 
-/// What a committed success left the set as.
+/// What a committed success (or dead letter) left the set as.
 #[derive(Debug, Clone)]
 pub enum AfterSuccess {
     /// Still claimed: act on this next candidate.
@@ -123,7 +141,7 @@ pub enum AfterSuccess {
 }
 
 #[derive(sqlx::FromRow)]
-struct SuccessRow {
+pub(crate) struct AdvanceRow {
     #[sqlx(flatten)]
     candidate: Candidate,
     released_state: Option<String>,
@@ -131,8 +149,17 @@ struct SuccessRow {
     kept: bool,
 }
 
-/// The statement of [`commit_successes`], built once.
-static COMMIT_SQL: LazyLock<String> = LazyLock::new(|| {
+/// A statement that finishes the head messages of a group of claimed sets
+/// and moves each set on: it keeps its claim with its next candidate (read
+/// in the same statement as the first message after the finished one), or
+/// is released (idle when empty and nothing arrived since the snapshot,
+/// else ready), or, unkeyed, removed. Rows come out as [`AdvanceRow`]s.
+///
+/// `input` binds $1-$9 (set, lock, partition, offset, work order id, body,
+/// attempt, its time, keep) and `extra` more arrays named `extra_names`;
+/// `finish` is the CTEs (after `held`, the sets whose claim held) that
+/// record the outcome: its work order, the message's removal, its events.
+pub(crate) fn advance_sql(extra: &str, extra_names: &str, finish: &str) -> String {
     let src = "(SELECT s.id AS set_id, i.lock_id, s.trigger_id, s.topic, s.key AS set_key,
                        s.partition AS set_partition, s.\"offset\" AS set_offset, s.state, s.retry_at, s.ingest_seq,
                        i.d_partition AS after_partition, i.d_offset AS after_offset,
@@ -144,8 +171,8 @@ static COMMIT_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
         "WITH input AS (
             SELECT * FROM unnest($1::int8[], $2::uuid[], $3::int4[], $4::int8[], $5::uuid[], $6::text[],
-                                 $7::jsonb[], $8::timestamptz[], $9::bool[])
-                     WITH ORDINALITY AS t(set_id, lock_id, d_partition, d_offset, wo_id, body, attempt, at, keep, ord)),
+                                 $7::jsonb[], $8::timestamptz[], $9::bool[]{extra})
+                     WITH ORDINALITY AS t(set_id, lock_id, d_partition, d_offset, wo_id, body, attempt, at, keep{extra_names}, ord)),
          snap AS MATERIALIZED (SELECT * FROM {candidates}),
          -- Sets that keep their claim are only locked: no row version is
          -- written for a key that is being drained.
@@ -170,7 +197,23 @@ static COMMIT_SQL: LazyLock<String> = LazyLock::new(|| {
              WHERE s.id = n.set_id AND s.lock_id = n.lock_id AND n.set_key IS NULL
             RETURNING s.id),
          held AS (SELECT id FROM fence UNION ALL SELECT id FROM released UNION ALL SELECT id FROM dropped),
-         wo AS (
+         {finish}
+         SELECT {select}, r.state AS released_state, (d.id IS NOT NULL) AS dropped, (f.id IS NOT NULL) AS kept
+           FROM snap c
+           LEFT JOIN released r ON r.id = c.set_id
+           LEFT JOIN dropped d ON d.id = c.set_id
+           LEFT JOIN fence f ON f.id = c.set_id",
+        candidates = candidates_of(src, &pass),
+        select = candidate_select(),
+    )
+}
+
+/// The statement of [`commit_successes`], built once.
+static COMMIT_SQL: LazyLock<String> = LazyLock::new(|| {
+    advance_sql(
+        "",
+        "",
+        "wo AS (
             INSERT INTO work_orders AS w
                    (id, trigger_id, set_id, topic, partition, \"offset\", key, state, attempts, attempt_log, body,
                     first_attempt_at)
@@ -191,14 +234,7 @@ static COMMIT_SQL: LazyLock<String> = LazyLock::new(|| {
             SELECT 'work_order_succeeded', wo.trigger_id,
                    jsonb_build_object('work_order_id', wo.id, 'set_id', wo.set_id, 'attempts', wo.attempts,
                                       'topic', wo.topic, 'partition', wo.partition, 'offset', wo.\"offset\")
-              FROM wo)
-         SELECT {select}, r.state AS released_state, (d.id IS NOT NULL) AS dropped, (f.id IS NOT NULL) AS kept
-           FROM snap c
-           LEFT JOIN released r ON r.id = c.set_id
-           LEFT JOIN dropped d ON d.id = c.set_id
-           LEFT JOIN fence f ON f.id = c.set_id",
-        candidates = candidates_of(src, &pass),
-        select = candidate_select(),
+              FROM wo)",
     )
 });
 
@@ -216,36 +252,27 @@ pub async fn commit_successes(
 ) -> Result<Vec<(i64, AfterSuccess)>, sqlx::Error> {
     let c = PostedColumns::new(successes.iter().map(|s| &s.posted).collect());
     let keeps: Vec<bool> = c.order.iter().map(|i| successes[*i].keep).collect();
+    let rows: Vec<AdvanceRow> = c.bind(sqlx::query_as(&COMMIT_SQL)).bind(&keeps).fetch_all(db).await?;
+    Ok(advanced(rows, successes.iter().map(|s| s.posted.set_id)))
+}
 
-    let rows: Vec<SuccessRow> = sqlx::query_as(&COMMIT_SQL)
-        .bind(&c.ids)
-        .bind(&c.locks)
-        .bind(&c.partitions)
-        .bind(&c.offsets)
-        .bind(&c.wo_ids)
-        .bind(&c.bodies)
-        .bind(&c.attempts)
-        .bind(&c.ats)
-        .bind(&keeps)
-        .fetch_all(db)
-        .await?;
-    let mut by_set: std::collections::HashMap<i64, SuccessRow> =
+/// What [`advance_sql`] left each set as, in the order of `sets` (the input).
+pub(crate) fn advanced(rows: Vec<AdvanceRow>, sets: impl Iterator<Item = i64>) -> Vec<(i64, AfterSuccess)> {
+    let mut by_set: std::collections::HashMap<i64, AdvanceRow> =
         rows.into_iter().map(|r| (r.candidate.set_id, r)).collect();
-    Ok(successes
-        .iter()
-        .map(|s| {
-            let after = match by_set.remove(&s.posted.set_id) {
+    sets.map(|set_id| {
+        let after = match by_set.remove(&set_id) {
+            None => AfterSuccess::Lost,
+            Some(r) if r.kept => AfterSuccess::Next(Box::new(r.candidate)),
+            Some(r) if r.dropped => AfterSuccess::Dropped,
+            Some(r) => match r.released_state.as_deref().and_then(SetState::parse) {
+                Some(state) => AfterSuccess::Released(state),
                 None => AfterSuccess::Lost,
-                Some(r) if r.kept => AfterSuccess::Next(Box::new(r.candidate)),
-                Some(r) if r.dropped => AfterSuccess::Dropped,
-                Some(r) => match r.released_state.as_deref().and_then(SetState::parse) {
-                    Some(state) => AfterSuccess::Released(state),
-                    None => AfterSuccess::Lost,
-                },
-            };
-            (s.posted.set_id, after)
-        })
-        .collect())
+            },
+        };
+        (set_id, after)
+    })
+    .collect()
 }
 
 /// A delivery attempt that did not succeed (or was accepted with 202).
@@ -263,11 +290,12 @@ pub struct Failure {
 pub async fn record_failures(db: impl PgExecutor<'_>, failures: &[Failure]) -> Result<Vec<i64>, sqlx::Error> {
     let c = PostedColumns::new(failures.iter().map(|f| &f.posted).collect());
     let in_order = || c.order.iter().map(|i| &failures[*i]);
-    let errors: Vec<Option<&str>> = in_order().map(|f| f.posted.attempt.error.as_deref()).collect();
+    let errors: Vec<Option<&str>> =
+        in_order().map(|f| f.posted.attempt.as_ref().and_then(|a| a.error.as_deref())).collect();
     let wo_states: Vec<&str> = in_order().map(|f| f.after.work_order_state().as_str()).collect();
     let set_states: Vec<&str> = in_order().map(|f| f.after.set_state().as_str()).collect();
     let retry_ats: Vec<Option<DateTime<Utc>>> = in_order().map(|f| f.after.retry_at()).collect();
-    sqlx::query_scalar(
+    let sql = sqlx::query_as::<_, (i64,)>(
         "WITH input AS (
             SELECT * FROM unnest($1::int8[], $2::uuid[], $3::int4[], $4::int8[], $5::uuid[], $6::text[],
                                  $7::jsonb[], $8::timestamptz[], $9::text[], $10::text[], $11::text[], $12::timestamptz[])
@@ -299,27 +327,18 @@ pub async fn record_failures(db: impl PgExecutor<'_>, failures: &[Failure]) -> R
                    jsonb_build_object('work_order_id', wo.id, 'set_id', wo.set_id, 'attempts', wo.attempts,
                                       'error', wo.last_error, 'topic', wo.topic, 'partition', wo.partition,
                                       'offset', wo.\"offset\")
-              FROM wo CROSS JOIN LATERAL unnest(
+              FROM wo JOIN input i ON i.wo_id = wo.id CROSS JOIN LATERAL unnest(
                      CASE WHEN wo.created THEN ARRAY['work_order_created'] ELSE ARRAY[]::text[] END
-                  || CASE WHEN wo.state = 'failed' THEN ARRAY['work_order_failed', 'set_blocked']
-                          ELSE ARRAY[]::text[] END) WITH ORDINALITY AS k(kind, n)
+                  || CASE WHEN wo.state = 'failed' THEN ARRAY['work_order_failed'] ELSE ARRAY[]::text[] END
+                  -- A failed work order waiting to become a dead letter does
+                  -- not block its set.
+                  || CASE WHEN i.set_state = 'blocked' THEN ARRAY['set_blocked'] ELSE ARRAY[]::text[] END)
+                     WITH ORDINALITY AS k(kind, n)
              ORDER BY wo.set_id, k.n)
          SELECT id FROM sets",
-    )
-    .bind(&c.ids)
-    .bind(&c.locks)
-    .bind(&c.partitions)
-    .bind(&c.offsets)
-    .bind(&c.wo_ids)
-    .bind(&c.bodies)
-    .bind(&c.attempts)
-    .bind(&c.ats)
-    .bind(&errors)
-    .bind(&wo_states)
-    .bind(&set_states)
-    .bind(&retry_ats)
-    .fetch_all(db)
-    .await
+    );
+    let rows = c.bind(sql).bind(&errors).bind(&wo_states).bind(&set_states).bind(&retry_ats).fetch_all(db).await?;
+    Ok(rows.into_iter().map(|(id,)| id).collect())
 }
 
 /// Releases the claim of a set whose head work order already waits (running,

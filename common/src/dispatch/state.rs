@@ -115,6 +115,9 @@ pub enum EventKind {
     SetUnblocked,
     SetSkipped,
     SetDiscarded,
+    MessageDeadLettered,
+    DeadLetterReplayed,
+    DeadLetterDeleted,
 }
 
 impl EventKind {
@@ -138,6 +141,9 @@ impl EventKind {
             EventKind::SetUnblocked => "set_unblocked",
             EventKind::SetSkipped => "set_skipped",
             EventKind::SetDiscarded => "set_discarded",
+            EventKind::MessageDeadLettered => "message_dead_lettered",
+            EventKind::DeadLetterReplayed => "dead_letter_replayed",
+            EventKind::DeadLetterDeleted => "dead_letter_deleted",
         }
     }
 }
@@ -151,6 +157,10 @@ pub enum AfterAttempt {
     Running,
     /// Failed for good: the set is blocked.
     Failed,
+    /// Failed for good under the dead-letter policy, but its dead letter
+    /// could not be produced to the trigger's dead-letter topic: the work
+    /// order is failed and the set waits until then to produce it again.
+    DeadLetterAt(DateTime<Utc>),
 }
 
 impl AfterAttempt {
@@ -158,20 +168,20 @@ impl AfterAttempt {
         match self {
             AfterAttempt::RetryAt(_) => WorkOrderState::Pending,
             AfterAttempt::Running => WorkOrderState::Running,
-            AfterAttempt::Failed => WorkOrderState::Failed,
+            AfterAttempt::Failed | AfterAttempt::DeadLetterAt(_) => WorkOrderState::Failed,
         }
     }
 
     pub fn set_state(self) -> SetState {
         match self {
-            AfterAttempt::RetryAt(_) | AfterAttempt::Running => SetState::Waiting,
+            AfterAttempt::RetryAt(_) | AfterAttempt::Running | AfterAttempt::DeadLetterAt(_) => SetState::Waiting,
             AfterAttempt::Failed => SetState::Blocked,
         }
     }
 
     pub fn retry_at(self) -> Option<DateTime<Utc>> {
         match self {
-            AfterAttempt::RetryAt(at) => Some(at),
+            AfterAttempt::RetryAt(at) | AfterAttempt::DeadLetterAt(at) => Some(at),
             _ => None,
         }
     }

@@ -43,7 +43,7 @@ pub fn spec_to_proto(spec: &TriggerSpec, secrets: Option<&TriggerSecrets>) -> v1
             secret: h.secret,
         })
         .collect();
-    v1::Trigger {
+    let mut t = v1::Trigger {
         name: spec.name.clone(),
         kafka: Some(kafka),
         webhook: Some(v1::WebhookTarget {
@@ -68,5 +68,7 @@ pub fn spec_to_proto(spec: &TriggerSpec, secrets: Option<&TriggerSecrets>) -> v1
             fetch_max_bytes: spec.tuning.fetch_max_bytes,
         }),
         ..Default::default()
-    }
+    };
+    super::failure::on_failure_to_proto(&spec.on_failure, &mut t);
+    t
 }

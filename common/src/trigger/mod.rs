@@ -3,6 +3,7 @@
 //! and conversions from and to the wire types.
 
 mod convert;
+mod failure;
 mod validate;
 #[cfg(test)]
 mod validate_tests;
@@ -15,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::secret::Secret;
 
 pub use convert::spec_to_proto;
+pub use failure::OnFailure;
 pub use validate::{validate_trigger, SecretsInput, ValidatedTrigger};
 
 pub const DEFAULT_CONNECT_TIMEOUT_SECONDS: u32 = 30;
@@ -153,6 +155,9 @@ pub struct TriggerSpec {
     pub webhook: WebhookTarget,
     pub retry: RetryPolicy,
     pub tuning: Tuning,
+    /// Absent in triggers stored before failure policies existed: those block.
+    #[serde(default)]
+    pub on_failure: OnFailure,
 }
 
 /// The credentials of a trigger; serialized only to be encrypted.

@@ -56,13 +56,22 @@ pub struct ValidatedTrigger {
     pub secrets: TriggerSecrets,
 }
 
-struct Checker {
+pub(super) struct Checker {
     prefix: String,
     violations: Vec<FieldViolation>,
 }
 
 impl Checker {
-    fn bad(&mut self, field: &str, description: impl Into<String>) {
+    pub(super) fn new(prefix: &str) -> Self {
+        Self { prefix: prefix.to_owned(), violations: Vec::new() }
+    }
+
+    #[cfg(test)]
+    pub(super) fn into_violations(self) -> Vec<FieldViolation> {
+        self.violations
+    }
+
+    pub(super) fn bad(&mut self, field: &str, description: impl Into<String>) {
         self.violations.push(FieldViolation::new(format!("{}{}", self.prefix, field), description));
     }
 }
@@ -79,7 +88,7 @@ pub fn validate_trigger(
     existing: Option<(&TriggerSpec, &TriggerSecrets)>,
     policy: Option<&WebhookPolicy>,
 ) -> Result<ValidatedTrigger, Vec<FieldViolation>> {
-    let mut c = Checker { prefix: prefix.to_owned(), violations: Vec::new() };
+    let mut c = Checker::new(prefix);
 
     let name = t.name.trim().to_owned();
     if name.is_empty() {
@@ -110,13 +119,14 @@ pub fn validate_trigger(
     let (webhook, header_secrets) = check_webhook(&mut c, webhook, existing, policy);
     let retry = check_retry(&mut c, t.retry.as_ref());
     let tuning = check_tuning(&mut c, t.tuning.as_ref());
+    let on_failure = super::failure::check_on_failure(&mut c, t);
 
     if !c.violations.is_empty() {
         return Err(c.violations);
     }
     let (kafka, kafka_secrets) = kafka;
     let valid = ValidatedTrigger {
-        spec: TriggerSpec { name, kafka, webhook, retry, tuning },
+        spec: TriggerSpec { name, kafka, webhook, retry, tuning, on_failure },
         secrets: TriggerSecrets {
             password: kafka_secrets.password,
             ssl_client_key: kafka_secrets.ssl_client_key,

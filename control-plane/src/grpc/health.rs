@@ -6,6 +6,7 @@
 //! cleared, which ends open `Watch` streams (after they saw NOT_SERVING) so
 //! that they do not hold the drain open.
 
+use kt_proto::v1::dead_letter_service_server::DeadLetterServiceServer;
 use kt_proto::v1::event_service_server::EventServiceServer;
 use kt_proto::v1::message_set_service_server::MessageSetServiceServer;
 use kt_proto::v1::trigger_service_server::TriggerServiceServer;
@@ -15,15 +16,16 @@ use tonic_health::pb::health_server::{Health as HealthApi, HealthServer};
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
-use super::{events, message_sets, triggers, work_orders};
+use super::{dead_letters, events, message_sets, triggers, work_orders};
 
 /// The names health reports on: the whole server and each public service.
-pub const REPORTED: [&str; 5] = [
+pub const REPORTED: [&str; 6] = [
     "",
     <TriggerServiceServer<triggers::TriggerHandler> as NamedService>::NAME,
     <MessageSetServiceServer<message_sets::MessageSetHandler> as NamedService>::NAME,
     <WorkOrderServiceServer<work_orders::WorkOrderHandler> as NamedService>::NAME,
     <EventServiceServer<events::EventHandler> as NamedService>::NAME,
+    <DeadLetterServiceServer<dead_letters::DeadLetterHandler> as NamedService>::NAME,
 ];
 
 /// The health service of one term, every name SERVING.

@@ -4,6 +4,7 @@
 
 mod auth;
 mod convert;
+mod dead_letters;
 mod events;
 pub mod health;
 mod message_sets;
@@ -18,6 +19,7 @@ use std::time::Duration;
 use futures::Stream;
 use kt_proto::internal::node_service_server::NodeServiceServer;
 use kt_proto::internal::work_service_server::WorkServiceServer;
+use kt_proto::v1::dead_letter_service_server::DeadLetterServiceServer;
 use kt_proto::v1::event_service_server::EventServiceServer;
 use kt_proto::v1::message_set_service_server::MessageSetServiceServer;
 use kt_proto::v1::trigger_service_server::TriggerServiceServer;
@@ -28,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 pub use auth::AuthLayer;
 pub use convert::timestamp;
 
+use crate::dead_letters::DeadLetterService;
 use crate::sets::SetService;
 use crate::work_orders::WorkOrderService;
 use crate::AppState;
@@ -79,6 +82,9 @@ pub async fn serve(
         }))
         .add_service(WorkOrderServiceServer::new(work_orders::WorkOrderHandler {
             work_orders: WorkOrderService::new(state.pool.clone(), state.scheduler.clone()),
+        }))
+        .add_service(DeadLetterServiceServer::new(dead_letters::DeadLetterHandler {
+            dead_letters: DeadLetterService::new(state.pool.clone(), state.scheduler.clone()),
         }))
         .add_service(EventServiceServer::new(events::EventHandler {
             hub: state.events.clone(),

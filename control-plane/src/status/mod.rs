@@ -57,11 +57,12 @@ pub async fn trigger_status(pool: &PgPool, registry: &NodeRegistry, id: Uuid) ->
         });
     }
 
-    let (stored_messages, blocked_sets, oldest_blocked): (i64, i64, Option<f64>) = sqlx::query_as(
+    let (stored_messages, blocked_sets, oldest_blocked, dead_letters): (i64, i64, Option<f64>, i64) = sqlx::query_as(
         "SELECT (SELECT count(*) FROM messages WHERE trigger_id = $1),
                 (SELECT count(*) FROM message_sets WHERE trigger_id = $1 AND state = 'blocked'),
                 (SELECT extract(epoch FROM now() - min(blocked_since))::float8
-                   FROM message_sets WHERE trigger_id = $1 AND state = 'blocked')",
+                   FROM message_sets WHERE trigger_id = $1 AND state = 'blocked'),
+                (SELECT count(*) FROM dead_letters WHERE trigger_id = $1)",
     )
     .bind(id)
     .fetch_one(pool)
@@ -106,5 +107,6 @@ pub async fn trigger_status(pool: &PgPool, registry: &NodeRegistry, id: Uuid) ->
         last_error_time: last_error.map(|(at, _)| timestamp(at)),
         health: summary.into(),
         reason,
+        dead_letters,
     })
 }

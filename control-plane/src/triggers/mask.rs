@@ -1,6 +1,7 @@
 //! `UpdateTrigger`'s field mask: copies the named fields of the request onto
 //! the stored trigger. Whole sections (`kafka`, `webhook`, `retry`, `tuning`)
-//! and their direct fields are supported.
+//! and their direct fields are supported, and the top-level `on_failure` and
+//! `dead_letter_topic`.
 
 use kt_proto::status::FieldViolation;
 use kt_proto::v1;
@@ -14,6 +15,8 @@ pub fn apply(current: &mut v1::Trigger, patch: &v1::Trigger, paths: &[String]) -
         current.webhook = patch.webhook.clone();
         current.retry = patch.retry;
         current.tuning = patch.tuning;
+        current.on_failure = patch.on_failure;
+        current.dead_letter_topic = patch.dead_letter_topic.clone();
         return Ok(());
     }
     let mut violations = Vec::new();
@@ -85,6 +88,14 @@ fn apply_path(current: &mut v1::Trigger, patch: &v1::Trigger, path: &str) -> boo
         "tuning.rate_limit_per_second" => section_field!(tuning, rate_limit_per_second),
         "tuning.max_in_flight" => section_field!(tuning, max_in_flight),
         "tuning.fetch_max_bytes" => section_field!(tuning, fetch_max_bytes),
+        "on_failure" => {
+            current.on_failure = patch.on_failure;
+            true
+        }
+        "dead_letter_topic" => {
+            current.dead_letter_topic = patch.dead_letter_topic.clone();
+            true
+        }
         _ => false,
     }
 }
@@ -119,6 +130,19 @@ mod tests {
         apply(&mut current, &patch, &["webhook.format".into()]).unwrap();
         let webhook = current.webhook.unwrap();
         assert_eq!((webhook.url.as_str(), webhook.format()), ("http://old/", v1::WebhookFormat::Cloudevents));
+    }
+
+    #[test]
+    fn test_mask_changes_only_the_failure_policy() {
+        let mut current = trigger("a", "http://old/");
+        let mut patch = trigger("b", "http://new/");
+        patch.on_failure = v1::OnFailure::DeadLetter.into();
+        patch.dead_letter_topic = "a.dlq".into();
+        apply(&mut current, &patch, &["on_failure".into()]).unwrap();
+        assert_eq!((current.on_failure(), current.dead_letter_topic.as_str()), (v1::OnFailure::DeadLetter, ""));
+        apply(&mut current, &patch, &["dead_letter_topic".into()]).unwrap();
+        assert_eq!(current.dead_letter_topic, "a.dlq");
+        assert_eq!(current.kafka.unwrap().topics, ["a"]);
     }
 
     #[test]

@@ -31,8 +31,7 @@ use crate::events::{self, EventKind};
 use crate::scheduler::Scheduler;
 use crate::sets;
 
-pub const DEFAULT_PAGE_SIZE: i64 = 100;
-pub const MAX_PAGE_SIZE: i64 = 1_000;
+pub use crate::paging::{DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE};
 /// Longest error text kept from a CompleteWorkOrder report; longer ones are
 /// cut (a runner's stack trace should not be refused and leave the work
 /// order running forever).
@@ -80,17 +79,8 @@ impl WorkOrderService {
     /// A page of work orders in id order, without bodies, and the token of
     /// the next page (empty on the last).
     pub async fn list(&self, query: &WorkOrderListQuery) -> Result<(Vec<WorkOrderRow>, String), WorkOrderError> {
-        let limit = match i64::from(query.page_size) {
-            0 => DEFAULT_PAGE_SIZE,
-            n if (1..=MAX_PAGE_SIZE).contains(&n) => n,
-            _ => return Err(WorkOrderError::invalid("page_size", format!("must be 0 (default) or 1-{MAX_PAGE_SIZE}"))),
-        };
-        // The nil UUID sorts before every v7 id.
-        let after = match query.page_token.as_str() {
-            "" => Uuid::nil(),
-            token => Uuid::parse_str(token)
-                .map_err(|_| WorkOrderError::invalid("page_token", "is not a token from a previous page"))?,
-        };
+        let (limit, after) = crate::paging::uuid_page(query.page_size, &query.page_token)
+            .map_err(|v| WorkOrderError::Invalid(vec![v]))?;
         let states: Vec<&str> = match query.state {
             Some(s) => vec![s.as_str()],
             None => WorkOrderState::ALL.iter().map(|s| s.as_str()).collect(),
@@ -106,12 +96,7 @@ impl WorkOrderService {
             }
             (None, None) => store::list_filtered(&self.pool, query.trigger_id, &states, after, limit + 1).await?,
         };
-        let next = if rows.len() as i64 > limit {
-            rows.truncate(limit as usize);
-            rows.last().map(|r| r.id.to_string()).unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let next = crate::paging::next_token(&mut rows, limit, |r| r.id);
         Ok((rows, next))
     }
 

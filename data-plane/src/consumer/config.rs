@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::time::Duration;
 
 use kt_common::trigger::{Sasl, TriggerSecrets, TriggerSpec};
 use kt_proto::ids::TriggerId;
@@ -34,11 +35,8 @@ impl KafkaConfig {
         client_id: &str,
         instance_id: Option<&str>,
     ) -> Self {
-        let k = &spec.kafka;
-        let mut c = ClientConfig::new();
-        c.set("bootstrap.servers", k.hosts.join(","))
-            .set("group.id", &k.group_id)
-            .set("client.id", client_id)
+        let mut c = connection(spec, secrets, client_id);
+        c.set("group.id", &spec.kafka.group_id)
             // Offsets are stored by the pipeline, and only after the messages
             // are committed in Postgres; librdkafka then commits the stored
             // offsets periodically, on revocation and on close.
@@ -61,42 +59,9 @@ impl KafkaConfig {
             .set("max.poll.interval.ms", millis(settings.max_poll_interval.max(settings.session_timeout)))
             // Statistics carry committed offsets and high watermarks for the
             // status reports.
-            .set("statistics.interval.ms", millis(settings.progress_interval))
-            .set("socket.connection.setup.timeout.ms", (u64::from(k.connect_timeout_seconds) * 1000).to_string());
+            .set("statistics.interval.ms", millis(settings.progress_interval));
         if let Some(instance_id) = instance_id {
             c.set("group.instance.id", instance_id);
-        }
-        let protocol = match (k.ssl, k.sasl) {
-            (false, Sasl::None) => "plaintext",
-            (true, Sasl::None) => "ssl",
-            (false, _) => "sasl_plaintext",
-            (true, _) => "sasl_ssl",
-        };
-        c.set("security.protocol", protocol);
-        if let Some(mechanism) = match k.sasl {
-            Sasl::None => None,
-            Sasl::Plain => Some("PLAIN"),
-            Sasl::ScramSha256 => Some("SCRAM-SHA-256"),
-            Sasl::ScramSha512 => Some("SCRAM-SHA-512"),
-        } {
-            c.set("sasl.mechanism", mechanism);
-            if let Some(user) = &k.username {
-                c.set("sasl.username", user);
-            }
-            if let Some(password) = &secrets.password {
-                c.set("sasl.password", password.expose());
-            }
-        }
-        if k.ssl {
-            if let Some(ca) = &k.ssl_ca_cert {
-                c.set("ssl.ca.pem", ca);
-            }
-            if let Some(cert) = &k.ssl_client_cert {
-                c.set("ssl.certificate.pem", cert);
-            }
-            if let Some(key) = &secrets.ssl_client_key {
-                c.set("ssl.key.pem", key.expose());
-            }
         }
         let fetch_max = spec.tuning.fetch_max_bytes;
         if fetch_max > 0 {
@@ -111,6 +76,19 @@ impl KafkaConfig {
         for (key, value) in &settings.extra_kafka_config {
             c.set(key, value);
         }
+        Self { inner: c }
+    }
+
+    /// The configuration of the producer of a trigger's dead letters: the
+    /// trigger's own connection (brokers, TLS, SASL), idempotent, so a
+    /// retried produce is not written twice by the broker.
+    pub fn for_dead_letters(spec: &TriggerSpec, secrets: &TriggerSecrets, client_id: &str, timeout: Duration) -> Self {
+        let mut c = connection(spec, secrets, client_id);
+        c.set("enable.idempotence", "true")
+            .set("acks", "all")
+            // A produce that cannot be acknowledged fails within this; the
+            // set then waits and tries again.
+            .set("message.timeout.ms", millis(timeout));
         Self { inner: c }
     }
 
@@ -133,6 +111,49 @@ impl KafkaConfig {
             })
             .collect()
     }
+}
+
+/// How a client reaches the trigger's brokers: addresses, TLS and SASL, the
+/// connect timeout. Shared by its consumer and its dead-letter producer.
+fn connection(spec: &TriggerSpec, secrets: &TriggerSecrets, client_id: &str) -> ClientConfig {
+    let k = &spec.kafka;
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", k.hosts.join(","))
+        .set("client.id", client_id)
+        .set("socket.connection.setup.timeout.ms", (u64::from(k.connect_timeout_seconds) * 1000).to_string());
+    let protocol = match (k.ssl, k.sasl) {
+        (false, Sasl::None) => "plaintext",
+        (true, Sasl::None) => "ssl",
+        (false, _) => "sasl_plaintext",
+        (true, _) => "sasl_ssl",
+    };
+    c.set("security.protocol", protocol);
+    if let Some(mechanism) = match k.sasl {
+        Sasl::None => None,
+        Sasl::Plain => Some("PLAIN"),
+        Sasl::ScramSha256 => Some("SCRAM-SHA-256"),
+        Sasl::ScramSha512 => Some("SCRAM-SHA-512"),
+    } {
+        c.set("sasl.mechanism", mechanism);
+        if let Some(user) = &k.username {
+            c.set("sasl.username", user);
+        }
+        if let Some(password) = &secrets.password {
+            c.set("sasl.password", password.expose());
+        }
+    }
+    if k.ssl {
+        if let Some(ca) = &k.ssl_ca_cert {
+            c.set("ssl.ca.pem", ca);
+        }
+        if let Some(cert) = &k.ssl_client_cert {
+            c.set("ssl.certificate.pem", cert);
+        }
+        if let Some(key) = &secrets.ssl_client_key {
+            c.set("ssl.key.pem", key.expose());
+        }
+    }
+    c
 }
 
 impl fmt::Debug for KafkaConfig {
@@ -181,7 +202,7 @@ pub fn scrub(text: &str, secrets: &TriggerSecrets) -> String {
     out
 }
 
-fn millis(d: std::time::Duration) -> String {
+fn millis(d: Duration) -> String {
     d.as_millis().max(1).to_string()
 }
 
@@ -215,6 +236,7 @@ mod tests {
             },
             retry: RetryPolicy { max_attempts: 1, initial_backoff_ms: 1, max_backoff_ms: 1, max_age_seconds: 0 },
             tuning: Tuning { rate_limit_per_second: 0, max_in_flight: 1, fetch_max_bytes: 0 },
+            on_failure: Default::default(),
         }
     }
 

@@ -34,16 +34,18 @@ use futures::stream::FuturesUnordered;
 use futures::{FutureExt as _, StreamExt as _};
 use kt_common::backoff::Backoff;
 use kt_common::db::{classify, DbErrorKind};
+use kt_common::dispatch::dead_letter::{self, DeadLetter, Produced};
 use kt_common::dispatch::grant;
 use kt_common::dispatch::lease::Held as StillHeld;
 use kt_common::dispatch::round::{self, AfterSuccess, Failure, Posted, Success};
 use kt_common::dispatch::{work_order_id, AfterAttempt, Attempt, Candidate, SetState, WorkOrderState};
-use kt_common::trigger::WebhookFormat;
+use kt_common::trigger::{OnFailure, WebhookFormat};
 use kt_proto::internal::{SetGrant, SetOutcome, SetOutcomeKind, WorkGrant};
 use sqlx::PgPool;
 use tokio::time::Instant;
 use uuid::Uuid;
 
+use super::dead_letters::{self, Letter, Producers};
 use super::lease::{self, Lease, OnHold, RenewError, Renewals, Verdict};
 use super::{TriggerConfig, TriggerDirectory};
 use crate::delivery::{
@@ -63,6 +65,9 @@ const MAX_BATCH: usize = 512;
 /// claims expire and the control plane grants them again).
 const DB_RETRY: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
 const DB_TRIES: u32 = 10;
+/// A dead letter that could not be produced to its topic is tried again
+/// after this (the set waits meanwhile).
+const DEAD_LETTER_RETRY: Duration = Duration::from_secs(5);
 /// Before a set of a trigger this node does not know yet is handed back.
 const UNKNOWN_TRIGGER_DELAY: Duration = Duration::from_millis(200);
 
@@ -70,6 +75,8 @@ const UNKNOWN_TRIGGER_DELAY: Duration = Duration::from_millis(200);
 pub struct Context {
     pub pool: PgPool,
     pub webhook: WebhookClient,
+    /// Producers of the triggers' dead-letter topics.
+    pub dead_letters: Producers,
 }
 
 struct Held {
@@ -104,28 +111,64 @@ enum Slow {
 }
 
 enum Event {
-    Read { claims: Vec<(i64, Uuid)>, result: Result<Vec<Candidate>, sqlx::Error>, tries: u32 },
+    Read {
+        claims: Vec<(i64, Uuid)>,
+        result: Result<Vec<Candidate>, sqlx::Error>,
+        tries: u32,
+    },
     Delivered(Box<Delivered>),
-    Committed { batch: Batch, result: Result<Committed, sqlx::Error>, tries: u32 },
-    Slow { set_id: i64, result: Result<Slow, sqlx::Error> },
-    Unheld { set_id: i64, trigger_id: String, result: Result<Slow, sqlx::Error> },
-    GivenBack { grants: Vec<SetGrant>, result: Result<(), sqlx::Error> },
-    Renewed { sent: Instant, claims: Vec<(i64, Uuid)>, result: Result<Vec<StillHeld>, RenewError> },
+    /// A dead letter's produce to its topic finished.
+    Produced {
+        dead: Box<DeadLetter>,
+        result: Result<Produced, String>,
+    },
+    Committed {
+        batch: Batch,
+        result: Result<Committed, sqlx::Error>,
+        tries: u32,
+    },
+    Slow {
+        set_id: i64,
+        result: Result<Slow, sqlx::Error>,
+    },
+    Unheld {
+        set_id: i64,
+        trigger_id: String,
+        result: Result<Slow, sqlx::Error>,
+    },
+    GivenBack {
+        grants: Vec<SetGrant>,
+        result: Result<(), sqlx::Error>,
+    },
+    Renewed {
+        sent: Instant,
+        claims: Vec<(i64, Uuid)>,
+        result: Result<Vec<StillHeld>, RenewError>,
+    },
 }
 
 #[derive(Default)]
 struct Batch {
     successes: Vec<Success>,
     failures: Vec<Failure>,
+    dead_letters: Vec<DeadLetter>,
 }
 
 impl Batch {
     fn sets(&self) -> impl Iterator<Item = i64> + '_ {
-        self.successes.iter().map(|s| s.posted.set_id).chain(self.failures.iter().map(|f| f.posted.set_id))
+        self.successes
+            .iter()
+            .map(|s| s.posted.set_id)
+            .chain(self.failures.iter().map(|f| f.posted.set_id))
+            .chain(self.dead_letters.iter().map(|d| d.posted.set_id))
     }
 
     fn len(&self) -> usize {
-        self.successes.len() + self.failures.len()
+        self.successes.len() + self.failures.len() + self.dead_letters.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Keeps the outcomes of the sets `keep` accepts; returns the others' set ids.
@@ -133,11 +176,13 @@ impl Batch {
         let dropped: Vec<i64> = self.sets().filter(|s| !keep(*s)).collect();
         self.successes.retain(|s| keep(s.posted.set_id));
         self.failures.retain(|f| keep(f.posted.set_id));
+        self.dead_letters.retain(|d| keep(d.posted.set_id));
         dropped
     }
 }
 
 struct Committed {
+    /// Sets whose head succeeded or became a dead letter, and what they became.
     successes: Vec<(i64, AfterSuccess)>,
     /// Sets whose failed attempt was recorded (their claim held).
     failures: Vec<i64>,
@@ -324,6 +369,7 @@ impl Engine {
                 self.maybe_read();
             }
             Event::Delivered(d) => self.on_delivered(*d),
+            Event::Produced { dead, result } => self.on_produced(*dead, result),
             Event::Committed { batch, result, tries } => {
                 self.commits -= 1;
                 match result {
@@ -331,7 +377,7 @@ impl Engine {
                     Err(error) => {
                         let (retry, now, mut batch) = (self.retry_db(&error, tries), Instant::now(), batch);
                         let given_up = batch.retain(|set| retry && self.lease_holds(set, now));
-                        if batch.len() > 0 {
+                        if !batch.is_empty() {
                             tracing::warn!(%error, outcomes = batch.len(), "cannot record outcomes; trying again while the claims hold");
                             self.spawn_commit(batch, tries + 1);
                         }
@@ -418,6 +464,16 @@ impl Engine {
                     .boxed()
                 });
             }
+            Some(wo)
+                if wo.state == WorkOrderState::Failed
+                    && matches!(trigger.spec.on_failure, OnFailure::DeadLetter { .. }) =>
+            {
+                // Its dead letter could not be produced before (or the
+                // trigger's policy changed since it failed): record it now.
+                let body = c.head.wo_body.clone().unwrap_or_default();
+                let error = c.head.wo_last_error.clone().unwrap_or_default();
+                return self.dead_letter(c, partition, offset, body, None, wo.attempts, error);
+            }
             Some(wo) if wo.state == WorkOrderState::Failed => {
                 let after = AfterAttempt::Failed;
                 return self.slow(set_id, move |pool| async move { park(&pool, set_id, lock, after).await }.boxed());
@@ -484,7 +540,7 @@ impl Engine {
             DeliveryOutcome::Succeeded => {
                 metrics::counter!("kt_work_orders_succeeded_total").increment(1);
                 let keep = !self.draining && held.since.elapsed() < TIME_SLICE;
-                let posted = posted(held.lock, d.candidate, d.partition, d.offset, d.body, d.attempt);
+                let posted = posted(held.lock, d.candidate, d.partition, d.offset, d.body, Some(d.attempt));
                 self.pending.successes.push(Success { posted, keep });
                 return self.maybe_commit();
             }
@@ -503,6 +559,13 @@ impl Engine {
             DeliveryOutcome::PermanentFailure { error } => (AfterAttempt::Failed, "failure", Some(error)),
         };
         let wo = work_order_id(d.candidate.trigger_id, &d.candidate.topic, d.partition, d.offset);
+        if after == AfterAttempt::Failed && matches!(trigger.spec.on_failure, OnFailure::DeadLetter { .. }) {
+            metrics::counter!("kt_work_orders_failed_total").increment(1);
+            let error = error.unwrap_or_default();
+            tracing::warn!(trigger_id = %trigger.id, set_id, work_order_id = %wo, attempts, %error, "work order failed for good; recording a dead letter");
+            let attempt = Attempt { outcome: label, error: Some(error.clone()), ..d.attempt };
+            return self.dead_letter(d.candidate, d.partition, d.offset, d.body, Some(attempt), attempts, error);
+        }
         if after == AfterAttempt::Failed {
             metrics::counter!("kt_work_orders_failed_total").increment(1);
             // Error level: a newly blocked set is reported to Sentry (when
@@ -512,20 +575,100 @@ impl Engine {
             tracing::info!(trigger_id = %trigger.id, set_id, work_order_id = %wo, attempts, %error, "delivery failed; will retry");
         }
         let attempt = Attempt { outcome: label, error, ..d.attempt };
-        let posted = posted(held.lock, d.candidate, d.partition, d.offset, d.body, attempt);
+        let posted = posted(held.lock, d.candidate, d.partition, d.offset, d.body, Some(attempt));
         self.pending.failures.push(Failure { posted, after });
         self.maybe_commit();
     }
 
+    /// The head of a held set failed for good under the dead-letter policy:
+    /// record it as a dead letter, after producing it to the trigger's
+    /// dead-letter topic (acknowledged) if it has one.
+    #[allow(clippy::too_many_arguments)]
+    fn dead_letter(
+        &mut self,
+        c: Candidate,
+        partition: i32,
+        offset: i64,
+        body: String,
+        attempt: Option<Attempt>,
+        attempts: u32,
+        error: String,
+    ) {
+        let Some(held) = self.held.get(&c.set_id) else { return };
+        let trigger = held.trigger.clone();
+        let keep = !self.draining && held.since.elapsed() < TIME_SLICE;
+        let letter = Letter {
+            trigger_id: c.trigger_id,
+            topic: c.topic.clone(),
+            partition,
+            offset,
+            key: c.head.key.clone(),
+            value: c.head.value.clone(),
+            headers: c.head.headers(),
+            attempts,
+            error,
+        };
+        let posted = posted(held.lock, c, partition, offset, body, attempt);
+        let dead = DeadLetter { posted, id: Uuid::now_v7(), produced: None, keep };
+        let Some(topic) = trigger.spec.on_failure.dead_letter_topic().map(str::to_owned) else {
+            self.pending.dead_letters.push(dead);
+            return self.maybe_commit();
+        };
+        let ctx = self.ctx.clone();
+        self.tasks.push(
+            async move {
+                let result = match ctx.dead_letters.get(&trigger) {
+                    Ok(producer) => dead_letters::produce(&producer, &topic, &letter, &trigger.secrets).await,
+                    Err(error) => Err(error),
+                };
+                Event::Produced { dead: Box::new(dead), result }
+            }
+            .boxed(),
+        );
+    }
+
+    /// A dead letter's produce finished: commit it, or let the set wait and
+    /// produce it again (its work order is recorded failed meanwhile).
+    fn on_produced(&mut self, mut dead: DeadLetter, result: Result<Produced, String>) {
+        let set_id = dead.posted.set_id;
+        let Some(held) = self.held.get(&set_id) else { return };
+        if held.lease.is_lost() {
+            return self.finish(set_id, SetOutcomeKind::Busy, 0);
+        }
+        match result {
+            Ok(produced) => {
+                metrics::counter!("kt_dead_letters_produced_total").increment(1);
+                dead.produced = Some(produced);
+                self.pending.dead_letters.push(dead);
+            }
+            Err(error) => {
+                metrics::counter!("kt_dead_letter_produce_failures_total").increment(1);
+                tracing::warn!(trigger_id = %held.trigger.id, set_id, %error, "cannot produce a dead letter; the set waits and tries again");
+                let at = Utc::now() + chrono::Duration::from_std(DEAD_LETTER_RETRY).unwrap_or_default();
+                let after = AfterAttempt::DeadLetterAt(at);
+                if dead.posted.attempt.is_some() {
+                    self.pending.failures.push(Failure { posted: dead.posted, after });
+                } else {
+                    let lock = held.lock;
+                    return self
+                        .slow(set_id, move |pool| async move { park(&pool, set_id, lock, after).await }.boxed());
+                }
+            }
+        }
+        self.maybe_commit();
+    }
+
     fn maybe_commit(&mut self) {
-        if self.commits >= MAX_COMMITS || (self.pending.successes.is_empty() && self.pending.failures.is_empty()) {
+        if self.commits >= MAX_COMMITS || self.pending.is_empty() {
             return;
         }
         let s = self.pending.successes.len().min(MAX_BATCH);
         let f = self.pending.failures.len().min(MAX_BATCH);
+        let d = self.pending.dead_letters.len().min(MAX_BATCH);
         let batch = Batch {
             successes: self.pending.successes.drain(..s).collect(),
             failures: self.pending.failures.drain(..f).collect(),
+            dead_letters: self.pending.dead_letters.drain(..d).collect(),
         };
         self.spawn_commit(batch, 0);
     }
@@ -710,19 +853,23 @@ impl Engine {
 }
 
 /// One group commit: successes alone are one autocommit statement; with
-/// failures, both statements share a transaction.
+/// failures or dead letters, the statements share a transaction.
 async fn commit(pool: &PgPool, batch: &Batch) -> Result<Committed, sqlx::Error> {
-    if batch.failures.is_empty() {
+    if batch.failures.is_empty() && batch.dead_letters.is_empty() {
         let successes = round::commit_successes(pool, &batch.successes).await?;
         return Ok(Committed { successes, failures: Vec::new() });
     }
     let mut tx = pool.begin().await?;
-    let successes = if batch.successes.is_empty() {
+    let mut successes = if batch.successes.is_empty() {
         Vec::new()
     } else {
         round::commit_successes(&mut *tx, &batch.successes).await?
     };
-    let failures = round::record_failures(&mut *tx, &batch.failures).await?;
+    if !batch.dead_letters.is_empty() {
+        successes.extend(dead_letter::commit_dead_letters(&mut *tx, &batch.dead_letters).await?);
+    }
+    let failures =
+        if batch.failures.is_empty() { Vec::new() } else { round::record_failures(&mut *tx, &batch.failures).await? };
     tx.commit().await?;
     Ok(Committed { successes, failures })
 }
@@ -741,10 +888,11 @@ fn outcome_after(after: AfterAttempt) -> (SetOutcomeKind, i64) {
         AfterAttempt::RetryAt(at) => (SetOutcomeKind::Waiting, at.timestamp_millis()),
         AfterAttempt::Running => (SetOutcomeKind::Waiting, 0),
         AfterAttempt::Failed => (SetOutcomeKind::Blocked, 0),
+        AfterAttempt::DeadLetterAt(at) => (SetOutcomeKind::Waiting, at.timestamp_millis()),
     }
 }
 
-fn posted(lock_id: Uuid, c: Candidate, partition: i32, offset: i64, body: String, attempt: Attempt) -> Posted {
+fn posted(lock_id: Uuid, c: Candidate, partition: i32, offset: i64, body: String, attempt: Option<Attempt>) -> Posted {
     Posted {
         set_id: c.set_id,
         lock_id,

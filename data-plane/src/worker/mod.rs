@@ -3,6 +3,7 @@
 //! credits, receives granted (already claimed) sets, acts on them in rounds
 //! ([`engine`]) and reports each set's outcome, which returns its credit.
 
+pub mod dead_letters;
 pub mod engine;
 pub mod lease;
 
@@ -107,7 +108,8 @@ pub async fn run(
     triggers: TriggerDirectory,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let ctx = Arc::new(Context { pool, webhook: WebhookClient::new(config.webhook_policy.clone())? });
+    let webhook = WebhookClient::new(config.webhook_policy.clone())?;
+    let ctx = Arc::new(Context { pool, webhook, dead_letters: Default::default() });
     let mut failures = 0;
     let mut tries = 0;
     while !shutdown.is_cancelled() {

@@ -259,7 +259,7 @@ fn delivered(c: Candidate) -> anyhow::Result<Success> {
         partition,
         offset,
         body,
-        attempt,
+        attempt: Some(attempt),
     };
     Ok(Success { posted, keep: false })
 }

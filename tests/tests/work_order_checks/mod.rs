@@ -44,11 +44,20 @@ pub struct Target {
     pub timeout_ms: u32,
     pub retry: RetryPolicy,
     pub max_in_flight: Option<u32>,
+    /// `Trigger.on_failure` and `Trigger.dead_letter_topic`.
+    pub on_failure: OnFailure,
+    pub dead_letter_topic: String,
 }
 
 impl Target {
     pub fn new(timeout_ms: u32, retry: RetryPolicy) -> Self {
-        Self { timeout_ms, retry, max_in_flight: None }
+        Self {
+            timeout_ms,
+            retry,
+            max_in_flight: None,
+            on_failure: OnFailure::Unspecified,
+            dead_letter_topic: String::new(),
+        }
     }
 
     pub fn timeout(&self) -> Duration {
@@ -114,6 +123,8 @@ impl Stack {
             }),
             retry: Some(target.retry),
             tuning: target.max_in_flight.map(|n| Tuning { max_in_flight: Some(n), ..Default::default() }),
+            on_failure: target.on_failure.into(),
+            dead_letter_topic: target.dead_letter_topic.clone(),
             ..Default::default()
         };
         let id = client.create_trigger(CreateTriggerRequest { trigger: Some(trigger) }).await.unwrap().into_inner().id;
