@@ -6,6 +6,7 @@ pub mod backoff;
 pub mod crypto;
 pub mod db;
 pub mod dispatch;
+pub mod filter;
 pub mod secret;
 pub mod telemetry;
 pub mod tls;

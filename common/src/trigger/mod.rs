@@ -153,6 +153,9 @@ pub struct TriggerSpec {
     pub webhook: WebhookTarget,
     pub retry: RetryPolicy,
     pub tuning: Tuning,
+    /// CEL filter expression ([`crate::filter`]); empty = every message.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub filter: String,
 }
 
 /// The credentials of a trigger; serialized only to be encrypted.

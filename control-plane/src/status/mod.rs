@@ -57,15 +57,17 @@ pub async fn trigger_status(pool: &PgPool, registry: &NodeRegistry, id: Uuid) ->
         });
     }
 
-    let (stored_messages, blocked_sets, oldest_blocked): (i64, i64, Option<f64>) = sqlx::query_as(
-        "SELECT (SELECT count(*) FROM messages WHERE trigger_id = $1),
+    let (stored_messages, blocked_sets, oldest_blocked, filtered_messages): (i64, i64, Option<f64>, i64) =
+        sqlx::query_as(
+            "SELECT (SELECT count(*) FROM messages WHERE trigger_id = $1),
                 (SELECT count(*) FROM message_sets WHERE trigger_id = $1 AND state = 'blocked'),
                 (SELECT extract(epoch FROM now() - min(blocked_since))::float8
-                   FROM message_sets WHERE trigger_id = $1 AND state = 'blocked')",
-    )
-    .bind(id)
-    .fetch_one(pool)
-    .await?;
+                   FROM message_sets WHERE trigger_id = $1 AND state = 'blocked'),
+                (SELECT COALESCE(sum(filtered), 0)::int8 FROM partition_checkpoints WHERE trigger_id = $1)",
+        )
+        .bind(id)
+        .fetch_one(pool)
+        .await?;
     let by_state: Vec<(String, i64)> =
         sqlx::query_as("SELECT state, count(*) FROM work_orders WHERE trigger_id = $1 GROUP BY state")
             .bind(id)
@@ -106,5 +108,6 @@ pub async fn trigger_status(pool: &PgPool, registry: &NodeRegistry, id: Uuid) ->
         last_error_time: last_error.map(|(at, _)| timestamp(at)),
         health: summary.into(),
         reason,
+        filtered_messages,
     })
 }

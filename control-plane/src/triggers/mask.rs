@@ -1,6 +1,6 @@
 //! `UpdateTrigger`'s field mask: copies the named fields of the request onto
 //! the stored trigger. Whole sections (`kafka`, `webhook`, `retry`, `tuning`)
-//! and their direct fields are supported.
+//! and their direct fields are supported, and `filter`.
 
 use kt_proto::status::FieldViolation;
 use kt_proto::v1;
@@ -14,6 +14,7 @@ pub fn apply(current: &mut v1::Trigger, patch: &v1::Trigger, paths: &[String]) -
         current.webhook = patch.webhook.clone();
         current.retry = patch.retry;
         current.tuning = patch.tuning;
+        current.filter = patch.filter.clone();
         return Ok(());
     }
     let mut violations = Vec::new();
@@ -60,6 +61,10 @@ fn apply_path(current: &mut v1::Trigger, patch: &v1::Trigger, path: &str) -> boo
         }
         "tuning" => {
             current.tuning = patch.tuning;
+            true
+        }
+        "filter" => {
+            current.filter = patch.filter.clone();
             true
         }
         "kafka.hosts" => section_field!(kafka, hosts),
@@ -119,6 +124,14 @@ mod tests {
         apply(&mut current, &patch, &["webhook.format".into()]).unwrap();
         let webhook = current.webhook.unwrap();
         assert_eq!((webhook.url.as_str(), webhook.format()), ("http://old/", v1::WebhookFormat::Cloudevents));
+    }
+
+    #[test]
+    fn test_mask_changes_only_the_filter() {
+        let mut current = trigger("a", "http://old/");
+        let patch = v1::Trigger { filter: "key == 'x'".into(), ..trigger("b", "http://new/") };
+        apply(&mut current, &patch, &["filter".into()]).unwrap();
+        assert_eq!((current.filter.as_str(), current.webhook.unwrap().url.as_str()), ("key == 'x'", "http://old/"));
     }
 
     #[test]
