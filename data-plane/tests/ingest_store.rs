@@ -76,6 +76,30 @@ async fn test_batch_is_stored_once_and_redelivery_counts_duplicates() {
 }
 
 #[tokio::test]
+async fn test_filtered_messages_keep_only_dedup_records_and_are_counted_once_per_partition() {
+    let (db, trigger_id) = setup().await;
+    let filtered = |partition: i32, offset: i64| IngestMessage { filtered: true, ..message(partition, offset, b"{}") };
+    let batch = vec![message(0, 0, b"{}"), filtered(0, 1), filtered(1, 2), filtered(1, 3), message(1, 4, b"{}")];
+    let first = store(&db, trigger_id, &batch).await;
+    assert_eq!(first, BatchOutcome { stored: 2, duplicates: 0, failed: 0, filtered: 3 });
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM messages WHERE trigger_id = $1", trigger_id).await, 2);
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM message_records WHERE trigger_id = $1", trigger_id).await, 5);
+
+    // Redelivered: duplicates, not counted again.
+    let again = store(&db, trigger_id, &batch).await;
+    assert_eq!(again, BatchOutcome { stored: 0, duplicates: 5, failed: 0, filtered: 0 });
+    let counts: Vec<(i32, i64, i64)> = sqlx::query_as(
+        "SELECT partition, last_offset, filtered FROM partition_checkpoints WHERE trigger_id = $1 ORDER BY partition",
+    )
+    .bind(trigger_id)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(counts, [(0, 1, 1), (1, 4, 2)]);
+    db.drop().await;
+}
+
+#[tokio::test]
 async fn test_binary_keys_values_and_headers_are_kept_byte_for_byte() {
     let (db, trigger_id) = setup().await;
     let all_bytes: Vec<u8> = (0..=255u8).collect();
