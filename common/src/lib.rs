@@ -7,6 +7,7 @@ pub mod backoff;
 pub mod crypto;
 pub mod db;
 pub mod dispatch;
+pub mod filter;
 pub mod secret;
 pub mod tasks;
 pub mod telemetry;

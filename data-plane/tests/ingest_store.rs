@@ -25,6 +25,7 @@ fn message(partition: i32, offset: i64, value: &[u8]) -> IngestMessage {
         value: Some(value.to_vec()),
         headers: Some(vec![Header { name: "h".into(), value: Some(b"v".to_vec()) }]),
         timestamp: DateTime::from_timestamp_millis(1_700_000_000_000 + offset),
+        filtered: false,
     }
 }
 
@@ -51,14 +52,14 @@ async fn test_batch_is_stored_once_and_redelivery_counts_duplicates() {
     let (db, trigger_id) = setup().await;
     let batch: Vec<_> = (0..50).map(|o| message(o as i32 % 2, o, b"{}")).collect();
     let first = store(&db, trigger_id, &batch).await;
-    assert_eq!(first, BatchOutcome { stored: 50, duplicates: 0, failed: 0 });
+    assert_eq!(first, BatchOutcome { stored: 50, duplicates: 0, failed: 0, filtered: 0 });
 
     // The same offsets again (a redelivery after a crash before the commit),
     // plus new ones and a repeat inside the batch.
     let mut again: Vec<_> = (25..75).map(|o| message(o as i32 % 2, o, b"{}")).collect();
     again.push(message(1, 73, b"{}"));
     let second = store(&db, trigger_id, &again).await;
-    assert_eq!(second, BatchOutcome { stored: 25, duplicates: 26, failed: 0 });
+    assert_eq!(second, BatchOutcome { stored: 25, duplicates: 26, failed: 0, filtered: 0 });
 
     assert_eq!(count(&db.pool, "SELECT count(*) FROM messages WHERE trigger_id = $1", trigger_id).await, 75);
     assert_eq!(count(&db.pool, "SELECT count(*) FROM message_records WHERE trigger_id = $1", trigger_id).await, 75);
@@ -70,7 +71,31 @@ async fn test_batch_is_stored_once_and_redelivery_counts_duplicates() {
         .await
         .unwrap();
     let third = store(&db, trigger_id, &batch[..10]).await;
-    assert_eq!(third, BatchOutcome { stored: 0, duplicates: 10, failed: 0 });
+    assert_eq!(third, BatchOutcome { stored: 0, duplicates: 10, failed: 0, filtered: 0 });
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn test_filtered_messages_keep_only_dedup_records_and_are_counted_once_per_partition() {
+    let (db, trigger_id) = setup().await;
+    let filtered = |partition: i32, offset: i64| IngestMessage { filtered: true, ..message(partition, offset, b"{}") };
+    let batch = vec![message(0, 0, b"{}"), filtered(0, 1), filtered(1, 2), filtered(1, 3), message(1, 4, b"{}")];
+    let first = store(&db, trigger_id, &batch).await;
+    assert_eq!(first, BatchOutcome { stored: 2, duplicates: 0, failed: 0, filtered: 3 });
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM messages WHERE trigger_id = $1", trigger_id).await, 2);
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM message_records WHERE trigger_id = $1", trigger_id).await, 5);
+
+    // Redelivered: duplicates, not counted again.
+    let again = store(&db, trigger_id, &batch).await;
+    assert_eq!(again, BatchOutcome { stored: 0, duplicates: 5, failed: 0, filtered: 0 });
+    let counts: Vec<(i32, i64, i64)> = sqlx::query_as(
+        "SELECT partition, last_offset, filtered FROM partition_checkpoints WHERE trigger_id = $1 ORDER BY partition",
+    )
+    .bind(trigger_id)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(counts, [(0, 1, 1), (1, 4, 2)]);
     db.drop().await;
 }
 
@@ -92,6 +117,7 @@ async fn test_binary_keys_values_and_headers_are_kept_byte_for_byte() {
                 Header { name: "bin".into(), value: Some(vec![]) },
             ]),
             timestamp: None,
+            filtered: false,
         },
         IngestMessage {
             topic: "t".into(),
@@ -101,6 +127,7 @@ async fn test_binary_keys_values_and_headers_are_kept_byte_for_byte() {
             value: None,
             headers: Some(vec![]),
             timestamp: DateTime::from_timestamp_millis(1_700_000_000_123),
+            filtered: false,
         },
     ];
     assert_eq!(store(&db, trigger_id, &batch).await.stored, 2);
@@ -137,7 +164,7 @@ async fn test_a_rejected_message_is_recorded_and_the_others_stored() {
     batch[7].value = Some(b"poison".to_vec());
     let cancel = CancellationToken::new();
     let outcome = persist_batch(&db.pool, trigger_id, &batch, &quick_retry(), &cancel, |_| {}).await.unwrap();
-    assert_eq!(outcome, BatchOutcome { stored: 19, duplicates: 0, failed: 1 });
+    assert_eq!(outcome, BatchOutcome { stored: 19, duplicates: 0, failed: 1, filtered: 0 });
 
     let failures: Vec<(i64, Option<Vec<u8>>, String)> =
         sqlx::query_as(r#"SELECT "offset", value, error FROM ingest_failures WHERE trigger_id = $1"#)
@@ -152,7 +179,7 @@ async fn test_a_rejected_message_is_recorded_and_the_others_stored() {
 
     // Redelivered: a duplicate, not a second failure.
     let again = persist_batch(&db.pool, trigger_id, &batch, &quick_retry(), &cancel, |_| {}).await.unwrap();
-    assert_eq!(again, BatchOutcome { stored: 0, duplicates: 20, failed: 0 });
+    assert_eq!(again, BatchOutcome { stored: 0, duplicates: 20, failed: 0, filtered: 0 });
     assert_eq!(count(&db.pool, "SELECT count(*) FROM ingest_failures WHERE trigger_id = $1", trigger_id).await, 1);
     // Checkpoints cover the failed message too: it was seen.
     let last: i64 = sqlx::query_scalar("SELECT last_offset FROM partition_checkpoints WHERE trigger_id = $1")
@@ -170,7 +197,7 @@ async fn test_unreadable_headers_are_recorded_as_failures() {
     let mut batch: Vec<_> = (0..3).map(|o| message(0, o, b"ok")).collect();
     batch[1].headers = None;
     let outcome = store(&db, trigger_id, &batch).await;
-    assert_eq!(outcome, BatchOutcome { stored: 2, duplicates: 0, failed: 1 });
+    assert_eq!(outcome, BatchOutcome { stored: 2, duplicates: 0, failed: 1, filtered: 0 });
     let error: String = sqlx::query_scalar("SELECT error FROM ingest_failures WHERE trigger_id = $1")
         .bind(trigger_id)
         .fetch_one(&db.pool)
@@ -300,7 +327,7 @@ async fn test_a_key_too_large_for_the_set_index_is_recorded_not_retried_forever(
     batch[2].key = Some(huge_key.clone());
     let cancel = CancellationToken::new();
     let outcome = persist_batch(&db.pool, trigger_id, &batch, &quick_retry(), &cancel, |_| {}).await.unwrap();
-    assert_eq!(outcome, BatchOutcome { stored: 4, duplicates: 0, failed: 1 });
+    assert_eq!(outcome, BatchOutcome { stored: 4, duplicates: 0, failed: 1, filtered: 0 });
     let (key, error): (Option<Vec<u8>>, String) =
         sqlx::query_as("SELECT key, error FROM ingest_failures WHERE trigger_id = $1")
             .bind(trigger_id)

@@ -3,6 +3,7 @@
 //! helpers that wait on conditions with a timeout instead of sleeping.
 
 pub mod bench;
+pub mod metrics;
 pub mod postgres;
 pub mod process;
 pub mod readme;

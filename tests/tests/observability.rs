@@ -8,25 +8,11 @@ use kt_kafka_testing::mock::MockKafka;
 use kt_kafka_testing::produce::{keyed_messages, produce_to};
 use kt_proto::v1::trigger_service_client::TriggerServiceClient;
 use kt_proto::v1::*;
+use kt_tests::metrics::{sample, scrape};
 use kt_tests::webhook::{Reply, WebhookReceiver};
 use kt_tests::{wait_for, ControlPlaneOptions, TestControlPlane, TestDb, TestNode};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-async fn scrape(addr: std::net::SocketAddr) -> String {
-    let url = format!("http://{addr}/metrics");
-    let out = tokio::process::Command::new("curl").args(["-s", &url]).output().await.unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// The value of the first sample of `name` (any labels).
-fn sample(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
 
 fn trigger_template(kafka: &MockKafka, receiver: &WebhookReceiver) -> Trigger {
     Trigger {

@@ -98,6 +98,17 @@ async fn test_readme_trigger_walkthrough_runs_as_written() {
 }
 
 #[tokio::test]
+async fn test_readme_filters_walkthrough_runs_as_written() {
+    let (_db, outputs) = run_grpcurl_walkthrough("filters").await;
+    let changed = &outputs[0];
+    // grpcurl escapes `&` and `>` in JSON strings; the part before them is enough.
+    assert!(changed.contains(r#""filter": "value.type == \"order\" "#), "created: {changed}");
+    assert!(changed.contains(r#""filter": "headers['source'] == 'web'""#), "updated: {changed}");
+    assert!(changed.contains("\"generation\": \"2\""), "{changed}");
+    assert!(outputs[1].contains("trigger.filter: ERROR: <input>:1:"), "{}", outputs[1]);
+}
+
+#[tokio::test]
 async fn test_readme_operating_walkthrough_runs_as_written() {
     let (_db, outputs) = run_grpcurl_walkthrough("operating").await;
     let health = &outputs[0];

@@ -67,6 +67,7 @@ pub fn spec_to_proto(spec: &TriggerSpec, secrets: Option<&TriggerSecrets>) -> v1
             max_in_flight: Some(spec.tuning.max_in_flight),
             fetch_max_bytes: spec.tuning.fetch_max_bytes,
         }),
+        filter: spec.filter.clone(),
         ..Default::default()
     };
     super::failure::on_failure_to_proto(&spec.on_failure, &mut t);

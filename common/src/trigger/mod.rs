@@ -158,6 +158,9 @@ pub struct TriggerSpec {
     /// Absent in triggers stored before failure policies existed: those block.
     #[serde(default)]
     pub on_failure: OnFailure,
+    /// CEL filter expression ([`crate::filter`]); empty = every message.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub filter: String,
 }
 
 /// The credentials of a trigger; serialized only to be encrypted.

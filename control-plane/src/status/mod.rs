@@ -57,12 +57,19 @@ pub async fn trigger_status(pool: &PgPool, registry: &NodeRegistry, id: Uuid) ->
         });
     }
 
-    let (stored_messages, blocked_sets, oldest_blocked, dead_letters): (i64, i64, Option<f64>, i64) = sqlx::query_as(
+    let (stored_messages, blocked_sets, oldest_blocked, dead_letters, filtered_messages): (
+        i64,
+        i64,
+        Option<f64>,
+        i64,
+        i64,
+    ) = sqlx::query_as(
         "SELECT (SELECT count(*) FROM messages WHERE trigger_id = $1),
                 (SELECT count(*) FROM message_sets WHERE trigger_id = $1 AND state = 'blocked'),
                 (SELECT extract(epoch FROM now() - min(blocked_since))::float8
                    FROM message_sets WHERE trigger_id = $1 AND state = 'blocked'),
-                (SELECT count(*) FROM dead_letters WHERE trigger_id = $1)",
+                (SELECT count(*) FROM dead_letters WHERE trigger_id = $1),
+                (SELECT COALESCE(sum(filtered), 0)::int8 FROM partition_checkpoints WHERE trigger_id = $1)",
     )
     .bind(id)
     .fetch_one(pool)
@@ -108,5 +115,6 @@ pub async fn trigger_status(pool: &PgPool, registry: &NodeRegistry, id: Uuid) ->
         health: summary.into(),
         reason,
         dead_letters,
+        filtered_messages,
     })
 }

@@ -1,7 +1,7 @@
 //! `UpdateTrigger`'s field mask: copies the named fields of the request onto
 //! the stored trigger. Whole sections (`kafka`, `webhook`, `retry`, `tuning`)
-//! and their direct fields are supported, and the top-level `on_failure` and
-//! `dead_letter_topic`.
+//! and their direct fields are supported, and the top-level `on_failure`,
+//! `dead_letter_topic` and `filter`.
 
 use kt_proto::status::FieldViolation;
 use kt_proto::v1;
@@ -17,6 +17,7 @@ pub fn apply(current: &mut v1::Trigger, patch: &v1::Trigger, paths: &[String]) -
         current.tuning = patch.tuning;
         current.on_failure = patch.on_failure;
         current.dead_letter_topic = patch.dead_letter_topic.clone();
+        current.filter = patch.filter.clone();
         return Ok(());
     }
     let mut violations = Vec::new();
@@ -63,6 +64,10 @@ fn apply_path(current: &mut v1::Trigger, patch: &v1::Trigger, path: &str) -> boo
         }
         "tuning" => {
             current.tuning = patch.tuning;
+            true
+        }
+        "filter" => {
+            current.filter = patch.filter.clone();
             true
         }
         "kafka.hosts" => section_field!(kafka, hosts),
@@ -143,6 +148,14 @@ mod tests {
         apply(&mut current, &patch, &["dead_letter_topic".into()]).unwrap();
         assert_eq!(current.dead_letter_topic, "a.dlq");
         assert_eq!(current.kafka.unwrap().topics, ["a"]);
+    }
+
+    #[test]
+    fn test_mask_changes_only_the_filter() {
+        let mut current = trigger("a", "http://old/");
+        let patch = v1::Trigger { filter: "key == 'x'".into(), ..trigger("b", "http://new/") };
+        apply(&mut current, &patch, &["filter".into()]).unwrap();
+        assert_eq!((current.filter.as_str(), current.webhook.unwrap().url.as_str()), ("key == 'x'", "http://old/"));
     }
 
     #[test]

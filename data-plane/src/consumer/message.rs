@@ -22,6 +22,7 @@ pub fn to_ingest_message(m: &BorrowedMessage<'_>) -> IngestMessage {
         // A timestamp outside chrono's range (a broken producer) is dropped
         // rather than failing the message.
         timestamp: m.timestamp().to_millis().and_then(DateTime::from_timestamp_millis),
+        filtered: false,
     }
 }
 

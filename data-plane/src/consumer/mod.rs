@@ -11,6 +11,7 @@
 
 mod config;
 mod context;
+mod filter;
 mod message;
 pub mod offsets;
 mod persister;

@@ -14,6 +14,7 @@ use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use super::filter::PipelineFilter;
 use crate::status::PipelineStatus;
 use crate::store::{persist_batch, BatchOutcome, IngestMessage, PersistError, PersistSettings};
 
@@ -186,12 +187,21 @@ pub struct DbWriter {
     pub settings: PersistSettings,
     pub status: PipelineStatus,
     pub abandon: CancellationToken,
+    /// The trigger's filter, if it has one.
+    pub filter: Option<Arc<PipelineFilter>>,
 }
 
 impl PartWriter for DbWriter {
-    fn write(&self, messages: Vec<IngestMessage>) -> BoxFuture<'static, Option<BatchOutcome>> {
+    fn write(&self, mut messages: Vec<IngestMessage>) -> BoxFuture<'static, Option<BatchOutcome>> {
         let writer = self.clone();
-        Box::pin(async move { writer.write_part(&messages).await })
+        Box::pin(async move {
+            // Here rather than in the consume loop: the lanes evaluate in
+            // parallel, and once per part however often the write is retried.
+            if let Some(filter) = &writer.filter {
+                filter.apply(&mut messages);
+            }
+            writer.write_part(&messages).await
+        })
     }
 }
 
@@ -225,6 +235,9 @@ impl DbWriter {
         }
         metrics::histogram!("kt_ingest_batch_seconds", "trigger_id" => label.clone())
             .record(started.elapsed().as_secs_f64());
+        if outcome.filtered > 0 {
+            metrics::counter!("kt_messages_filtered_total", "trigger_id" => label.clone()).increment(outcome.filtered);
+        }
         for (kind, n) in [("stored", outcome.stored), ("duplicate", outcome.duplicates), ("failed", outcome.failed)] {
             if n > 0 {
                 metrics::counter!("kt_ingest_messages_total", "trigger_id" => label.clone(), "outcome" => kind)
@@ -236,6 +249,7 @@ impl DbWriter {
             stored = outcome.stored,
             duplicates = outcome.duplicates,
             failed = outcome.failed,
+            filtered = outcome.filtered,
             "batch stored"
         );
         Some(outcome)
@@ -256,6 +270,7 @@ mod tests {
             key: None,
             value: None,
             headers: Some(vec![]),
+            filtered: false,
             timestamp: None,
         }
     }

@@ -23,6 +23,7 @@ use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::context::IngestContext;
+use super::filter::PipelineFilter;
 use super::message::to_ingest_message;
 use super::offsets::{any_uncommitted, next_offset, plan_starts, Checkpoints, StartPosition, TopicPartition};
 use super::persister::{run_persister, Ack, Batch, DbWriter};
@@ -61,6 +62,8 @@ pub enum PipelineError {
     StartOffsets { trigger_id: TriggerId, message: String },
     #[error("fatal Kafka error in trigger {trigger_id}: {message}")]
     Fatal { trigger_id: TriggerId, message: String },
+    #[error("{message}")]
+    Filter { trigger_id: TriggerId, message: String },
     #[error("the persister of trigger {trigger_id} stopped unexpectedly")]
     PersisterGone { trigger_id: TriggerId },
 }
@@ -73,6 +76,11 @@ pub async fn run_pipeline(def: PipelineDef, env: PipelineEnv, cancel: Cancellati
     let config = KafkaConfig::for_trigger(&def.spec, &def.secrets, &settings, &env.client_id, instance_id.as_deref());
     // KafkaConfig's Debug masks the credentials.
     tracing::info!(%trigger_id, generation = def.generation, config = ?config, "starting pipeline");
+    // Compiled once per generation: an UpdateTrigger of the filter is a new
+    // generation, which restarts the pipeline.
+    let filter = PipelineFilter::new(&def.spec.filter, trigger_id, def.generation)
+        .map_err(|message| PipelineError::Filter { trigger_id, message })?
+        .map(Arc::new);
     let consumer: IngestConsumer = config
         .client_config()
         .create_with_context(IngestContext::new(trigger_id))
@@ -93,6 +101,7 @@ pub async fn run_pipeline(def: PipelineDef, env: PipelineEnv, cancel: Cancellati
         settings: settings.persist,
         status: env.status.clone(),
         abandon: abandon.clone(),
+        filter,
     };
     let persister = tokio::spawn(run_persister(Arc::new(writer), batch_rx, ack_tx));
     let now = Instant::now();

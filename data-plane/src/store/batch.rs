@@ -1,7 +1,9 @@
 //! The SQL of ingest: one set-based statement stores a whole batch (dedup
 //! records first, then only the new messages), one upsert moves the partition
-//! checkpoints forward, and a row-by-row variant isolates rows the database
-//! rejects so they can be recorded as ingest failures.
+//! checkpoints forward (and counts the messages the trigger's filter did not
+//! match, which keep only their dedup records), and a row-by-row variant
+//! isolates rows the database rejects so they can be recorded as ingest
+//! failures.
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -20,6 +22,9 @@ pub struct Checkpoint {
     pub partition: i32,
     pub last_offset: i64,
     pub last_ts: Option<DateTime<Utc>>,
+    /// Messages of this write the filter did not match, first seen now:
+    /// added to the partition's count.
+    pub filtered: i64,
 }
 
 /// Stores `batch` inside `tx`: dedup records and messages for the messages
@@ -33,6 +38,8 @@ pub async fn write_batch(
 ) -> Result<BatchOutcome, sqlx::Error> {
     let (rows, repeated) = unique_sorted(batch);
     let mut outcome = BatchOutcome { duplicates: repeated, ..Default::default() };
+    let (filtered, rows): (Vec<&IngestMessage>, Vec<&IngestMessage>) = rows.into_iter().partition(|m| m.filtered);
+    let checkpoints = record_filtered(tx, trigger_id, batch, &filtered, &mut outcome).await?;
     let (readable, unreadable): (Vec<&IngestMessage>, Vec<&IngestMessage>) =
         rows.into_iter().partition(|m| m.headers.is_some());
     let (fresh, stored) = insert_new_messages(tx, trigger_id, &readable).await?;
@@ -54,7 +61,7 @@ pub async fn write_batch(
             outcome.duplicates += 1;
         }
     }
-    upsert_checkpoints(&mut **tx, trigger_id, &checkpoints_of(batch)).await?;
+    upsert_checkpoints(&mut **tx, trigger_id, &checkpoints).await?;
     Ok(outcome)
 }
 
@@ -71,6 +78,8 @@ pub async fn write_rows_isolated(
 ) -> Result<BatchOutcome, sqlx::Error> {
     let (rows, repeated) = unique_sorted(batch);
     let mut outcome = BatchOutcome { duplicates: repeated, ..Default::default() };
+    let (filtered, rows): (Vec<&IngestMessage>, Vec<&IngestMessage>) = rows.into_iter().partition(|m| m.filtered);
+    let checkpoints = record_filtered(tx, trigger_id, batch, &filtered, &mut outcome).await?;
     for message in rows {
         let error = match &message.headers {
             None => UNREADABLE_HEADERS.to_owned(),
@@ -106,8 +115,55 @@ pub async fn write_rows_isolated(
             outcome.duplicates += 1;
         }
     }
-    upsert_checkpoints(&mut **tx, trigger_id, &checkpoints_of(batch)).await?;
+    upsert_checkpoints(&mut **tx, trigger_id, &checkpoints).await?;
     Ok(outcome)
+}
+
+/// Writes the dedup records of the `filtered` messages of `batch` (no
+/// message: they get no work order), counts in `outcome` those seen for the
+/// first time, and returns the checkpoints of `batch` carrying those counts
+/// per partition. Without filtered messages it costs no statement.
+async fn record_filtered(
+    tx: &mut Transaction<'_, Postgres>,
+    trigger_id: Uuid,
+    batch: &[IngestMessage],
+    filtered: &[&IngestMessage],
+    outcome: &mut BatchOutcome,
+) -> Result<Vec<Checkpoint>, sqlx::Error> {
+    let mut checkpoints = checkpoints_of(batch);
+    if filtered.is_empty() {
+        return Ok(checkpoints);
+    }
+    let topics: Vec<&str> = filtered.iter().map(|m| m.topic.as_str()).collect();
+    let partitions: Vec<i32> = filtered.iter().map(|m| m.partition).collect();
+    let offsets: Vec<i64> = filtered.iter().map(|m| m.offset).collect();
+    let fresh: Vec<(String, i32, i64)> = sqlx::query_as(
+        r#"
+        WITH fresh AS (
+            INSERT INTO message_records (trigger_id, topic, partition, "offset")
+            SELECT $1, * FROM UNNEST($2::text[], $3::int4[], $4::int8[])
+            ON CONFLICT DO NOTHING
+            RETURNING topic, partition
+        )
+        SELECT topic, partition, count(*) FROM fresh GROUP BY topic, partition
+        "#,
+    )
+    .bind(trigger_id)
+    .bind(&topics)
+    .bind(&partitions)
+    .bind(&offsets)
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut first_seen = 0;
+    for (topic, partition, n) in fresh {
+        first_seen += n as u64;
+        if let Some(c) = checkpoints.iter_mut().find(|c| c.topic == topic && c.partition == partition) {
+            c.filtered += n;
+        }
+    }
+    outcome.filtered += first_seen;
+    outcome.duplicates += filtered.len() as u64 - first_seen;
+    Ok(checkpoints)
 }
 
 /// SQLSTATE and message of a database error, for the failure record.
@@ -320,6 +376,7 @@ pub(crate) fn checkpoints_of(batch: &[IngestMessage]) -> Vec<Checkpoint> {
             partition,
             last_offset,
             last_ts,
+            filtered: 0,
         })
         .collect()
 }
@@ -342,14 +399,16 @@ where
     let partitions: Vec<i32> = checkpoints.iter().map(|c| c.partition).collect();
     let offsets: Vec<i64> = checkpoints.iter().map(|c| c.last_offset).collect();
     let timestamps: Vec<Option<DateTime<Utc>>> = checkpoints.iter().map(|c| c.last_ts).collect();
+    let filtered: Vec<i64> = checkpoints.iter().map(|c| c.filtered).collect();
     sqlx::query(
         r#"
-        INSERT INTO partition_checkpoints (trigger_id, topic, partition, last_offset, last_ts)
-        SELECT $1, * FROM UNNEST($2::text[], $3::int4[], $4::int8[], $5::timestamptz[])
+        INSERT INTO partition_checkpoints (trigger_id, topic, partition, last_offset, last_ts, filtered)
+        SELECT $1, * FROM UNNEST($2::text[], $3::int4[], $4::int8[], $5::timestamptz[], $6::int8[])
         ON CONFLICT (trigger_id, topic, partition) DO UPDATE
         SET last_offset = GREATEST(partition_checkpoints.last_offset, EXCLUDED.last_offset),
             -- GREATEST ignores nulls: a message without a timestamp keeps the last one.
             last_ts = GREATEST(partition_checkpoints.last_ts, EXCLUDED.last_ts),
+            filtered = partition_checkpoints.filtered + EXCLUDED.filtered,
             updated_at = now()
         "#,
     )
@@ -358,6 +417,7 @@ where
     .bind(&partitions)
     .bind(&offsets)
     .bind(&timestamps)
+    .bind(&filtered)
     .execute(executor)
     .await?;
     Ok(())
@@ -378,7 +438,13 @@ where
     .await?;
     Ok(rows
         .into_iter()
-        .map(|(topic, partition, last_offset, last_ts)| Checkpoint { topic, partition, last_offset, last_ts })
+        .map(|(topic, partition, last_offset, last_ts)| Checkpoint {
+            topic,
+            partition,
+            last_offset,
+            last_ts,
+            filtered: 0,
+        })
         .collect())
 }
 
@@ -394,6 +460,7 @@ mod tests {
             key: None,
             value: None,
             headers: Some(vec![]),
+            filtered: false,
             timestamp: ts_ms.and_then(DateTime::from_timestamp_millis),
         }
     }

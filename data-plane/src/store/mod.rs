@@ -29,6 +29,9 @@ pub struct IngestMessage {
     /// The message timestamp (create or log-append time), if it has one that
     /// fits a timestamp.
     pub timestamp: Option<DateTime<Utc>>,
+    /// The trigger's filter did not match it: only its dedup record is
+    /// written (and it is counted), no message, so it gets no work order.
+    pub filtered: bool,
 }
 
 /// A Kafka header: a string name and an optional binary value.
@@ -38,8 +41,8 @@ pub struct Header {
     pub value: Option<Vec<u8>>,
 }
 
-/// What a batch write did with its messages. `stored + duplicates + failed`
-/// is the number of messages in the batch.
+/// What a batch write did with its messages. `stored + duplicates + failed
+/// + filtered` is the number of messages in the batch.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BatchOutcome {
     /// Newly stored in `messages`.
@@ -48,11 +51,13 @@ pub struct BatchOutcome {
     pub duplicates: u64,
     /// Rejected by the database and recorded in `ingest_failures`.
     pub failed: u64,
+    /// Seen for the first time and not matched by the trigger's filter.
+    pub filtered: u64,
 }
 
 impl BatchOutcome {
     pub fn total(&self) -> u64 {
-        self.stored + self.duplicates + self.failed
+        self.stored + self.duplicates + self.failed + self.filtered
     }
 }
 
@@ -61,6 +66,7 @@ impl std::ops::AddAssign for BatchOutcome {
         self.stored += other.stored;
         self.duplicates += other.duplicates;
         self.failed += other.failed;
+        self.filtered += other.filtered;
     }
 }
 
