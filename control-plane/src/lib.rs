@@ -155,8 +155,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         AppState { triggers, registry: nodes::NodeRegistry::default(), scheduler, events, pool, tasks: tasks.clone() };
     let auth = grpc::AuthLayer::new(config.api_token.clone(), config.node_token.clone(), node_certificates(&config));
     tracing::info!(%addr, tls = tls.is_some(), node_certificates = node_certificates(&config), "control plane listening");
-    let server = grpc::serve(state, auth, listener, tls, config.heartbeat, shutdown);
-    let task = tokio::spawn(serve_until_failed(server, tasks));
+    let server = grpc::serve(state, auth, listener, tls, config.heartbeat, shutdown.clone());
+    let task = tokio::spawn(serve_until_failed(server, tasks, shutdown));
     Ok(Running { addr, task })
 }
 
@@ -167,14 +167,19 @@ const RESTART_BACKOFF: Backoff = Backoff::new(Duration::from_secs(1), Duration::
 /// The server of a term, until it ends or a fatal task fails: then the term
 /// ends with that task's error, and the process with it (see [`run`]), since
 /// a replica without its scheduler or event tail would go on answering the
-/// API while granting nothing.
+/// API while granting nothing. The term's other tasks and its listener stop
+/// with it (`term` is cancelled).
 async fn serve_until_failed(
     server: impl std::future::Future<Output = anyhow::Result<()>>,
     tasks: Supervisor,
+    term: CancellationToken,
 ) -> anyhow::Result<()> {
     tokio::select! {
         result = server => result,
-        failed = tasks.failed() => Err(anyhow::Error::new(failed).context("the control plane cannot go on")),
+        failed = tasks.failed() => {
+            term.cancel();
+            Err(anyhow::Error::new(failed).context("the control plane cannot go on"))
+        }
     }
 }
 

@@ -167,8 +167,7 @@ const RESTART_BACKOFF: Backoff = Backoff::new(Duration::from_millis(500), Durati
 ///
 /// Shutdown order, on `shutdown` or a fatal failure: stop claiming sets and
 /// finish the ones in hand, stop intake and commit what is stored, then send
-/// the final reports and close the session. Each stage is a child of
-/// `shutdown`, cancelled in turn.
+/// the final reports and close the session.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let triggers = TriggerDirectory::default();
     let control_plane = config.control_plane()?;
@@ -180,9 +179,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     tracing::info!(node_id = %config.node_id, control_plane = %config.control_plane_url, "data plane starting");
 
     let tasks = tasks::Supervisor::new();
-    let workers_stop = shutdown.child_token();
-    let intake_stop = shutdown.child_token();
-    let session_stop = shutdown.child_token();
+    // One token per shutdown stage, cancelled in turn below. Not children of
+    // `shutdown`: those would all be cancelled at once, and the session
+    // would close before intake has committed and reported.
+    let workers_stop = CancellationToken::new();
+    let intake_stop = CancellationToken::new();
+    let session_stop = CancellationToken::new();
 
     let board = StatusBoard::new();
     let (supervisor, supervisor_run) = pipeline_supervisor(

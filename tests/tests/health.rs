@@ -12,12 +12,13 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
 /// Every public service, and the whole server.
-const NAMES: [&str; 5] = [
+const NAMES: [&str; 6] = [
     "",
     "kafka_triggers.v1.TriggerService",
     "kafka_triggers.v1.MessageSetService",
     "kafka_triggers.v1.WorkOrderService",
     "kafka_triggers.v1.EventService",
+    "kafka_triggers.v1.DeadLetterService",
 ];
 
 fn check(service: &str) -> HealthCheckRequest {

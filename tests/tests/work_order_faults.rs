@@ -148,11 +148,14 @@ async fn test_a_panicking_scheduler_stops_its_control_plane_with_the_error() {
     let error = format!("{:#}", ended.expect_err("it stops with an error"));
     assert!(error.contains("task `scheduler` panicked: failpoint `scheduler` fired"), "{error}");
 
-    s.cp = Some(
-        TestControlPlane::start(&s.db, ControlPlaneOptions { listen: Some(cp.addr), ..Default::default() })
-            .await
-            .unwrap(),
-    );
+    // The failed term closes its listener as it stops; the replacement
+    // takes the port once it is free.
+    let restarted = wait_for("the port of the failed control plane", WAIT, || async {
+        TestControlPlane::start(&s.db, ControlPlaneOptions { listen: Some(cp.addr), ..Default::default() }).await.ok()
+    })
+    .await
+    .unwrap();
+    s.cp = Some(restarted);
     let produced = ids(&s.produce("sched-panic", interleaved(&keys("k", 4), 5, 5, 0)).await);
     wait_succeeded(&s.pool, trigger, produced.len()).await;
     assert_all_invariants(&s, &probe, trigger, &produced, target.timeout(), false).await;
