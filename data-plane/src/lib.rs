@@ -2,12 +2,14 @@
 //! assigned trigger and the workers that turn stored messages into work orders
 //! delivered to each trigger's webhook.
 //!
-//! Where things live: `consumer/` reads Kafka and stores/commits offsets,
+//! Where things live: `assignment.rs` validates what the control plane
+//! assigned (one value shared by pipelines and workers), `consumer/` reads Kafka and stores/commits offsets,
 //! `store/` writes messages to Postgres, `pipelines/` starts and stops
 //! consumers as assigned, `control_plane.rs` connects to the control plane,
 //! `session/` holds the node's session with it, `worker/` its work stream,
 //! `status/` holds what is reported back.
 
+pub mod assignment;
 pub mod consumer;
 pub mod control_plane;
 pub mod delivery;
@@ -27,13 +29,14 @@ use kt_common::webhook_policy::WebhookPolicy;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
+use crate::assignment::TriggerDirectory;
 use crate::consumer::IngestSettings;
 use crate::control_plane::{ClientTls, ControlPlane};
 use crate::pipelines::{pipeline_supervisor, SupervisorEnv};
 use crate::session::{run_session, SessionSettings};
 use crate::status::StatusBoard;
 use crate::store::{run_dedup_cleanup, DedupCleanupSettings};
-use crate::worker::{TriggerDirectory, WorkerConfig};
+use crate::worker::WorkerConfig;
 
 /// Message sets a node works on at once by default. A set in hand costs a
 /// few hundred bytes and, while its POST runs, one connection to the

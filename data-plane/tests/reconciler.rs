@@ -5,6 +5,7 @@ mod support;
 
 use std::time::Duration;
 
+use kt_data_plane::assignment::Assignment;
 use kt_data_plane::pipelines::{spawn_supervisor, SupervisorEnv, SupervisorHandle};
 use kt_data_plane::status::StatusBoard;
 use kt_proto::ids::TriggerId;
@@ -62,7 +63,7 @@ async fn test_reconciler_starts_restarts_and_stops_pipelines() {
 
     let t1_v1 = trigger_proto(t1, 1, &bootstrap, &["a"], "g1");
     let t2_v1 = trigger_proto(t2, 1, &bootstrap, &["a"], "g2");
-    let summary = n.supervisor.apply(vec![spec(&t1_v1), spec(&t2_v1)]).await.unwrap();
+    let summary = n.supervisor.apply(Assignment::validate(&[spec(&t1_v1), spec(&t2_v1)])).await.unwrap();
     assert_eq!(summary.started.len(), 2);
     wait_state(&n.board, t1, 1, PipelineState::Running).await;
     wait_state(&n.board, t2, 1, PipelineState::Running).await;
@@ -71,12 +72,12 @@ async fn test_reconciler_starts_restarts_and_stops_pipelines() {
     wait_count(&db.pool, MESSAGES, t2, 10, T).await;
 
     // The same desired state again changes nothing.
-    let summary = n.supervisor.apply(vec![spec(&t1_v1), spec(&t2_v1)]).await.unwrap();
+    let summary = n.supervisor.apply(Assignment::validate(&[spec(&t1_v1), spec(&t2_v1)])).await.unwrap();
     assert_eq!(summary, Default::default());
 
     // t1 changes (now also reads topic b): restarted with the new config.
     let t1_v2 = trigger_proto(t1, 2, &bootstrap, &["a", "b"], "g1");
-    let summary = n.supervisor.apply(vec![spec(&t1_v2), spec(&t2_v1)]).await.unwrap();
+    let summary = n.supervisor.apply(Assignment::validate(&[spec(&t1_v2), spec(&t2_v1)])).await.unwrap();
     assert_eq!(summary.restarted, [TriggerId(t1)]);
     assert_eq!(n.supervisor.running().await.unwrap(), {
         let mut v = vec![(TriggerId(t1), 2), (TriggerId(t2), 1)];
@@ -88,11 +89,11 @@ async fn test_reconciler_starts_restarts_and_stops_pipelines() {
     wait_count(&db.pool, MESSAGES, t1, 15, T).await;
 
     // t2 is no longer assigned: stopped, and forgotten at the next apply.
-    let summary = n.supervisor.apply(vec![spec(&t1_v2)]).await.unwrap();
+    let summary = n.supervisor.apply(Assignment::validate(&[spec(&t1_v2)])).await.unwrap();
     assert_eq!(summary.stopped, [TriggerId(t2)]);
     assert_eq!(n.supervisor.running().await.unwrap(), [(TriggerId(t1), 2)]);
     wait_state(&n.board, t2, 1, PipelineState::Stopped).await;
-    n.supervisor.apply(vec![spec(&t1_v2)]).await.unwrap();
+    n.supervisor.apply(Assignment::validate(&[spec(&t1_v2)])).await.unwrap();
     assert!(n.board.get(&t2.to_string()).is_none());
 
     // Shutdown stops everything and waits for it.
@@ -110,7 +111,7 @@ async fn test_unrunnable_pipeline_is_reported_failed() {
     let id = Uuid::now_v7();
     let mut bad = trigger_proto(id, 3, "127.0.0.1:9092", &["a"], "g");
     bad.kafka.as_mut().unwrap().hosts = vec!["no-port".into()];
-    let summary = n.supervisor.apply(vec![spec(&bad)]).await.unwrap();
+    let summary = n.supervisor.apply(Assignment::validate(&[spec(&bad)])).await.unwrap();
     assert_eq!(summary.rejected.len(), 1);
     assert!(n.supervisor.running().await.unwrap().is_empty());
     let report = n.board.get(&id.to_string()).unwrap();
@@ -120,11 +121,11 @@ async fn test_unrunnable_pipeline_is_reported_failed() {
     // No group id: refused rather than consuming in a made-up group.
     let mut no_group = trigger_proto(id, 4, "127.0.0.1:9092", &["a"], "");
     no_group.kafka.as_mut().unwrap().group_id.clear();
-    let summary = n.supervisor.apply(vec![spec(&no_group)]).await.unwrap();
+    let summary = n.supervisor.apply(Assignment::validate(&[spec(&no_group)])).await.unwrap();
     assert!(summary.rejected[0].1.contains("consumer group"), "{:?}", summary.rejected);
 
     // Once unassigned, the failure is forgotten.
-    n.supervisor.apply(vec![]).await.unwrap();
+    n.supervisor.apply(Assignment::validate(&[])).await.unwrap();
     assert!(n.board.get(&id.to_string()).is_none());
     n.cancel.cancel();
     n.task.await.unwrap();
@@ -143,7 +144,7 @@ async fn test_crashed_pipeline_restarts_with_backoff() {
     let kafka = broken.kafka.as_mut().unwrap();
     kafka.ssl = true;
     kafka.ssl_ca_cert = "-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----".into();
-    n.supervisor.apply(vec![spec(&broken)]).await.unwrap();
+    n.supervisor.apply(Assignment::validate(&[spec(&broken)])).await.unwrap();
     let report = wait_for("a third failure in a row", T, || async {
         n.board.get(&id.to_string()).filter(|r| r.error.contains("failure #3"))
     })
@@ -154,7 +155,7 @@ async fn test_crashed_pipeline_restarts_with_backoff() {
     assert_eq!(n.supervisor.running().await.unwrap(), [(TriggerId(id), 1)]);
 
     // A fixed configuration (new generation) replaces it.
-    n.supervisor.apply(vec![]).await.unwrap();
+    n.supervisor.apply(Assignment::validate(&[])).await.unwrap();
     wait_state(&n.board, id, 1, PipelineState::Stopped).await;
     n.cancel.cancel();
     n.task.await.unwrap();

@@ -3,6 +3,7 @@
 //! newer, reports, reconnects that leave pipelines running, the schema
 //! check, and shutdown.
 
+mod grants;
 mod support;
 
 use std::time::Duration;

@@ -21,9 +21,6 @@ mod rate;
 use std::time::Duration;
 
 use kt_common::backoff::Backoff;
-use kt_common::trigger::{validate_trigger, TriggerSecrets, TriggerSpec};
-use kt_proto::ids::TriggerId;
-use kt_proto::v1;
 
 pub use config::{group_instance_id, scrub, KafkaConfig};
 pub use pipeline::{run_pipeline, PipelineEnv, PipelineError};
@@ -112,36 +109,5 @@ impl Default for IngestSettings {
             progress_interval: Duration::from_secs(5),
             extra_kafka_config: Vec::new(),
         }
-    }
-}
-
-/// What one pipeline runs: a trigger's id, generation, configuration and
-/// credentials.
-#[derive(Debug, Clone)]
-pub struct PipelineDef {
-    pub trigger_id: TriggerId,
-    pub generation: i64,
-    pub spec: TriggerSpec,
-    pub secrets: TriggerSecrets,
-}
-
-impl PipelineDef {
-    /// From the trigger (with secrets) the control plane assigned. The same
-    /// validation as the public API, so a pipeline never runs an invalid
-    /// configuration.
-    pub fn from_proto(trigger: &v1::Trigger) -> Result<Self, String> {
-        let trigger_id: TriggerId = trigger.id.parse().map_err(|e| format!("bad trigger id: {e}"))?;
-        if trigger.kafka.as_ref().is_none_or(|k| k.group_id.trim().is_empty()) {
-            // Validation would invent a fresh group, losing the committed
-            // offsets: the control plane always sends the stored one.
-            return Err(format!("trigger {trigger_id} has no consumer group"));
-        }
-        // No target policy here: the workers check the webhook target when
-        // they connect, so a refused one fails its work orders, visibly.
-        let validated = validate_trigger(trigger, "", None, None).map_err(|violations| {
-            let list: Vec<String> = violations.iter().map(|v| format!("{}: {}", v.field, v.description)).collect();
-            format!("invalid configuration of trigger {trigger_id}: {}", list.join("; "))
-        })?;
-        Ok(Self { trigger_id, generation: trigger.generation, spec: validated.spec, secrets: validated.secrets })
     }
 }

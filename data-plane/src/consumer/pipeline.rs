@@ -28,7 +28,8 @@ use super::message::to_ingest_message;
 use super::offsets::{any_uncommitted, next_offset, plan_starts, Checkpoints, StartPosition, TopicPartition};
 use super::persister::{run_persister, Ack, Batch, DbWriter};
 use super::rate::RateLimiter;
-use super::{group_instance_id, scrub, IngestSettings, KafkaConfig, PipelineDef, MAX_BATCHES_IN_FLIGHT};
+use super::{group_instance_id, scrub, IngestSettings, KafkaConfig, MAX_BATCHES_IN_FLIGHT};
+use crate::assignment::AssignedTrigger;
 use crate::status::PipelineStatus;
 use crate::store::{load_checkpoints, BatchOutcome, IngestMessage};
 
@@ -69,8 +70,12 @@ pub enum PipelineError {
 }
 
 /// Runs the pipeline of `def` until `cancel` (→ `Ok`) or a failure.
-pub async fn run_pipeline(def: PipelineDef, env: PipelineEnv, cancel: CancellationToken) -> Result<(), PipelineError> {
-    let trigger_id = def.trigger_id;
+pub async fn run_pipeline(
+    def: Arc<AssignedTrigger>,
+    env: PipelineEnv,
+    cancel: CancellationToken,
+) -> Result<(), PipelineError> {
+    let trigger_id = def.id;
     let settings = env.settings.clone();
     let instance_id = settings.static_membership.then(|| group_instance_id(&env.node_id, trigger_id));
     let config = KafkaConfig::for_trigger(&def.spec, &def.secrets, &settings, &env.client_id, instance_id.as_deref());
@@ -130,7 +135,7 @@ pub async fn run_pipeline(def: PipelineDef, env: PipelineEnv, cancel: Cancellati
 }
 
 struct ConsumeLoop {
-    def: PipelineDef,
+    def: Arc<AssignedTrigger>,
     env: PipelineEnv,
     consumer: DetachedConsumer,
     /// `None` once closed at shutdown.
@@ -159,7 +164,7 @@ struct ConsumeLoop {
 
 impl ConsumeLoop {
     fn trigger_id(&self) -> TriggerId {
-        self.def.trigger_id
+        self.def.id
     }
 
     fn settings(&self) -> &IngestSettings {

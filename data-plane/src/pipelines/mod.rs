@@ -10,14 +10,15 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use kt_proto::ids::TriggerId;
-use kt_proto::internal::{PipelineSpec, PipelineState};
+use kt_proto::internal::PipelineState;
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::consumer::{IngestSettings, PipelineDef};
+use crate::assignment::{AssignedTrigger, Assignment};
+use crate::consumer::IngestSettings;
 use crate::status::StatusBoard;
 
 /// Commands waiting for the supervisor. Assignments are full states, so a
@@ -48,7 +49,7 @@ pub struct ApplySummary {
 }
 
 enum Command {
-    Apply { pipelines: Vec<PipelineSpec>, reply: oneshot::Sender<ApplySummary> },
+    Apply { assignment: Assignment, reply: oneshot::Sender<ApplySummary> },
     Running { reply: oneshot::Sender<Vec<(TriggerId, i64)>> },
 }
 
@@ -63,12 +64,12 @@ pub struct SupervisorHandle {
 pub struct SupervisorGone;
 
 impl SupervisorHandle {
-    /// Reconciles the running pipelines with `pipelines`, the complete
+    /// Reconciles the running pipelines with `assignment`, the complete
     /// desired set (not a delta). Returns once started/stopped, not once the
     /// consumers are up.
-    pub async fn apply(&self, pipelines: Vec<PipelineSpec>) -> Result<ApplySummary, SupervisorGone> {
+    pub async fn apply(&self, assignment: Assignment) -> Result<ApplySummary, SupervisorGone> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Command::Apply { pipelines, reply }).await.map_err(|_| SupervisorGone)?;
+        self.tx.send(Command::Apply { assignment, reply }).await.map_err(|_| SupervisorGone)?;
         rx.await.map_err(|_| SupervisorGone)
     }
 
@@ -120,8 +121,8 @@ impl Supervisor {
             tokio::select! {
                 _ = self.cancel.cancelled() => break,
                 command = rx.recv() => match command {
-                    Some(Command::Apply { pipelines, reply }) => {
-                        let summary = self.apply(pipelines);
+                    Some(Command::Apply { assignment, reply }) => {
+                        let summary = self.apply(assignment);
                         let _ = reply.send(summary);
                     }
                     Some(Command::Running { reply }) => {
@@ -144,22 +145,16 @@ impl Supervisor {
         tracing::info!("all pipelines stopped");
     }
 
-    fn apply(&mut self, pipelines: Vec<PipelineSpec>) -> ApplySummary {
+    fn apply(&mut self, assignment: Assignment) -> ApplySummary {
         let mut summary = ApplySummary::default();
-        let mut desired: HashMap<TriggerId, PipelineDef> = HashMap::new();
+        let desired: HashMap<TriggerId, Arc<AssignedTrigger>> =
+            assignment.triggers.into_iter().map(|t| (t.id, t)).collect();
         let mut rejected: HashMap<String, (i64, String)> = HashMap::new();
-        for spec in pipelines {
-            let Some(trigger) = spec.trigger else {
-                summary.rejected.push((String::new(), "pipeline without a trigger".into()));
-                continue;
-            };
-            match PipelineDef::from_proto(&trigger) {
-                Ok(def) => {
-                    desired.insert(def.trigger_id, def);
-                }
-                Err(reason) => {
-                    rejected.insert(trigger.id.clone(), (trigger.generation, reason));
-                }
+        for r in assignment.rejected {
+            if r.id.is_empty() {
+                summary.rejected.push((r.id, r.reason));
+            } else {
+                rejected.insert(r.id, (r.generation, r.reason));
             }
         }
 

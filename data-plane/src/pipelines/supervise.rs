@@ -8,15 +8,18 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::SupervisorEnv;
-use crate::consumer::{run_pipeline, PipelineDef, PipelineEnv};
+use std::sync::Arc;
+
+use crate::assignment::AssignedTrigger;
+use crate::consumer::{run_pipeline, PipelineEnv};
 
 pub(super) async fn supervise(
-    def: PipelineDef,
+    def: Arc<AssignedTrigger>,
     env: SupervisorEnv,
     cancel: CancellationToken,
     previous: Option<JoinHandle<()>>,
 ) {
-    let trigger_id = def.trigger_id;
+    let trigger_id = def.id;
     let generation = def.generation;
     let status = env.board.pipeline(trigger_id.to_string(), generation);
     if let Some(previous) = previous {

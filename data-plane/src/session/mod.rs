@@ -23,8 +23,7 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::worker::TriggerDirectory;
-
+use crate::assignment::{Assignment, TriggerDirectory};
 use crate::control_plane::{ControlPlane, ControlPlaneError};
 use crate::pipelines::SupervisorHandle;
 use crate::status::{Reports, StatusBoard};
@@ -214,10 +213,12 @@ async fn handle_control_message(
         tracing::debug!(plan_version = plan.version, "ignoring a stale assignment");
         return Ok(());
     }
+    // Validated once, for the pipelines and the workers alike.
+    let assignment = Assignment::validate(&plan.pipelines);
     if let Some(directory) = triggers {
-        directory.replace(plan.pipelines.iter().filter_map(crate::worker::config_of));
+        directory.replace(&assignment.triggers);
     }
-    let summary = supervisor.apply(plan.pipelines).await.map_err(|_| SessionError::SupervisorGone)?;
+    let summary = supervisor.apply(assignment).await.map_err(|_| SessionError::SupervisorGone)?;
     *plan_version = Some(plan.version);
     tracing::info!(
         plan_version = plan.version,

@@ -14,12 +14,12 @@ use std::time::Duration;
 
 use kt_common::dispatch::dead_letter::Produced;
 use kt_common::trigger::TriggerSecrets;
+use kt_proto::ids::TriggerId;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
-use uuid::Uuid;
 
-use super::TriggerConfig;
+use crate::assignment::AssignedTrigger;
 use crate::consumer::{scrub, KafkaConfig};
 
 /// How long a produce may take before it counts as failed.
@@ -30,13 +30,13 @@ const CLIENT_ID: &str = "kafka-triggers-dead-letters";
 /// trigger id and the generation they were built for.
 #[derive(Default)]
 pub struct Producers {
-    by_trigger: Mutex<HashMap<Uuid, (i64, FutureProducer)>>,
+    by_trigger: Mutex<HashMap<TriggerId, (i64, FutureProducer)>>,
 }
 
 impl Producers {
     /// The trigger's producer, built on first use and again after the
     /// trigger changed. The lock is never held across an await.
-    pub fn get(&self, trigger: &TriggerConfig) -> Result<FutureProducer, String> {
+    pub fn get(&self, trigger: &AssignedTrigger) -> Result<FutureProducer, String> {
         let mut map = self.by_trigger.lock().expect("producers lock poisoned");
         if let Some((generation, producer)) = map.get(&trigger.id) {
             if *generation == trigger.generation {
@@ -55,7 +55,7 @@ impl Producers {
 
 /// What is produced for one dead letter.
 pub struct Letter {
-    pub trigger_id: Uuid,
+    pub trigger_id: uuid::Uuid,
     pub topic: String,
     pub partition: i32,
     pub offset: i64,

@@ -47,7 +47,8 @@ use uuid::Uuid;
 
 use super::dead_letters::{self, Letter, Producers};
 use super::lease::{self, Lease, OnHold, RenewError, Renewals, Verdict};
-use super::{TriggerConfig, TriggerDirectory};
+use super::parked::{Parked, ParkedGrant};
+use crate::assignment::{AssignedTrigger, TriggerDirectory};
 use crate::delivery::{
     build_body, cloud_event, next_step, DeliveryOutcome, MessageForBody, Payload, RetryDecision, WebhookClient,
 };
@@ -68,8 +69,6 @@ const DB_TRIES: u32 = 10;
 /// A dead letter that could not be produced to its topic is tried again
 /// after this (the set waits meanwhile).
 const DEAD_LETTER_RETRY: Duration = Duration::from_secs(5);
-/// Before a set of a trigger this node does not know yet is handed back.
-const UNKNOWN_TRIGGER_DELAY: Duration = Duration::from_millis(200);
 
 /// Shared by every task of a node's engine.
 pub struct Context {
@@ -82,7 +81,7 @@ pub struct Context {
 struct Held {
     lock: Uuid,
     trigger_id: String,
-    trigger: Arc<TriggerConfig>,
+    trigger: Arc<AssignedTrigger>,
     /// When this claim began: the time slice runs from here.
     since: Instant,
     lease: Lease,
@@ -201,11 +200,17 @@ pub struct Engine {
     draining: bool,
     outcomes: Vec<SetOutcome>,
     renewals: Renewals,
+    /// Where granted sets' triggers are looked up.
+    triggers: TriggerDirectory,
+    /// Grants whose trigger is not in the directory yet.
+    parked: Parked,
 }
 
 impl Engine {
-    pub fn new(ctx: Arc<Context>) -> Self {
+    pub fn new(ctx: Arc<Context>, triggers: TriggerDirectory) -> Self {
         Self {
+            parked: Parked::new(triggers.changes()),
+            triggers,
             ctx,
             held: HashMap::new(),
             to_read: Vec::new(),
@@ -225,9 +230,9 @@ impl Engine {
     }
 
     /// Whether anything is under way (then [`Engine::next`] yields): a
-    /// task, or sets in hand, whose claims it renews.
+    /// task, sets in hand, whose claims it renews, or parked grants.
     pub fn busy(&self) -> bool {
-        !self.tasks.is_empty() || self.renewal_due().is_some()
+        !self.tasks.is_empty() || self.renewal_due().is_some() || !self.parked.is_empty()
     }
 
     /// When the claims in hand are to be renewed next, if any are in hand.
@@ -242,6 +247,10 @@ impl Engine {
     /// Release every set after its current delivery.
     pub fn drain(&mut self) {
         self.draining = true;
+        let parked = self.parked.take_all();
+        if !parked.is_empty() {
+            self.give_back(parked);
+        }
     }
 
     /// Takes the outcomes to report since the last call.
@@ -255,6 +264,7 @@ impl Engine {
         let renew_at = self.renewal_due();
         tokio::select! {
             Some(event) = self.tasks.next() => self.handle(event),
+            (due, applied) = self.parked.wait(), if !self.parked.is_empty() => self.unpark(due, applied),
             () = tokio::time::sleep_until(renew_at.unwrap_or_else(Instant::now)), if renew_at.is_some() => self.renew(),
             else => return None,
         }
@@ -263,7 +273,7 @@ impl Engine {
 
     /// Takes granted sets in hand and reads their candidates (with any
     /// other sets waiting for a read).
-    pub fn grant(&mut self, grant: WorkGrant, triggers: &TriggerDirectory) {
+    pub fn grant(&mut self, grant: WorkGrant) {
         if self.draining {
             return self.give_back(grant.sets);
         }
@@ -275,22 +285,44 @@ impl Engine {
                 self.report(g.set_id, &g.trigger_id, SetOutcomeKind::Busy, 0);
                 continue;
             };
-            let trigger = Uuid::parse_str(&g.trigger_id).ok().and_then(|id| triggers.get(&id));
-            let Some(trigger) = trigger else {
-                // Not in this node's assignment yet: hand it back shortly.
-                let pool = self.ctx.pool.clone();
-                let (set_id, trigger_id) = (g.set_id, g.trigger_id.clone());
-                self.report_later(set_id, trigger_id, async move {
-                    tokio::time::sleep(UNKNOWN_TRIGGER_DELAY).await;
-                    round::release_ready(&pool, set_id, lock).await?;
-                    Ok(Slow::Done(SetOutcomeKind::Retry, 0))
-                });
+            match g.trigger_id.parse().ok().and_then(|id| self.triggers.get(&id)) {
+                Some(trigger) => self.take(g, lock, lease, trigger, now),
+                None => self.parked.park(g, lock, lease),
+            }
+        }
+        self.maybe_read();
+    }
+
+    /// Takes a granted set in hand: its candidate is read next.
+    fn take(&mut self, g: SetGrant, lock: Uuid, lease: Lease, trigger: Arc<AssignedTrigger>, since: Instant) {
+        let held = Held { lock, trigger_id: g.trigger_id, trigger, since, lease, on_hold: None };
+        self.held.insert(g.set_id, held);
+        self.to_read.push((g.set_id, lock));
+        self.renewals.arm(lease.renewal_due());
+    }
+
+    /// Takes in hand the parked grants whose trigger is known now, releases
+    /// those that waited in vain (see `parked`), parks the others again.
+    fn unpark(&mut self, due: Vec<ParkedGrant>, applied: u64) {
+        let now = Instant::now();
+        for p in due {
+            if self.draining {
+                self.give_back(vec![p.grant]);
                 continue;
-            };
-            let held = Held { lock, trigger_id: g.trigger_id, trigger, since: now, lease, on_hold: None };
-            self.held.insert(g.set_id, held);
-            self.to_read.push((g.set_id, lock));
-            self.renewals.arm(lease.renewal_due());
+            }
+            match p.grant.trigger_id.parse().ok().and_then(|id| self.triggers.get(&id)) {
+                Some(trigger) if p.lease.holds(now) => self.take(p.grant, p.lock, p.lease, trigger, now),
+                _ if p.give_up(applied, now) => {
+                    tracing::debug!(set_id = p.grant.set_id, trigger_id = %p.grant.trigger_id, "granted set of a trigger not assigned here; releasing it");
+                    let pool = self.ctx.pool.clone();
+                    let (set_id, lock) = (p.grant.set_id, p.lock);
+                    self.report_later(set_id, p.grant.trigger_id, async move {
+                        round::release_ready(&pool, set_id, lock).await?;
+                        Ok(Slow::Done(SetOutcomeKind::Retry, 0))
+                    });
+                }
+                _ => self.parked.repark(p),
+            }
         }
         self.maybe_read();
     }

@@ -6,14 +6,13 @@
 pub mod dead_letters;
 pub mod engine;
 pub mod lease;
+mod parked;
 
-use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use kt_common::backoff::Backoff;
 use kt_common::tasks::Failpoints;
-use kt_common::trigger::{TriggerSecrets, TriggerSpec};
 use kt_common::webhook_policy::WebhookPolicy;
 use kt_proto::internal::work_service_client::WorkServiceClient;
 use kt_proto::internal::worker_message::Msg;
@@ -22,10 +21,10 @@ use sqlx::PgPool;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 pub use engine::{Context, Engine, TIME_SLICE};
 
+use crate::assignment::TriggerDirectory;
 use crate::control_plane::ControlPlane;
 use crate::delivery::WebhookClient;
 
@@ -36,55 +35,6 @@ const OUTBOUND_CAPACITY: usize = 1_024;
 const GIVE_BACK_WAIT: Duration = Duration::from_secs(5);
 /// Reconnect backoff of the work stream.
 const RECONNECT: Backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
-
-/// A trigger as the workers need it: where to deliver and how to retry.
-#[derive(Debug)]
-pub struct TriggerConfig {
-    pub id: Uuid,
-    pub generation: i64,
-    pub spec: TriggerSpec,
-    pub secrets: TriggerSecrets,
-}
-
-/// The worker's view of an assigned pipeline; `None` (logged) when its
-/// configuration does not validate, which the supervisor reports too.
-pub fn config_of(spec: &kt_proto::internal::PipelineSpec) -> Option<TriggerConfig> {
-    let trigger = spec.trigger.as_ref()?;
-    let id = Uuid::parse_str(&trigger.id).ok()?;
-    // The target policy is the webhook client's, at connect time.
-    match kt_common::trigger::validate_trigger(trigger, "", None, None) {
-        Ok(valid) => {
-            Some(TriggerConfig { id, generation: trigger.generation, spec: valid.spec, secrets: valid.secrets })
-        }
-        Err(violations) => {
-            tracing::warn!(trigger_id = %id, ?violations, "assigned trigger does not validate; its sets are not worked on");
-            None
-        }
-    }
-}
-
-/// The triggers this node knows, replaced on every assignment. The lock is
-/// never held across an await.
-#[derive(Clone, Default)]
-pub struct TriggerDirectory(Arc<RwLock<HashMap<Uuid, Arc<TriggerConfig>>>>);
-
-impl std::fmt::Debug for TriggerDirectory {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let ids: Vec<Uuid> = self.0.read().unwrap().keys().copied().collect();
-        f.debug_tuple("TriggerDirectory").field(&ids).finish()
-    }
-}
-
-impl TriggerDirectory {
-    pub fn replace(&self, configs: impl IntoIterator<Item = TriggerConfig>) {
-        let map = configs.into_iter().map(|c| (c.id, Arc::new(c))).collect();
-        *self.0.write().unwrap() = map;
-    }
-
-    pub fn get(&self, id: &Uuid) -> Option<Arc<TriggerConfig>> {
-        self.0.read().unwrap().get(id).cloned()
-    }
-}
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -144,14 +94,14 @@ async fn session(
     let mut grants = client.work(config.control_plane.request(ReceiverStream::new(rx))).await?.into_inner();
     tracing::info!(node_id = %config.node_id, capacity = config.capacity, "work stream connected");
 
-    let mut engine = Engine::new(ctx.clone());
+    let mut engine = Engine::new(ctx.clone(), triggers.clone());
     let result = loop {
         tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
             grant = grants.message() => match grant {
                 Ok(Some(grant)) => {
                     config.failpoints.hit("workers");
-                    engine.grant(grant, triggers)
+                    engine.grant(grant)
                 }
                 Ok(None) => break Err(anyhow::anyhow!("control plane closed the work stream")),
                 Err(status) => break Err(status.into()),
@@ -172,7 +122,7 @@ async fn session(
         tokio::select! {
             Some(()) = engine.next() => {}
             grant = grants.message(), if open => match grant {
-                Ok(Some(grant)) => engine.grant(grant, triggers),
+                Ok(Some(grant)) => engine.grant(grant),
                 _ => open = false,
             },
         }
@@ -184,7 +134,7 @@ async fn session(
     let deadline = tokio::time::Instant::now() + GIVE_BACK_WAIT;
     while open {
         match tokio::time::timeout_at(deadline, grants.message()).await {
-            Ok(Ok(Some(grant))) => engine.grant(grant, triggers),
+            Ok(Ok(Some(grant))) => engine.grant(grant),
             _ => open = false,
         }
     }

@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kt_common::backoff::Backoff;
-use kt_data_plane::consumer::{IngestSettings, PipelineDef};
+use kt_data_plane::assignment::AssignedTrigger;
+use kt_data_plane::consumer::IngestSettings;
 use kt_data_plane::store::PersistSettings;
 use kt_proto::v1;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -288,8 +289,8 @@ pub fn trigger_proto(id: Uuid, generation: i64, bootstrap: &str, topics: &[&str]
     }
 }
 
-pub fn pipeline_def(trigger: &v1::Trigger) -> PipelineDef {
-    PipelineDef::from_proto(trigger).expect("valid trigger")
+pub fn pipeline_def(trigger: &v1::Trigger) -> Arc<AssignedTrigger> {
+    Arc::new(AssignedTrigger::from_proto(trigger).expect("valid trigger"))
 }
 
 /// Stored messages of a trigger: (topic, partition, offset) in order.
@@ -323,15 +324,15 @@ pub struct RunningPipeline {
 }
 
 impl RunningPipeline {
-    pub fn start(pool: &PgPool, def: PipelineDef, settings: Arc<IngestSettings>) -> Self {
+    pub fn start(pool: &PgPool, def: Arc<AssignedTrigger>, settings: Arc<IngestSettings>) -> Self {
         let board = kt_data_plane::status::StatusBoard::new();
-        let trigger_id = def.trigger_id.0;
+        let trigger_id = def.id.0;
         let env = kt_data_plane::consumer::PipelineEnv {
             pool: pool.clone(),
             settings,
             client_id: "kt-test".into(),
             node_id: "kt-test".into(),
-            status: board.pipeline(def.trigger_id.to_string(), def.generation),
+            status: board.pipeline(def.id.to_string(), def.generation),
         };
         let cancel = tokio_util::sync::CancellationToken::new();
         let task = tokio::spawn(kt_data_plane::consumer::run_pipeline(def, env, cancel.clone()));
