@@ -66,10 +66,6 @@ uuid_id!(
     /// Identifies a trigger.
     TriggerId
 );
-uuid_id!(
-    /// Identifies a work order.
-    WorkOrderId
-);
 
 #[cfg(test)]
 mod tests {
@@ -92,8 +88,8 @@ mod tests {
 
     #[test]
     fn test_new_ids_are_time_ordered() {
-        let a = WorkOrderId::new();
-        let b = WorkOrderId::new();
+        let a = TriggerId::new();
+        let b = TriggerId::new();
         assert!(a < b);
         assert_eq!(a.0.get_version_num(), 7);
     }

@@ -92,16 +92,6 @@ pub enum DeliveryOutcome {
     },
 }
 
-impl DeliveryOutcome {
-    /// The error text of a failure, `None` for success and acceptance.
-    pub fn error(&self) -> Option<&str> {
-        match self {
-            Self::Succeeded | Self::Accepted => None,
-            Self::RetryableFailure { error, .. } | Self::PermanentFailure { error } => Some(error),
-        }
-    }
-}
-
 /// What one attempt sends, in the trigger's format.
 #[derive(Debug, Clone)]
 pub struct Payload {

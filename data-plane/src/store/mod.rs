@@ -55,12 +55,6 @@ pub struct BatchOutcome {
     pub filtered: u64,
 }
 
-impl BatchOutcome {
-    pub fn total(&self) -> u64 {
-        self.stored + self.duplicates + self.failed + self.filtered
-    }
-}
-
 impl std::ops::AddAssign for BatchOutcome {
     fn add_assign(&mut self, other: Self) {
         self.stored += other.stored;
