@@ -10,6 +10,7 @@ mod work_order_checks;
 use kt_kafka_testing::consume::{consume_n, subscribed_consumer};
 use kt_kafka_testing::produce::TestMessage;
 use kt_proto::v1::dead_letter_service_client::DeadLetterServiceClient;
+use kt_proto::v1::work_order_service_client::WorkOrderServiceClient;
 use kt_proto::v1::*;
 use kt_tests::webhook::Reply;
 use kt_tests::{wait_for, TestNode};
@@ -145,4 +146,65 @@ async fn test_failed_message_becomes_a_dead_letter_and_its_key_moves_on() {
         kinds,
         ["message_dead_lettered", "dead_letter_replayed", "message_dead_lettered", "dead_letter_deleted"]
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_a_failure_reported_by_complete_work_order_becomes_a_dead_letter() {
+    let s = Stack::start(TOPIC, 1).await;
+    // The target hands the poison message to an asynchronous runner (202),
+    // which later reports that it failed.
+    s.receiver.script(|body| if seq(body) == POISON { Reply::status(202) } else { Reply::OK });
+    let mut target = Target::new(2_000, retry(2, 10, 20));
+    target.on_failure = OnFailure::DeadLetter;
+    let trigger = s.create_trigger(TOPIC, &target).await;
+    let _node = TestNode::start(&s.db, &s.cp().url(), |_| {}).await;
+    let channel = s.cp().channel().await.unwrap();
+    let mut work_orders = WorkOrderServiceClient::new(channel.clone());
+    let mut dead_letters = DeadLetterServiceClient::new(channel);
+
+    s.produce(TOPIC, vec![message("bad", POISON), message("bad", 101)]).await;
+    let running = wait_for("the 202 recorded", WAIT, || {
+        let mut client = work_orders.clone();
+        async move {
+            let req = ListWorkOrdersRequest {
+                trigger_id: trigger.to_string(),
+                state: WorkOrderState::Running.into(),
+                ..Default::default()
+            };
+            client.list_work_orders(req).await.unwrap().into_inner().work_orders.pop()
+        }
+    })
+    .await
+    .unwrap();
+    let report = CompleteWorkOrderRequest { id: running.id.clone(), success: false, error: "runner crashed".into() };
+    let failed = work_orders.complete_work_order(report).await.unwrap().into_inner();
+    assert_eq!(failed.state(), WorkOrderState::Failed);
+
+    // The key moves on instead of blocking, and the message is a dead letter.
+    wait_for("the key's next message delivered", WAIT, || async {
+        s.receiver.successes().iter().any(|d| seq(&d.body) == 101).then_some(())
+    })
+    .await
+    .unwrap();
+    let bad: Vec<i64> =
+        s.receiver.deliveries().iter().filter(|d| d.key() == Some("bad")).map(|d| seq(&d.body)).collect();
+    assert_eq!(bad, [POISON, 101], "one POST each, in order");
+    let list = dead_letters
+        .list_dead_letters(ListDeadLettersRequest { trigger_id: trigger.to_string(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.dead_letters.len(), 1, "{list:?}");
+    let dl = &list.dead_letters[0];
+    assert_eq!(
+        (dl.work_order_id.as_str(), dl.last_error.as_str(), dl.attempts),
+        (running.id.as_str(), "runner crashed", 1)
+    );
+    let blocked: Vec<String> =
+        sqlx::query_scalar("SELECT kind FROM events WHERE trigger_id = $1 AND kind = 'set_blocked'")
+            .bind(trigger)
+            .fetch_all(&s.pool)
+            .await
+            .unwrap();
+    assert!(blocked.is_empty(), "no set was blocked: {blocked:?}");
 }

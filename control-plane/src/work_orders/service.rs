@@ -9,8 +9,12 @@
 //! - success: the work order succeeds, its message is deleted and the set is
 //!   ready (handed to the scheduler after commit) so the next message becomes
 //!   the candidate;
-//! - failure: the work order fails for good and its set is blocked until an
-//!   operator retries, skips or discards it.
+//! - failure: the work order fails for good. Under the trigger's default
+//!   policy its set is blocked until an operator retries, skips or discards
+//!   it; under `ON_FAILURE_DEAD_LETTER` the set is made ready instead, and
+//!   the worker that gets it finds the failed head and records (and
+//!   produces) its dead letter exactly as for a failed delivery, so the key
+//!   moves on.
 //!
 //! A worker claim on the set is cleared (fenced off): a worker looking at a
 //! running head only parks the set, and would otherwise overwrite the new
@@ -143,9 +147,17 @@ impl WorkOrderService {
             }
         } else {
             events::record(&mut *tx, EventKind::WorkOrderFailed, Some(row.trigger_id), None, details.clone()).await?;
-            if let Some(set) = &set {
-                sets::store::mark_blocked(&mut tx, set.id).await?;
-                events::record(&mut *tx, EventKind::SetBlocked, Some(row.trigger_id), None, details).await?;
+            let dead_letters = store::dead_letters_failures(&mut *tx, row.trigger_id).await?;
+            match &set {
+                Some(set) if dead_letters && set.state != SetState::Blocked.as_str() => {
+                    sets::store::mark_ready(&mut tx, set.id).await?;
+                    ready = Some((set.id, set.trigger_id));
+                }
+                Some(set) => {
+                    sets::store::mark_blocked(&mut tx, set.id).await?;
+                    events::record(&mut *tx, EventKind::SetBlocked, Some(row.trigger_id), None, details).await?;
+                }
+                None => {}
             }
         }
         tx.commit().await?;

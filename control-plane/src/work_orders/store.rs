@@ -168,6 +168,18 @@ pub async fn get_for_update(tx: &mut Transaction<'_, Postgres>, id: Uuid) -> Res
         .await
 }
 
+/// Whether the trigger's failure policy records dead letters (then a
+/// failed work order does not block its set).
+pub async fn dead_letters_failures(db: impl PgExecutor<'_>, trigger_id: Uuid) -> Result<bool, sqlx::Error> {
+    let policy: Option<String> =
+        sqlx::query_scalar("SELECT spec #>> '{on_failure,policy}' FROM triggers WHERE id = $1")
+            .bind(trigger_id)
+            .fetch_optional(db)
+            .await?
+            .flatten();
+    Ok(policy.as_deref() == Some("dead_letter"))
+}
+
 /// Records the reported outcome of a running work order. The attempt that
 /// got the 202 is already counted; the report is appended to its log.
 pub async fn finish(
