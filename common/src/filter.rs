@@ -11,10 +11,11 @@
 //! when the payload is JSON, else a string when UTF-8, else bytes; null for
 //! a tombstone).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
-use cel::{Context, Env, ExecutionError, Program, Value};
+use cel::common::ast::{EntryExpr, Expr, MapExpr, StructExpr};
+use cel::{Context, Env, ExecutionError, IdedExpr, Program, Value};
 use chrono::{DateTime, Utc};
 
 /// An expression longer than this is refused: it is evaluated for every
@@ -61,6 +62,19 @@ impl Filter {
         }
         let env = Arc::new(Env::stdlib());
         let program = env.compile(source).map_err(|e| e.to_string())?;
+        // CEL resolves names at run time, so a misspelt variable would
+        // otherwise compile and then fail on every message, silently
+        // filtering everything out.
+        let mut unknown = BTreeSet::new();
+        free_names(program.expression(), &mut Vec::new(), &mut unknown);
+        if !unknown.is_empty() {
+            let names: Vec<String> = unknown.into_iter().map(|n| format!("`{n}`")).collect();
+            return Err(format!(
+                "unknown variable {}; a filter can use {}",
+                names.join(", "),
+                VARIABLES.map(|v| format!("`{v}`")).join(", ")
+            ));
+        }
         Ok(Self { program, env })
     }
 
@@ -77,6 +91,60 @@ impl Filter {
             Ok(other) => Err(FilterError(format!("the expression gave a {}, not a bool", other.type_of()))),
             Err(e) => Err(FilterError(describe(&e))),
         }
+    }
+}
+
+/// The variables [`bind`] gives a filter.
+const VARIABLES: [&str; 7] = ["topic", "partition", "offset", "key", "value", "headers", "timestamp"];
+/// Names CEL itself resolves: its type names (`type(value) == string`).
+const TYPE_NAMES: [&str; 11] =
+    ["bool", "int", "uint", "double", "string", "bytes", "list", "map", "null_type", "type", "dyn"];
+
+/// Collects into `out` the identifiers of `expr` that are neither filter
+/// variables, nor CEL type names, nor bound by an enclosing macro
+/// (`headers.exists(h, ...)` binds `h`; `bound` holds those in scope).
+fn free_names(expr: &IdedExpr, bound: &mut Vec<String>, out: &mut BTreeSet<String>) {
+    match &expr.expr {
+        Expr::Ident(name) => {
+            let known = VARIABLES.contains(&name.as_str()) || TYPE_NAMES.contains(&name.as_str());
+            // `@`-names are the macro expansion's own accumulators.
+            if !known && !name.starts_with('@') && !bound.contains(name) {
+                out.insert(name.clone());
+            }
+        }
+        Expr::Call(call) => {
+            for e in call.target.iter().map(|t| &**t).chain(&call.args) {
+                free_names(e, bound, out);
+            }
+        }
+        Expr::Comprehension(c) => {
+            free_names(&c.iter_range, bound, out);
+            free_names(&c.accu_init, bound, out);
+            let scope = bound.len();
+            bound.extend([c.iter_var.clone(), c.accu_var.clone()].into_iter().chain(c.iter_var2.clone()));
+            for e in [&c.loop_cond, &c.loop_step, &c.result] {
+                free_names(e, bound, out);
+            }
+            bound.truncate(scope);
+        }
+        Expr::List(list) => {
+            for e in &list.elements {
+                free_names(e, bound, out);
+            }
+        }
+        Expr::Map(MapExpr { entries }) | Expr::Struct(StructExpr { entries, .. }) => {
+            for entry in entries {
+                match &entry.expr {
+                    EntryExpr::StructField(field) => free_names(&field.value, bound, out),
+                    EntryExpr::MapEntry(e) => {
+                        free_names(&e.key, bound, out);
+                        free_names(&e.value, bound, out);
+                    }
+                }
+            }
+        }
+        Expr::Select(select) => free_names(&select.operand, bound, out),
+        Expr::Literal(_) | Expr::Unspecified => {}
     }
 }
 
@@ -225,5 +293,19 @@ mod tests {
         assert!(e.contains("1:"), "{e}");
         let e = Filter::compile(&"a".repeat(MAX_FILTER_LEN + 1)).unwrap_err();
         assert!(e.contains("at most 4096 bytes"), "{e}");
+    }
+
+    #[test]
+    fn test_unknown_variables_are_refused_and_macro_variables_are_not() {
+        let e = Filter::compile("vaule.n == 1 || key == kee").unwrap_err();
+        assert!(e.starts_with("unknown variable `kee`, `vaule`; a filter can use `topic`"), "{e}");
+        let h: &[(&str, Option<&[u8]>)] = &[("source", Some(b"app"))];
+        let m = view(None, Some(br#"{"tags":["a","b"]}"#), h);
+        assert_eq!(eval(r#"headers.exists(h, h == "source") && value.tags.all(t, t.size() == 1)"#, &m), Ok(true));
+        assert_eq!(eval(r#"value.tags.map(t, t + "!").exists(t, t == "b!")"#, &m), Ok(true));
+        assert_eq!(eval("type(value) == map && type(offset) == int", &m), Ok(true));
+        // A macro's variable is bound only inside it.
+        let e = Filter::compile("value.tags.exists(t, t == 'a') && t == 'b'").unwrap_err();
+        assert!(e.starts_with("unknown variable `t`;"), "{e}");
     }
 }
