@@ -78,7 +78,7 @@ impl DeadLetterService {
         page_size: i32,
         page_token: &str,
     ) -> Result<(Vec<DeadLetterRow>, String), DeadLetterError> {
-        let (limit, after) = paging::uuid_page(page_size, page_token).map_err(|v| DeadLetterError::Invalid(vec![v]))?;
+        let (limit, after) = paging::page(page_size, page_token).map_err(|v| DeadLetterError::Invalid(vec![v]))?;
         let mut rows = store::list(&self.pool, trigger, after, limit + 1).await?;
         let next = paging::next_token(&mut rows, limit, |r| r.id);
         Ok((rows, next))

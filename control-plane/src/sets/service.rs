@@ -31,8 +31,7 @@ use super::SetError;
 use crate::events::{self, EventKind};
 use crate::scheduler::Scheduler;
 
-pub const DEFAULT_PAGE_SIZE: i64 = 100;
-pub const MAX_PAGE_SIZE: i64 = 1_000;
+pub use crate::paging::{DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE};
 
 /// A set's state as operators see it: the stored state, with a live worker
 /// claim shown as in flight.
@@ -170,19 +169,8 @@ impl SetService {
     /// A page of sets in id order and the token of the next page (empty on
     /// the last).
     pub async fn list(&self, query: &SetListQuery) -> Result<(Vec<SetView>, String), SetError> {
-        let limit = match i64::from(query.page_size) {
-            0 => DEFAULT_PAGE_SIZE,
-            n if (1..=MAX_PAGE_SIZE).contains(&n) => n,
-            _ => return Err(SetError::invalid("page_size", format!("must be 0 (default) or 1-{MAX_PAGE_SIZE}"))),
-        };
-        let after = match query.page_token.as_str() {
-            "" => 0,
-            token => token
-                .parse::<i64>()
-                .ok()
-                .filter(|id| *id > 0)
-                .ok_or_else(|| SetError::invalid("page_token", "is not a token from a previous page"))?,
-        };
+        let (limit, after) =
+            crate::paging::page::<i64>(query.page_size, &query.page_token).map_err(|v| SetError::Invalid(vec![v]))?;
         let trigger = query.trigger_id;
         let fetch = limit + 1;
         // Which stored states a filter lists, and whether sets a worker
@@ -208,12 +196,7 @@ impl SetService {
                 store::list_by_key(&self.pool, key, trigger, states, with_live_claims, false, after, fetch).await?
             }
         };
-        let next = if rows.len() as i64 > limit {
-            rows.truncate(limit as usize);
-            rows.last().map(|r| r.id.to_string()).unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let next = crate::paging::next_token(&mut rows, limit, |r| r.id);
         Ok((rows.into_iter().map(SetView::new).collect(), next))
     }
 

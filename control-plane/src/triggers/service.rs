@@ -20,9 +20,9 @@ use uuid::Uuid;
 use super::store::{self, TriggerRow};
 use super::{mask, TriggerError};
 use crate::events::{self, EventKind};
+use crate::paging;
 
-pub const DEFAULT_PAGE_SIZE: i64 = 100;
-pub const MAX_PAGE_SIZE: i64 = 1_000;
+pub use crate::paging::MAX_PAGE_SIZE;
 
 /// Triggers re-encrypted per listing round of [`TriggerService::rotate_keys`].
 const ROTATE_BATCH: i64 = 500;
@@ -104,25 +104,9 @@ impl TriggerService {
 
     /// A page of triggers and the token of the next page (empty on the last).
     pub async fn list(&self, page_size: i32, page_token: &str) -> Result<(Vec<TriggerRow>, String), TriggerError> {
-        let limit = match i64::from(page_size) {
-            0 => DEFAULT_PAGE_SIZE,
-            n if (1..=MAX_PAGE_SIZE).contains(&n) => n,
-            _ => return Err(TriggerError::invalid("page_size", format!("must be 0 (default) or 1-{MAX_PAGE_SIZE}"))),
-        };
-        let after = match page_token {
-            "" => None,
-            token => Some(
-                Uuid::parse_str(token)
-                    .map_err(|_| TriggerError::invalid("page_token", "is not a token from a previous page"))?,
-            ),
-        };
+        let (limit, after) = paging::page(page_size, page_token).map_err(|v| TriggerError::Invalid(vec![v]))?;
         let mut rows = store::list(&self.pool, after, limit + 1).await?;
-        let next = if rows.len() as i64 > limit {
-            rows.truncate(limit as usize);
-            rows.last().map(|r| r.id.to_string()).unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let next = paging::next_token(&mut rows, limit, |r| r.id);
         Ok((rows, next))
     }
 

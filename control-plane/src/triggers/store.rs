@@ -61,8 +61,8 @@ pub async fn get_for_update(tx: &mut Transaction<'_, Postgres>, id: Uuid) -> Res
 
 /// Up to `limit` triggers with ids greater than `after`, in id order (v7 ids,
 /// so creation order).
-pub async fn list(db: impl PgExecutor<'_>, after: Option<Uuid>, limit: i64) -> Result<Vec<TriggerRow>, sqlx::Error> {
-    sqlx::query_as(&format!("SELECT {COLUMNS} FROM triggers WHERE $1::uuid IS NULL OR id > $1 ORDER BY id LIMIT $2"))
+pub async fn list(db: impl PgExecutor<'_>, after: Uuid, limit: i64) -> Result<Vec<TriggerRow>, sqlx::Error> {
+    sqlx::query_as(&format!("SELECT {COLUMNS} FROM triggers WHERE id > $1 ORDER BY id LIMIT $2"))
         .bind(after)
         .bind(limit)
         .fetch_all(db)

@@ -83,8 +83,8 @@ impl WorkOrderService {
     /// A page of work orders in id order, without bodies, and the token of
     /// the next page (empty on the last).
     pub async fn list(&self, query: &WorkOrderListQuery) -> Result<(Vec<WorkOrderRow>, String), WorkOrderError> {
-        let (limit, after) = crate::paging::uuid_page(query.page_size, &query.page_token)
-            .map_err(|v| WorkOrderError::Invalid(vec![v]))?;
+        let (limit, after) =
+            crate::paging::page(query.page_size, &query.page_token).map_err(|v| WorkOrderError::Invalid(vec![v]))?;
         let states: Vec<&str> = match query.state {
             Some(s) => vec![s.as_str()],
             None => WorkOrderState::ALL.iter().map(|s| s.as_str()).collect(),
