@@ -1,15 +1,16 @@
 //! The librdkafka callbacks of a pipeline's consumer. They run inside the
 //! pipeline's own `recv()` and never block: an assignment is only recorded
 //! (the pipeline resolves start offsets and assigns outside the callback),
-//! a revocation is applied at once and bumps the assignment generation so
-//! that no offset of a batch read before it is ever stored after it.
+//! a revocation is applied at once and bumps the consumer's epoch so that
+//! no offset of a batch read before it is ever stored after it
+//! (`offsets.rs`).
 
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 
 use kt_proto::ids::TriggerId;
 use rdkafka::config::RDKafkaLogLevel;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::statistics::Statistics;
 use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
@@ -18,13 +19,16 @@ use tokio::sync::Notify;
 
 use super::offsets::TopicPartition;
 
+/// A pipeline's consumer.
+pub type IngestConsumer = StreamConsumer<IngestContext>;
+
 /// What the callbacks tell the pipeline loop.
 #[derive(Debug, Default)]
 pub struct RebalanceState {
     /// Increases on every assignment and revocation. A batch remembers the
-    /// generation its messages were read in; its offsets are stored only if
-    /// the generation is unchanged when it is acknowledged.
-    pub generation: u64,
+    /// epoch its messages were read in; its offsets are stored only if the
+    /// epoch is unchanged when it is acknowledged.
+    pub epoch: u64,
     /// Partitions handed to us by the group, waiting for the pipeline to
     /// resolve their start offsets and assign them.
     pub pending_assignment: Option<Vec<TopicPartition>>,
@@ -71,8 +75,8 @@ impl IngestContext {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn generation(&self) -> u64 {
-        self.state().generation
+    pub fn epoch(&self) -> u64 {
+        self.state().epoch
     }
 }
 
@@ -124,7 +128,7 @@ impl ConsumerContext for IngestContext {
                     tpl.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect();
                 tracing::info!(trigger_id = %self.trigger_id, partitions = ?partitions, "partitions assigned by the group");
                 let mut state = self.state();
-                state.generation += 1;
+                state.epoch += 1;
                 state.pending_assignment = Some(partitions);
                 drop(state);
                 // The assign call itself happens in the pipeline loop, once
@@ -140,13 +144,13 @@ impl ConsumerContext for IngestContext {
                 }
                 {
                     let mut state = self.state();
-                    state.generation += 1;
+                    state.epoch += 1;
                     state.pending_assignment = None;
                     state.assigned.clear();
                 }
                 // Stored offsets (all of them durable in Postgres) are
                 // committed by librdkafka as the partitions go; batches still
-                // in flight will not store theirs (the generation moved on)
+                // in flight will not store theirs (the epoch moved on)
                 // and are redelivered to the next owner, then deduplicated.
                 if let Err(e) = consumer.unassign() {
                     tracing::warn!(trigger_id = %self.trigger_id, error = %e, "failed to unassign partitions");

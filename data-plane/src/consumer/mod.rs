@@ -8,22 +8,33 @@
 //! batches, retrying until they are stored). They talk over bounded
 //! channels; when the persister falls behind, the loop pauses the
 //! partitions instead of buffering without bound.
+//!
+//! Files: `pipeline.rs` the consume loop, `persister.rs` the writer task,
+//! `offsets.rs` what may be committed (the only offset store), `starts.rs`
+//! where new partitions start, `context.rs` the librdkafka callbacks,
+//! `config.rs` the client configuration, `handle.rs` closing the consumer,
+//! `errors.rs` failures, `message.rs` / `filter.rs` / `rate.rs` per-message
+//! conversion, filtering and rate limiting.
 
 mod config;
 mod context;
+mod errors;
 mod filter;
+mod handle;
 mod message;
 pub mod offsets;
 mod persister;
 mod pipeline;
 mod rate;
+mod starts;
 
 use std::time::Duration;
 
 use kt_common::backoff::Backoff;
 
 pub use config::{group_instance_id, scrub, KafkaConfig};
-pub use pipeline::{run_pipeline, PipelineEnv, PipelineError};
+pub use errors::PipelineError;
+pub use pipeline::{run_pipeline, PipelineEnv};
 pub use rate::RateLimiter;
 
 use crate::store::PersistSettings;

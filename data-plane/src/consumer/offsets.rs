@@ -1,13 +1,33 @@
-//! Offset arithmetic and start positions. Kafka commits the offset of the
-//! *next* message to read, so the "+1" lives here, in one tested place; and
-//! where a newly assigned partition starts is decided here: its committed
-//! offset, else the trigger's partition checkpoints (a group that lost its
-//! offsets), else the trigger's initial policy.
+//! Offset bookkeeping of a pipeline: which offsets may be committed, and
+//! the one place that stores them.
+//!
+//! Offsets are stored, never committed, here: the consumer runs with
+//! `enable.auto.offset.store=false` and `enable.auto.commit=true`, so
+//! librdkafka commits whatever was stored, every `commit_interval` and on a
+//! revocation (see `config.rs`); at shutdown `handle.rs` commits the stored
+//! offsets once more before closing. Storing is the promise; [`OffsetTracker`]
+//! makes it only for messages durable in Postgres.
+//!
+//! Two rules make that promise safe:
+//!
+//! - Kafka commits the offset of the *next* message to read: the `+1` is
+//!   [`next_offset`], used by every store.
+//! - A batch read before a rebalance must not store its offsets after it:
+//!   the partition may have moved to another node, which rereads it from
+//!   the last commit. The rebalance callbacks (`context.rs`) count
+//!   assignments and revocations as the consumer's **epoch**; each batch's
+//!   [`Marks`] remember the epoch their messages were read in, and the
+//!   tracker stores only marks of the current epoch, forgetting what it
+//!   stored in earlier ones.
 
 use std::collections::HashMap;
 
-use kt_common::trigger::OffsetPolicy;
-use rdkafka::Offset;
+use kt_proto::ids::TriggerId;
+use rdkafka::consumer::Consumer;
+use rdkafka::error::KafkaResult;
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::context::IngestConsumer;
 
 /// A (topic, partition) pair.
 pub type TopicPartition = (String, i32);
@@ -18,230 +38,218 @@ pub fn next_offset(last_stored: i64) -> i64 {
     last_stored + 1
 }
 
-/// The last message covered by a committed offset (the inverse of
-/// [`next_offset`]); `None` when nothing was consumed yet.
-pub fn last_consumed(committed: i64) -> Option<i64> {
-    (committed > 0).then(|| committed - 1)
+/// The highest offset of one partition in a batch, and the epoch it was
+/// read in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mark {
+    pub topic: String,
+    pub partition: i32,
+    pub last_offset: i64,
+    pub epoch: u64,
 }
 
-/// Where one partition starts consuming.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StartPosition {
-    /// The group's committed offset (the next message to read).
-    Committed(i64),
-    /// One past the last message the trigger stored from the partition
-    /// (its checkpoint), for a group that lost its committed offset.
-    AfterCheckpoint(i64),
-    Beginning,
-    End,
-    /// The first message at or after this unix-millisecond timestamp.
-    AtTimestamp(i64),
-}
-
-impl StartPosition {
-    /// The librdkafka offset to assign. `by_time` holds the result of the
-    /// offsets-for-times lookup for [`StartPosition::AtTimestamp`]; a
-    /// timestamp after the last message resolves to the end.
-    pub fn to_offset(self, by_time: Option<Offset>) -> Offset {
-        match self {
-            StartPosition::Committed(o) | StartPosition::AfterCheckpoint(o) => Offset::Offset(o),
-            StartPosition::Beginning => Offset::Beginning,
-            StartPosition::End => Offset::End,
-            StartPosition::AtTimestamp(_) => match by_time {
-                Some(Offset::Offset(o)) if o >= 0 => Offset::Offset(o),
-                _ => Offset::End,
-            },
-        }
-    }
-}
-
-/// What the trigger's partition checkpoints say: the last offset it stored
-/// of each partition, and per topic the earliest last-seen timestamp.
+/// The marks of one batch, one per partition.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Checkpoints {
-    last_offsets: HashMap<TopicPartition, i64>,
-    earliest_ms: HashMap<String, i64>,
-}
+pub struct Marks(Vec<Mark>);
 
-impl Checkpoints {
-    /// From checkpoint rows: (topic, partition), last offset, last-seen
-    /// timestamp.
-    pub fn new(rows: impl IntoIterator<Item = (TopicPartition, i64, Option<i64>)>) -> Self {
-        let mut c = Self::default();
-        for (tp, last_offset, ts) in rows {
-            if let Some(ts) = ts {
-                let e = c.earliest_ms.entry(tp.0.clone()).or_insert(ts);
-                *e = (*e).min(ts);
+impl Marks {
+    /// Records a message read in `epoch`. A partition read again in a newer
+    /// epoch (revoked, then assigned back) restarts its mark: only offsets
+    /// read in the current epoch count.
+    pub fn record(&mut self, topic: &str, partition: i32, offset: i64, epoch: u64) {
+        match self.0.iter_mut().find(|m| m.topic == topic && m.partition == partition) {
+            Some(mark) if mark.epoch == epoch => mark.last_offset = mark.last_offset.max(offset),
+            Some(mark) => {
+                mark.epoch = epoch;
+                mark.last_offset = offset;
             }
-            c.last_offsets.insert(tp, last_offset);
+            None => self.0.push(Mark { topic: topic.to_owned(), partition, last_offset: offset, epoch }),
         }
-        c
     }
 
-    pub fn last_offset(&self, tp: &TopicPartition) -> Option<i64> {
-        self.last_offsets.get(tp).copied()
-    }
-
-    pub fn earliest_ms(&self, topic: &str) -> Option<i64> {
-        self.earliest_ms.get(topic).copied()
+    pub fn iter(&self) -> impl Iterator<Item = &Mark> {
+        self.0.iter()
     }
 }
 
-/// The start of a partition: its committed offset, or where to start when
-/// the group has none (`committed`: `None`).
-///
-/// A partition the trigger already stored messages of resumes right after
-/// its checkpoint: the group lost its offsets (the trigger was disabled
-/// longer than the broker's offset retention, or its first owner died before
-/// committing), and applying the initial policy again would skip ("latest")
-/// or replay ("earliest") the partition. Everything up to the checkpoint is
-/// stored; if the log no longer reaches that offset (truncated, topic
-/// recreated), librdkafka's reset to the earliest offset applies.
-///
-/// A partition the trigger never stored anything of follows the initial
-/// policy, except "latest" when the trigger has already consumed the topic:
-/// it starts at the topic's earliest last-seen timestamp, so what arrived
-/// since the trigger was consuming the topic is not skipped.
-pub fn start_position(
-    committed: Option<i64>,
-    policy: OffsetPolicy,
-    checkpoint_last_offset: Option<i64>,
-    topic_earliest_ms: Option<i64>,
-) -> StartPosition {
-    if let Some(offset) = committed.filter(|o| *o >= 0) {
-        return StartPosition::Committed(offset);
-    }
-    if let Some(last) = checkpoint_last_offset {
-        return StartPosition::AfterCheckpoint(next_offset(last));
-    }
-    match policy {
-        OffsetPolicy::Earliest => StartPosition::Beginning,
-        OffsetPolicy::Latest => topic_earliest_ms.map_or(StartPosition::End, StartPosition::AtTimestamp),
-        OffsetPolicy::Timestamp(ms) => StartPosition::AtTimestamp(ms),
+/// Where offsets are stored: the pipeline's consumer, a recorder in tests.
+pub trait OffsetStore {
+    fn store_offsets(&self, offsets: &TopicPartitionList) -> KafkaResult<()>;
+}
+
+impl OffsetStore for IngestConsumer {
+    fn store_offsets(&self, offsets: &TopicPartitionList) -> KafkaResult<()> {
+        Consumer::store_offsets(self, offsets)
     }
 }
 
-/// Whether some of `partitions` has no committed offset, so the trigger's
-/// checkpoints matter (they cost a query).
-pub fn any_uncommitted(partitions: &[TopicPartition], committed: &HashMap<TopicPartition, i64>) -> bool {
-    partitions.iter().any(|tp| !committed.contains_key(tp))
+/// The offsets this pipeline stored in the current epoch, and the only
+/// code that stores offsets.
+#[derive(Debug, Default)]
+pub struct OffsetTracker {
+    epoch: u64,
+    /// Next offset to read, per partition.
+    stored: HashMap<TopicPartition, i64>,
 }
 
-/// Start positions for `partitions`, given the committed offsets found for
-/// them and the trigger's checkpoints.
-pub fn plan_starts(
-    partitions: &[TopicPartition],
-    committed: &HashMap<TopicPartition, i64>,
-    policy: OffsetPolicy,
-    checkpoints: &Checkpoints,
-) -> Vec<(TopicPartition, StartPosition)> {
-    partitions
-        .iter()
-        .map(|tp| {
-            let pos = start_position(
-                committed.get(tp).copied(),
-                policy,
-                checkpoints.last_offset(tp),
-                checkpoints.earliest_ms(&tp.0),
-            );
-            (tp.clone(), pos)
-        })
-        .collect()
+impl OffsetTracker {
+    /// A batch is durable: stores the offsets after its marks of `epoch`
+    /// (the consumer's current one). Marks of an earlier epoch are dropped:
+    /// their partitions were revoked since, and the next owner rereads them.
+    pub fn store_durable(&mut self, store: &impl OffsetStore, epoch: u64, marks: &Marks, trigger_id: TriggerId) {
+        let offsets = marks
+            .iter()
+            .filter(|m| m.epoch == epoch)
+            .map(|m| ((m.topic.clone(), m.partition), next_offset(m.last_offset)));
+        self.store(store, epoch, offsets, trigger_id);
+    }
+
+    /// Partitions that resume from the trigger's checkpoints have no
+    /// committed offset, but everything before their start is durable:
+    /// stores each start (already the next offset to read) at once. Else a
+    /// partition with nothing new to read would never be committed, and its
+    /// group would report lag it does not have (and fall back to the
+    /// checkpoints again on every hand-over).
+    pub fn store_resumed(
+        &mut self,
+        store: &impl OffsetStore,
+        epoch: u64,
+        starts: impl IntoIterator<Item = (TopicPartition, i64)>,
+        trigger_id: TriggerId,
+    ) {
+        self.store(store, epoch, starts, trigger_id);
+    }
+
+    /// The next offset to read stored for `tp` in the current epoch.
+    pub fn stored(&self, tp: &TopicPartition) -> Option<i64> {
+        self.stored.get(tp).copied()
+    }
+
+    fn store(
+        &mut self,
+        store: &impl OffsetStore,
+        epoch: u64,
+        offsets: impl IntoIterator<Item = (TopicPartition, i64)>,
+        trigger_id: TriggerId,
+    ) {
+        if epoch != self.epoch {
+            self.stored.clear();
+            self.epoch = epoch;
+        }
+        let mut tpl = TopicPartitionList::new();
+        let mut advanced = Vec::new();
+        for (tp, next) in offsets {
+            if self.stored(&tp).is_some_and(|s| s >= next) {
+                continue;
+            }
+            if let Err(e) = tpl.add_partition_offset(&tp.0, tp.1, Offset::Offset(next)) {
+                tracing::warn!(%trigger_id, error = %e, "cannot build offset list");
+                continue;
+            }
+            advanced.push((tp, next));
+        }
+        if advanced.is_empty() {
+            return;
+        }
+        match store.store_offsets(&tpl) {
+            Ok(()) => self.stored.extend(advanced),
+            // E.g. the partition was just lost: its next owner rereads from
+            // the last committed offset, and dedup absorbs the repeat.
+            Err(e) => tracing::warn!(%trigger_id, error = %e, "failed to store offsets"),
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
+    use rdkafka::error::KafkaError;
+    use rdkafka::types::RDKafkaErrorCode;
+
     use super::*;
+
+    #[derive(Default)]
+    struct Recorder {
+        calls: Mutex<Vec<Vec<(String, i32, i64)>>>,
+        fail: bool,
+    }
+
+    impl OffsetStore for Recorder {
+        fn store_offsets(&self, offsets: &TopicPartitionList) -> KafkaResult<()> {
+            if self.fail {
+                return Err(KafkaError::StoreOffset(RDKafkaErrorCode::UnknownPartition));
+            }
+            let call = offsets
+                .elements()
+                .iter()
+                .map(|e| match e.offset() {
+                    Offset::Offset(o) => (e.topic().to_owned(), e.partition(), o),
+                    other => panic!("stored {other:?}"),
+                })
+                .collect();
+            self.calls.lock().unwrap().push(call);
+            Ok(())
+        }
+    }
+
+    fn marks(list: &[(i32, i64, u64)]) -> Marks {
+        let mut m = Marks::default();
+        for (partition, offset, epoch) in list {
+            m.record("t", *partition, *offset, *epoch);
+        }
+        m
+    }
+
+    fn calls(r: &Recorder) -> Vec<Vec<(String, i32, i64)>> {
+        r.calls.lock().unwrap().clone()
+    }
 
     #[test]
     fn test_next_offset_is_one_past_the_last_stored_message() {
         assert_eq!(next_offset(0), 1);
         assert_eq!(next_offset(41), 42);
-        assert_eq!(last_consumed(next_offset(41)), Some(41));
-        assert_eq!(last_consumed(0), None);
     }
 
     #[test]
-    fn test_committed_offset_wins_over_everything() {
-        for policy in [OffsetPolicy::Earliest, OffsetPolicy::Latest, OffsetPolicy::Timestamp(1_700_000_000_000)] {
-            assert_eq!(start_position(Some(17), policy, Some(30), Some(5)), StartPosition::Committed(17));
-        }
+    fn test_marks_track_the_highest_offset_of_the_current_epoch() {
+        let m = marks(&[(0, 10, 1), (0, 11, 1), (1, 3, 1)]);
+        let last: Vec<(i32, i64)> = m.iter().map(|m| (m.partition, m.last_offset)).collect();
+        assert_eq!(last, [(0, 11), (1, 3)]);
+        // Revoked and assigned back: re-read from the committed offset.
+        let m = marks(&[(0, 10, 1), (0, 5, 3)]);
+        assert_eq!(m.iter().map(|m| (m.last_offset, m.epoch)).collect::<Vec<_>>(), [(5, 3)]);
     }
 
     #[test]
-    fn test_initial_policy_applies_to_a_new_group() {
-        assert_eq!(start_position(None, OffsetPolicy::Earliest, None, None), StartPosition::Beginning);
-        assert_eq!(start_position(None, OffsetPolicy::Latest, None, None), StartPosition::End);
-        assert_eq!(
-            start_position(None, OffsetPolicy::Timestamp(1_700_000_000_000), None, None),
-            StartPosition::AtTimestamp(1_700_000_000_000)
-        );
-        // A negative (logical) committed offset means "none".
-        assert_eq!(start_position(Some(-1001), OffsetPolicy::Latest, None, None), StartPosition::End);
+    fn test_durable_batches_store_the_next_offset_once_and_only_forward() {
+        let (r, mut t, id) = (Recorder::default(), OffsetTracker::default(), TriggerId::new());
+        t.store_durable(&r, 1, &marks(&[(0, 9, 1), (1, 4, 1)]), id);
+        t.store_durable(&r, 1, &marks(&[(0, 7, 1)]), id);
+        t.store_durable(&r, 1, &marks(&[(0, 12, 1), (1, 4, 1)]), id);
+        assert_eq!(calls(&r), [vec![("t".into(), 0, 10), ("t".into(), 1, 5)], vec![("t".into(), 0, 13)]]);
+        assert_eq!((t.stored(&("t".into(), 0)), t.stored(&("t".into(), 1))), (Some(13), Some(5)));
     }
 
     #[test]
-    fn test_timestamp_policy_resolves_through_offsets_for_times() {
-        let pos = start_position(None, OffsetPolicy::Timestamp(1_700_000_000_000), None, None);
-        assert_eq!(pos.to_offset(Some(Offset::Offset(120))), Offset::Offset(120));
-        // No message at or after the timestamp: start at the end, like Kafka.
-        assert_eq!(pos.to_offset(Some(Offset::End)), Offset::End);
-        assert_eq!(pos.to_offset(None), Offset::End);
-        assert_eq!(StartPosition::Committed(9).to_offset(None), Offset::Offset(9));
-        assert_eq!(StartPosition::AfterCheckpoint(9).to_offset(None), Offset::Offset(9));
-        assert_eq!(StartPosition::Beginning.to_offset(None), Offset::Beginning);
+    fn test_marks_of_an_earlier_epoch_are_never_stored() {
+        let (r, mut t, id) = (Recorder::default(), OffsetTracker::default(), TriggerId::new());
+        t.store_durable(&r, 1, &marks(&[(0, 9, 1)]), id);
+        // A rebalance since: the batch read in epoch 1 stores nothing, and
+        // the new epoch starts from nothing stored.
+        t.store_durable(&r, 2, &marks(&[(0, 20, 1)]), id);
+        assert_eq!(t.stored(&("t".into(), 0)), None);
+        t.store_durable(&r, 2, &marks(&[(0, 3, 2)]), id);
+        assert_eq!(calls(&r), [vec![("t".into(), 0, 10)], vec![("t".into(), 0, 4)]]);
     }
 
     #[test]
-    fn test_lost_group_offsets_resume_right_after_the_checkpoint() {
-        for policy in [OffsetPolicy::Earliest, OffsetPolicy::Latest, OffsetPolicy::Timestamp(1)] {
-            assert_eq!(start_position(None, policy, Some(41), Some(1_234)), StartPosition::AfterCheckpoint(42));
-        }
-    }
-
-    #[test]
-    fn test_partition_never_stored_keeps_the_policy_unless_latest() {
-        // "earliest" must not skip what the trigger never read.
-        assert_eq!(start_position(None, OffsetPolicy::Earliest, None, Some(1_234)), StartPosition::Beginning);
-        // "latest" resumes where the trigger was already consuming the topic.
-        assert_eq!(start_position(None, OffsetPolicy::Latest, None, Some(1_234)), StartPosition::AtTimestamp(1_234));
-        assert_eq!(start_position(None, OffsetPolicy::Timestamp(7), None, Some(1_234)), StartPosition::AtTimestamp(7));
-    }
-
-    #[test]
-    fn test_plan_uses_each_partitions_own_checkpoint() {
-        let p = |t: &str, n: i32| (t.to_owned(), n);
-        let checkpoints =
-            Checkpoints::new([(p("t", 0), 99, Some(500)), (p("t", 1), 7, Some(300)), (p("u", 0), 3, None)]);
-        assert_eq!(checkpoints.earliest_ms("t"), Some(300));
-        assert_eq!(checkpoints.earliest_ms("u"), None);
-        let parts = vec![p("t", 0), p("t", 1), p("t", 2), p("u", 1), p("new", 0)];
-        let committed: HashMap<_, _> = [(p("t", 1), 42)].into();
-        assert!(any_uncommitted(&parts, &committed));
-        assert!(!any_uncommitted(&parts[1..2], &committed));
-        let starts = |policy| -> Vec<StartPosition> {
-            plan_starts(&parts, &committed, policy, &checkpoints).into_iter().map(|(_, s)| s).collect()
-        };
-        assert_eq!(
-            starts(OffsetPolicy::Earliest),
-            [
-                StartPosition::AfterCheckpoint(100),
-                StartPosition::Committed(42),
-                StartPosition::Beginning,
-                StartPosition::Beginning,
-                StartPosition::Beginning,
-            ]
-        );
-        assert_eq!(
-            starts(OffsetPolicy::Latest),
-            [
-                StartPosition::AfterCheckpoint(100),
-                StartPosition::Committed(42),
-                StartPosition::AtTimestamp(300),
-                // No timestamps to go by: the policy.
-                StartPosition::End,
-                StartPosition::End,
-            ]
-        );
+    fn test_resumed_partitions_store_their_start_and_a_failed_store_is_not_remembered() {
+        let (r, mut t, id) = (Recorder::default(), OffsetTracker::default(), TriggerId::new());
+        t.store_resumed(&r, 4, [(("t".into(), 2), 42)], id);
+        assert_eq!(calls(&r), [vec![("t".into(), 2, 42)]]);
+        let failing = Recorder { fail: true, ..Default::default() };
+        t.store_durable(&failing, 4, &marks(&[(2, 50, 4)]), id);
+        assert_eq!(t.stored(&("t".into(), 2)), Some(42));
     }
 }

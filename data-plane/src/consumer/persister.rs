@@ -15,23 +15,14 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::filter::PipelineFilter;
+use super::offsets::Marks;
 use crate::status::PipelineStatus;
 use crate::store::{persist_batch, BatchOutcome, IngestMessage, PersistError, PersistSettings};
-
-/// The highest offset of one partition in a batch, and the assignment
-/// generation it was read in.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Mark {
-    pub topic: String,
-    pub partition: i32,
-    pub last_offset: i64,
-    pub generation: u64,
-}
 
 #[derive(Debug, Default)]
 pub struct Batch {
     pub messages: Vec<IngestMessage>,
-    pub marks: Vec<Mark>,
+    pub marks: Marks,
 }
 
 impl Batch {
@@ -43,23 +34,9 @@ impl Batch {
         self.messages.len()
     }
 
-    /// Adds a message read in assignment `generation`. A partition read
-    /// again in a newer generation (revoked, then assigned back) restarts
-    /// its mark: only offsets read in the current generation count.
-    pub fn push(&mut self, message: IngestMessage, generation: u64) {
-        match self.marks.iter_mut().find(|m| m.topic == message.topic && m.partition == message.partition) {
-            Some(mark) if mark.generation == generation => mark.last_offset = mark.last_offset.max(message.offset),
-            Some(mark) => {
-                mark.generation = generation;
-                mark.last_offset = message.offset;
-            }
-            None => self.marks.push(Mark {
-                topic: message.topic.clone(),
-                partition: message.partition,
-                last_offset: message.offset,
-                generation,
-            }),
-        }
+    /// Adds a message read in the consumer's `epoch`.
+    pub fn push(&mut self, message: IngestMessage, epoch: u64) {
+        self.marks.record(&message.topic, message.partition, message.offset, epoch);
         self.messages.push(message);
     }
 }
@@ -67,7 +44,7 @@ impl Batch {
 /// A stored batch.
 #[derive(Debug)]
 pub struct Ack {
-    pub marks: Vec<Mark>,
+    pub marks: Marks,
     pub outcome: BatchOutcome,
 }
 
@@ -273,19 +250,6 @@ mod tests {
             filtered: false,
             timestamp: None,
         }
-    }
-
-    #[test]
-    fn test_batch_marks_track_the_highest_offset_of_the_current_generation() {
-        let mut b = Batch::default();
-        b.push(msg(0, 10), 1);
-        b.push(msg(0, 11), 1);
-        b.push(msg(1, 3), 1);
-        assert_eq!(b.marks[0].last_offset, 11);
-        // Revoked and assigned back: re-read from the committed offset.
-        b.push(msg(0, 5), 3);
-        assert_eq!((b.marks[0].last_offset, b.marks[0].generation), (5, 3));
-        assert_eq!(b.len(), 4);
     }
 
     #[test]
