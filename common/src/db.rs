@@ -97,20 +97,3 @@ pub fn constraint(err: &sqlx::Error) -> Option<&str> {
         _ => None,
     }
 }
-
-/// The gRPC status for a database error an API call cannot recover from:
-/// `UNAVAILABLE` when retrying may help, `INTERNAL` otherwise. Logged here,
-/// once; the client sees no SQL detail.
-pub fn status(err: &sqlx::Error) -> tonic::Status {
-    use kt_proto::status::{status, ErrorCode};
-    match classify(err) {
-        DbErrorKind::Unavailable | DbErrorKind::Retryable => {
-            tracing::warn!(error = %err, "database unavailable");
-            status(ErrorCode::Unavailable, "database unavailable, try again")
-        }
-        _ => {
-            tracing::error!(error = %err, "database error");
-            status(ErrorCode::Internal, "internal database error")
-        }
-    }
-}

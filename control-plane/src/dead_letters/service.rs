@@ -12,7 +12,7 @@
 use chrono::{DateTime, SecondsFormat, Utc};
 use kt_common::dispatch::dead_letter;
 use kt_common::dispatch::SetState;
-use kt_proto::status::{self, ErrorCode, FieldViolation};
+use kt_proto::status::FieldViolation;
 use serde_json::json;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -34,18 +34,6 @@ pub enum DeadLetterError {
     Busy { id: Uuid, set_id: i64, state: SetState },
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
-}
-
-impl From<DeadLetterError> for tonic::Status {
-    fn from(err: DeadLetterError) -> Self {
-        match &err {
-            DeadLetterError::Invalid(violations) => status::invalid_argument(violations),
-            DeadLetterError::NotFound(_) => status::status(ErrorCode::NotFound, err.to_string()),
-            DeadLetterError::Claimed { .. } => status::status(ErrorCode::Aborted, err.to_string()),
-            DeadLetterError::Busy { .. } => status::status(ErrorCode::FailedPrecondition, err.to_string()),
-            DeadLetterError::Database(db) => kt_common::db::status(db),
-        }
-    }
 }
 
 /// What a replay did.

@@ -84,7 +84,7 @@ impl EventService for EventHandler {
         if let Some(cursor) = after {
             let future = crate::events::stream::is_from_the_future(self.hub.pool(), cursor)
                 .await
-                .map_err(|e| kt_common::db::status(&e))?;
+                .map_err(|e| super::errors::database(&e))?;
             if future {
                 violations.push(FieldViolation::new(
                     "after_cursor",

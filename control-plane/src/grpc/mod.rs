@@ -1,10 +1,12 @@
 //! The gRPC server: public services, the node protocol, reflection and
 //! health, behind the authentication layer, over TLS when configured.
-//! Handlers are thin adapters.
+//! Handlers are thin adapters: request to domain call to response, with
+//! every domain error mapped to a status code in `errors.rs`.
 
 mod auth;
 mod convert;
 mod dead_letters;
+mod errors;
 mod events;
 pub mod health;
 mod message_sets;
@@ -31,6 +33,7 @@ pub use auth::AuthLayer;
 pub use convert::timestamp;
 
 use crate::dead_letters::DeadLetterService;
+use crate::nodes::SessionEnv;
 use crate::sets::SetService;
 use crate::work_orders::WorkOrderService;
 use crate::AppState;
@@ -56,14 +59,16 @@ pub async fn serve(
         .build_v1alpha()?;
     let (health_state, health) = health::serving().await;
 
-    let node_handler = nodes::NodeHandler::new(
-        state.triggers.clone(),
-        state.pool.clone(),
-        state.registry.clone(),
-        heartbeat,
-        shutdown.clone(),
-        state.tasks.clone(),
-    );
+    let node_handler = nodes::NodeHandler {
+        env: SessionEnv::new(
+            state.triggers.clone(),
+            state.pool.clone(),
+            state.registry.clone(),
+            heartbeat,
+            shutdown.clone(),
+        ),
+        tasks: state.tasks.clone(),
+    };
 
     let mut server = tonic::transport::Server::builder();
     if let Some(tls) = tls {

@@ -1,9 +1,12 @@
-//! Data-plane nodes: the registry of live sessions and what each reported,
-//! and the desired pipeline state sent to every node.
+//! Data-plane nodes: each node's session (`session.rs`), the registry of
+//! live sessions and what each reported, and the desired pipeline state
+//! sent to every node.
 
 mod registry;
+mod session;
 
 pub use registry::{NodeInfo, NodeRegistry, PipelineInfo};
+pub use session::{admit, Refused, Session, SessionEnv, SESSION_OUTBOUND_CAPACITY};
 
 use kt_common::trigger::spec_to_proto;
 use kt_proto::internal::{Assignment, PipelineSpec};

@@ -1,7 +1,7 @@
-//! Errors of message-set operations, and their one mapping to gRPC status.
+//! Errors of message-set operations. Their gRPC status codes are decided in `grpc/errors.rs`.
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use kt_proto::status::{self, ErrorCode, FieldViolation};
+use kt_proto::status::FieldViolation;
 
 use super::SetState;
 
@@ -26,19 +26,5 @@ pub enum SetError {
 impl SetError {
     pub fn invalid(field: &str, description: impl Into<String>) -> Self {
         Self::Invalid(vec![FieldViolation::new(field, description)])
-    }
-}
-
-impl From<SetError> for tonic::Status {
-    fn from(err: SetError) -> Self {
-        match &err {
-            SetError::Invalid(violations) => status::invalid_argument(violations),
-            SetError::NotFound(_) => status::status(ErrorCode::NotFound, err.to_string()),
-            SetError::NotBlocked { .. }
-            | SetError::NotSkippable { .. }
-            | SetError::NothingToSkip { .. }
-            | SetError::Claimed { .. } => status::status(ErrorCode::FailedPrecondition, err.to_string()),
-            SetError::Database(db) => kt_common::db::status(db),
-        }
     }
 }

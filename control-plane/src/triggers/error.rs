@@ -1,8 +1,8 @@
-//! Errors of trigger operations, and their one mapping to gRPC status.
+//! Errors of trigger operations. Their gRPC status codes are decided in `grpc/errors.rs`.
 
 use kt_common::crypto::CryptoError;
 use kt_common::db::{classify, constraint, DbErrorKind};
-use kt_proto::status::{self, ErrorCode, FieldViolation};
+use kt_proto::status::FieldViolation;
 use uuid::Uuid;
 
 #[derive(Debug, thiserror::Error)]
@@ -31,26 +31,6 @@ impl TriggerError {
             Self::NameTaken(name.to_owned())
         } else {
             Self::Database(err)
-        }
-    }
-}
-
-impl From<TriggerError> for tonic::Status {
-    fn from(err: TriggerError) -> Self {
-        match &err {
-            TriggerError::Invalid(violations) => status::invalid_argument(violations),
-            TriggerError::NotFound(_) => status::status(ErrorCode::NotFound, err.to_string()),
-            TriggerError::NameTaken(_) => status::status(ErrorCode::AlreadyExists, err.to_string()),
-            // The stored data or the configured keys need an operator, and
-            // the message says which key id to look at.
-            TriggerError::Crypto(CryptoError::NoKey | CryptoError::UnknownKey(_) | CryptoError::Decrypt(_)) => {
-                status::status(ErrorCode::FailedPrecondition, err.to_string())
-            }
-            TriggerError::Crypto(_) => {
-                tracing::error!(error = %err, "credential encryption failed");
-                status::status(ErrorCode::Internal, "credential encryption failed")
-            }
-            TriggerError::Database(db) => kt_common::db::status(db),
         }
     }
 }

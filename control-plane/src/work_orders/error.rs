@@ -1,6 +1,6 @@
-//! Errors of work-order operations, and their one mapping to gRPC status.
+//! Errors of work-order operations. Their gRPC status codes are decided in `grpc/errors.rs`.
 
-use kt_proto::status::{self, ErrorCode, FieldViolation};
+use kt_proto::status::FieldViolation;
 use uuid::Uuid;
 
 #[derive(Debug, thiserror::Error)]
@@ -24,17 +24,5 @@ pub enum WorkOrderError {
 impl WorkOrderError {
     pub fn invalid(field: &str, description: impl Into<String>) -> Self {
         Self::Invalid(vec![FieldViolation::new(field, description)])
-    }
-}
-
-impl From<WorkOrderError> for tonic::Status {
-    fn from(err: WorkOrderError) -> Self {
-        match &err {
-            WorkOrderError::Invalid(violations) => status::invalid_argument(violations),
-            WorkOrderError::NotFound(_) => status::status(ErrorCode::NotFound, err.to_string()),
-            WorkOrderError::NotRunning { .. } => status::status(ErrorCode::FailedPrecondition, err.to_string()),
-            WorkOrderError::InDelivery { .. } => status::status(ErrorCode::Unavailable, err.to_string()),
-            WorkOrderError::Database(db) => kt_common::db::status(db),
-        }
     }
 }
