@@ -1,7 +1,10 @@
-//! What both planes share: the trigger model and its validation, encryption of
-//! credentials, the database pool and migrations, telemetry, retry backoff, the
-//! webhook target policy, and the supervisor every long-lived task is
-//! spawned through (`tasks`).
+//! What both planes share: the trigger model and its validation (`trigger`),
+//! trigger filters (`filter`), the set and work-order state machine with the
+//! SQL both planes run on it (`dispatch`), encryption of credentials
+//! (`crypto`, `secret`), the database pool, error classes and migrations
+//! (`db`), telemetry, retry backoff, TLS files (`tls`), the webhook target
+//! policy, and the supervisor every long-lived task is spawned through
+//! (`tasks`).
 
 pub mod backoff;
 pub mod crypto;

@@ -3,6 +3,17 @@
 //!
 //! [`run`] is everything `main` does after parsing flags, so tests start a
 //! control plane in process with [`start`].
+//!
+//! Where things live: `triggers/` the configuration (validation, secrets,
+//! storage, change notifications) and `triggers/status` its status;
+//! `nodes/` the node sessions, their registry and the desired assignment;
+//! `scheduler/` the candidate-set server granting ready sets to workers;
+//! `sets/`, `work_orders/`, `dead_letters/` the operator actions on them;
+//! `events/` the event log and its subscribers; `retention.rs` the cleanup
+//! of finished rows; `leader.rs` which replica schedules; `paging.rs` the
+//! listings' pages; `tls.rs` the server certificates; `grpc/` the thin
+//! adapters between the wire and all of these, and the one mapping of
+//! domain errors to status codes (`grpc/errors.rs`).
 
 pub mod dead_letters;
 pub mod events;
@@ -13,7 +24,6 @@ pub mod paging;
 pub mod retention;
 pub mod scheduler;
 pub mod sets;
-pub mod status;
 pub mod tls;
 pub mod triggers;
 pub mod work_orders;

@@ -3,11 +3,12 @@
 //! delivered to each trigger's webhook.
 //!
 //! Where things live: `assignment.rs` validates what the control plane
-//! assigned (one value shared by pipelines and workers), `consumer/` reads Kafka and stores/commits offsets,
-//! `store/` writes messages to Postgres, `pipelines/` starts and stops
-//! consumers as assigned, `control_plane.rs` connects to the control plane,
-//! `session/` holds the node's session with it, `worker/` its work stream,
-//! `status/` holds what is reported back.
+//! assigned (one value shared by pipelines and workers), `consumer/` reads
+//! Kafka and stores/commits offsets, `store/` writes messages to Postgres,
+//! `pipelines/` starts and stops consumers as assigned, `control_plane.rs`
+//! connects to the control plane, `session/` holds the node's session with
+//! it, `worker/` its work stream, `delivery/` builds and POSTs the webhook
+//! requests, `status/` holds what is reported back.
 
 pub mod assignment;
 pub mod consumer;

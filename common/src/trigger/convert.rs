@@ -2,9 +2,15 @@
 //! internal node protocol); the public API passes `None` and shows only that
 //! a secret is set.
 
+use chrono::{DateTime, Utc};
 use kt_proto::v1;
 
 use super::*;
+
+/// A time on the wire.
+pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 }
+}
 
 /// The configuration part of a wire `Trigger` (name, kafka, webhook, retry,
 /// tuning); the caller fills id, enabled flag, generation and timestamps.

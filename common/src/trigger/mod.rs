@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::secret::Secret;
 
-pub use convert::spec_to_proto;
+pub use convert::{spec_to_proto, timestamp};
 pub use failure::OnFailure;
 pub use validate::{validate_trigger, SecretsInput, ValidatedTrigger};
 

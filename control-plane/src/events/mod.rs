@@ -1,6 +1,9 @@
 //! The event log: every change and operator action is appended to `events`
-//! in the transaction that made it; [`stream`] serves it to subscribers.
+//! in the transaction that made it; [`stream`] tails it for the live
+//! subscribers, and [`follow`] serves each one its replay, then the live
+//! events.
 
+pub mod follow;
 pub mod stream;
 
 use sqlx::types::Json;

@@ -1,7 +1,7 @@
 //! Request parsing and row → wire conversions shared by the handlers.
 
-use chrono::{DateTime, Utc};
 use kt_common::trigger::spec_to_proto;
+pub use kt_common::trigger::timestamp;
 use kt_proto::status::{invalid_argument, FieldViolation};
 use kt_proto::v1;
 use tonic::Status;
@@ -30,10 +30,6 @@ pub fn key_filter(key: Option<Vec<u8>>, key_utf8: Option<String>) -> Result<Opti
 
 pub fn required<T>(field: &str, value: Option<T>) -> Result<T, Status> {
     value.ok_or_else(|| invalid_argument(&[FieldViolation::new(field, "is required")]))
-}
-
-pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 }
 }
 
 /// The public view of a trigger: no secret values.

@@ -8,6 +8,7 @@ use kt_proto::status::{self, invalid_argument, ErrorCode, FieldViolation};
 use tonic::Status;
 
 use crate::dead_letters::DeadLetterError;
+use crate::events::follow::StreamEnd;
 use crate::nodes::Refused;
 use crate::sets::SetError;
 use crate::triggers::TriggerError;
@@ -93,6 +94,17 @@ impl From<Refused> for Status {
             Refused::NoHello => invalid_argument(&[FieldViolation::new("msg", err.to_string())]),
             Refused::BadNodeId => invalid_argument(&[FieldViolation::new("hello.node_id", err.to_string())]),
             Refused::SchemaVersion { .. } => status::status(ErrorCode::FailedPrecondition, err.to_string()),
+        }
+    }
+}
+
+impl From<StreamEnd> for Status {
+    fn from(end: StreamEnd) -> Self {
+        match end {
+            StreamEnd::TooSlow { .. } => Status::resource_exhausted(end.to_string()),
+            StreamEnd::ReplayFailed | StreamEnd::Stopped { .. } | StreamEnd::Closed => {
+                status::status(ErrorCode::Unavailable, end.to_string())
+            }
         }
     }
 }

@@ -66,7 +66,7 @@ impl TriggerApi for TriggerHandler {
         req: Request<GetTriggerStatusRequest>,
     ) -> Result<Response<TriggerStatus>, Status> {
         let id = parse_id("id", &req.get_ref().id)?;
-        let status = crate::status::trigger_status(&self.state.pool, &self.state.registry, id).await?;
+        let status = crate::triggers::status::trigger_status(&self.state.pool, &self.state.registry, id).await?;
         Ok(Response::new(status))
     }
 }

@@ -1,9 +1,11 @@
 //! Trigger configuration: validation, encryption of credentials, storage and
-//! the change notifications that drive pipeline assignment.
+//! the change notifications that drive pipeline assignment, and the
+//! trigger's status (`status/`).
 
 mod error;
 mod mask;
 mod service;
+pub mod status;
 pub mod store;
 
 pub use error::TriggerError;

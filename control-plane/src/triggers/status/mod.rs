@@ -10,9 +10,10 @@ use kt_proto::v1::{NodeStatus, PartitionStatus, TriggerStatus};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::grpc::timestamp;
+use kt_common::trigger::timestamp;
+
+use super::{store, TriggerError};
 use crate::nodes::NodeRegistry;
-use crate::triggers::{store, TriggerError};
 
 mod health;
 
