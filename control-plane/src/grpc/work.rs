@@ -12,7 +12,6 @@ use kt_proto::status::{invalid_argument, FieldViolation};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use uuid::Uuid;
 
 use kt_common::tasks::Supervisor;
 
@@ -42,20 +41,13 @@ impl WorkService for WorkHandler {
             }
         };
         NodeIdentity::admit(certificate.as_ref(), &node_id)?;
-        let session = Uuid::now_v7();
         let (tx, rx) = mpsc::channel(GRANT_CAPACITY);
-        self.scheduler.join(session, node_id, tx).await;
+        // A broken stream ends like a closed one: the node reconnects.
+        let messages = Box::pin(futures::stream::unfold(inbound, |mut s| async move {
+            s.message().await.ok().flatten().map(|m| (m, s))
+        }));
         let scheduler = self.scheduler.clone();
-        self.tasks.spawn_isolated("work stream", async move {
-            while let Ok(Some(msg)) = inbound.message().await {
-                match msg.msg {
-                    Some(Msg::Credit(c)) => scheduler.credit(session, c.sets).await,
-                    Some(Msg::Outcomes(o)) => scheduler.outcomes(session, o.outcomes).await,
-                    Some(Msg::Hello(_)) | None => {}
-                }
-            }
-            scheduler.leave(session).await;
-        });
+        self.tasks.spawn_isolated("work stream", async move { scheduler.serve_stream(node_id, tx, messages).await });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(Ok))))
     }
 }

@@ -7,11 +7,11 @@
 //!   unclaimed and `ready`, or `waiting` with a retry time that has passed.
 //!   Ingest, a worker that releases a set, an operator action and
 //!   `CompleteWorkOrder` make sets ready by writing that row.
-//! - **Grants**: one task owns the [`Model`] (sessions, credits, grants,
+//! - **Grants**: one task owns the [`Model`] (streams, credits, grants,
 //!   per-trigger in-flight counts). Whenever it has credit and something
 //!   may have changed, it *fills*: one statement claims up to that many
 //!   grantable sets through their partial indexes (a lock id and a lease per
-//!   set, triggers taken in turn) and the task hands them to the sessions
+//!   set, triggers taken in turn) and the task hands them to the streams
 //!   with the most credit. Nothing in memory says which sets are ready.
 //! - **Leases**: a claim lasts [`Scheduler::start`]'s lease (10 s by
 //!   default, `--claim-lease-seconds`), which the grant tells the worker;
@@ -34,7 +34,7 @@ use std::time::Duration;
 
 use kt_common::dispatch::{self, grant};
 use kt_common::tasks::{Failpoints, Supervisor};
-use kt_proto::internal::{SetGrant, SetOutcome, SetOutcomeKind, WorkGrant};
+use kt_proto::internal::{SetGrant, SetOutcome, SetOutcomeKind, WorkGrant, WorkerMessage};
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
@@ -42,13 +42,13 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-pub use model::{Model, SessionId, SetId, TriggerId};
+pub use model::{Model, SetId, StreamId, TriggerId};
 
 use crate::triggers::TriggerService;
 
 /// Commands queued towards the scheduler task.
 const COMMAND_CAPACITY: usize = 4_096;
-/// Grant messages queued towards one worker session; a session this far
+/// Grant messages queued towards one worker stream; a stream this far
 /// behind is dropped and its unsent grants given back.
 pub const GRANT_CAPACITY: usize = 256;
 /// Postgres channel ingest notifies (payload: trigger id) when sets became ready.
@@ -60,19 +60,19 @@ const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
 
 enum Command {
     Join {
-        session: SessionId,
+        stream: StreamId,
         node_id: String,
         grants: mpsc::Sender<WorkGrant>,
     },
     Leave {
-        session: SessionId,
+        stream: StreamId,
     },
     Credit {
-        session: SessionId,
+        stream: StreamId,
         sets: u32,
     },
     Outcomes {
-        session: SessionId,
+        stream: StreamId,
         outcomes: Vec<SetOutcome>,
     },
     /// Something may have become ready.
@@ -98,7 +98,7 @@ pub struct TriggerLimit {
 #[derive(Debug, Clone, Default)]
 pub struct Stats {
     pub in_flight: usize,
-    pub sessions: usize,
+    pub streams: usize,
     pub credits: u32,
 }
 
@@ -124,7 +124,7 @@ impl Scheduler {
         let scheduler = Scheduler { tx };
         let task = SchedulerTask {
             model: Model::new(),
-            sessions: HashMap::new(),
+            streams: HashMap::new(),
             lease,
             // The task is the only user, one statement at a time.
             pool: kt_common::db::dispatch_pool(&pool, 1),
@@ -156,20 +156,43 @@ impl Scheduler {
         let _ = self.tx.send(cmd).await;
     }
 
-    pub async fn join(&self, session: SessionId, node_id: String, grants: mpsc::Sender<WorkGrant>) {
-        self.send(Command::Join { session, node_id, grants }).await;
+    pub async fn join(&self, stream: StreamId, node_id: String, grants: mpsc::Sender<WorkGrant>) {
+        self.send(Command::Join { stream, node_id, grants }).await;
     }
 
-    pub async fn leave(&self, session: SessionId) {
-        self.send(Command::Leave { session }).await;
+    pub async fn leave(&self, stream: StreamId) {
+        self.send(Command::Leave { stream }).await;
     }
 
-    pub async fn credit(&self, session: SessionId, sets: u32) {
-        self.send(Command::Credit { session, sets }).await;
+    pub async fn credit(&self, stream: StreamId, sets: u32) {
+        self.send(Command::Credit { stream, sets }).await;
     }
 
-    pub async fn outcomes(&self, session: SessionId, outcomes: Vec<SetOutcome>) {
-        self.send(Command::Outcomes { session, outcomes }).await;
+    pub async fn outcomes(&self, stream: StreamId, outcomes: Vec<SetOutcome>) {
+        self.send(Command::Outcomes { stream, outcomes }).await;
+    }
+
+    /// Serves one node's work stream: registers it, then feeds its credits
+    /// and outcomes to the scheduler until the node ends it (or it breaks),
+    /// and removes it. Grants go out on `grants`.
+    pub async fn serve_stream(
+        &self,
+        node_id: String,
+        grants: mpsc::Sender<WorkGrant>,
+        mut messages: impl futures::Stream<Item = WorkerMessage> + Unpin,
+    ) {
+        use futures::StreamExt as _;
+        use kt_proto::internal::worker_message::Msg;
+        let stream = Uuid::now_v7();
+        self.join(stream, node_id, grants).await;
+        while let Some(message) = messages.next().await {
+            match message.msg {
+                Some(Msg::Credit(c)) => self.credit(stream, c.sets).await,
+                Some(Msg::Outcomes(o)) => self.outcomes(stream, o.outcomes).await,
+                Some(Msg::Hello(_)) | None => {}
+            }
+        }
+        self.leave(stream).await;
     }
 
     /// Sets may have become ready (an operator action, a completion): fill.
@@ -184,14 +207,14 @@ impl Scheduler {
     }
 }
 
-struct SessionHandle {
+struct StreamHandle {
     node_id: String,
     grants: mpsc::Sender<WorkGrant>,
 }
 
 struct SchedulerTask {
     model: Model,
-    sessions: HashMap<SessionId, SessionHandle>,
+    streams: HashMap<StreamId, StreamHandle>,
     /// The lease of every claim this scheduler writes.
     lease: Duration,
     /// Its own connection, on generic plans (see `dispatch_pool`).
@@ -237,19 +260,19 @@ impl SchedulerTask {
     fn handle(&mut self, cmd: Command) {
         self.failpoints.hit("scheduler");
         match cmd {
-            Command::Join { session, node_id, grants } => {
-                tracing::info!(%node_id, %session, "worker stream joined");
-                self.model.add_session(session);
-                self.sessions.insert(session, SessionHandle { node_id, grants });
+            Command::Join { stream, node_id, grants } => {
+                tracing::info!(%node_id, %stream, "worker stream joined");
+                self.model.add_stream(stream);
+                self.streams.insert(stream, StreamHandle { node_id, grants });
             }
-            Command::Leave { session } => self.drop_session(session, "stream ended"),
-            Command::Credit { session, sets } => {
-                self.model.add_credits(session, sets);
+            Command::Leave { stream } => self.drop_stream(stream, "stream ended"),
+            Command::Credit { stream, sets } => {
+                self.model.add_credits(stream, sets);
                 self.dirty = true;
             }
-            Command::Outcomes { session, outcomes } => {
+            Command::Outcomes { stream, outcomes } => {
                 for outcome in outcomes {
-                    self.on_outcome(session, outcome);
+                    self.on_outcome(stream, outcome);
                 }
                 self.dirty = true;
             }
@@ -266,15 +289,15 @@ impl SchedulerTask {
             Command::Stats { reply } => {
                 let _ = reply.send(Stats {
                     in_flight: self.model.in_flight_len(),
-                    sessions: self.model.sessions_len(),
+                    streams: self.model.streams_len(),
                     credits: self.model.credits(),
                 });
             }
         }
     }
 
-    fn on_outcome(&mut self, session: SessionId, outcome: SetOutcome) {
-        if self.model.complete(session, outcome.set_id).is_none() {
+    fn on_outcome(&mut self, stream: StreamId, outcome: SetOutcome) {
+        if self.model.complete(stream, outcome.set_id).is_none() {
             return;
         }
         let kind = SetOutcomeKind::try_from(outcome.kind).unwrap_or(SetOutcomeKind::Unspecified);
@@ -319,22 +342,22 @@ impl SchedulerTask {
         let locks: HashMap<SetId, Uuid> = claimed.iter().map(|c| (c.set_id, c.lock_id)).collect();
         let (grants, unassigned) = self.model.assign(claimed.iter().map(|c| (c.set_id, c.trigger_id)));
         let mut give_back: Vec<(SetId, Uuid)> = unassigned.iter().map(|s| (*s, locks[s])).collect();
-        let mut per_session: HashMap<SessionId, Vec<SetGrant>> = HashMap::new();
+        let mut per_stream: HashMap<StreamId, Vec<SetGrant>> = HashMap::new();
         for g in grants {
-            per_session.entry(g.session).or_default().push(SetGrant {
+            per_stream.entry(g.stream).or_default().push(SetGrant {
                 set_id: g.set_id,
                 trigger_id: g.trigger_id.to_string(),
                 lock_id: locks[&g.set_id].to_string(),
             });
         }
         let lease_ms = self.lease.saturating_sub(claiming.elapsed()).as_millis().min(u128::from(u32::MAX)) as u32;
-        for (session, sets) in per_session {
-            let sent = self.sessions.get(&session).map(|s| s.grants.try_send(WorkGrant { sets, lease_ms }));
+        for (stream, sets) in per_stream {
+            let sent = self.streams.get(&stream).map(|s| s.grants.try_send(WorkGrant { sets, lease_ms }));
             match sent {
                 Some(Ok(())) => {}
                 Some(Err(mpsc::error::TrySendError::Full(w) | mpsc::error::TrySendError::Closed(w))) => {
                     give_back.extend(w.sets.iter().map(|g| (g.set_id, locks[&g.set_id])));
-                    self.drop_session(session, "not reading its grants");
+                    self.drop_stream(stream, "not reading its grants");
                 }
                 None => {}
             }
@@ -348,10 +371,10 @@ impl SchedulerTask {
         }
     }
 
-    fn drop_session(&mut self, session: SessionId, reason: &str) {
-        if let Some(handle) = self.sessions.remove(&session) {
-            let orphaned = self.model.remove_session(session);
-            tracing::info!(node_id = %handle.node_id, %session, reason, held = orphaned.len(), "worker stream left");
+    fn drop_stream(&mut self, stream: StreamId, reason: &str) {
+        if let Some(handle) = self.streams.remove(&stream) {
+            let orphaned = self.model.remove_stream(stream);
+            tracing::info!(node_id = %handle.node_id, %stream, reason, held = orphaned.len(), "worker stream left");
         }
     }
 }
@@ -411,7 +434,7 @@ async fn listen_and_sweep(pool: PgPool, scheduler: Scheduler, shutdown: Cancella
 async fn publish_gauges(pool: &PgPool, scheduler: &Scheduler) {
     let stats = scheduler.stats().await;
     metrics::gauge!("kt_sets_in_flight").set(stats.in_flight as f64);
-    metrics::gauge!("kt_worker_sessions").set(stats.sessions as f64);
+    metrics::gauge!("kt_worker_sessions").set(stats.streams as f64);
     let counts: Result<(i64, i64, i64, Option<f64>), _> = sqlx::query_as(
         "SELECT (SELECT count(*) FROM (SELECT 1 FROM message_sets
                                         WHERE state = 'ready' AND lock_id IS NULL LIMIT 100000) r),

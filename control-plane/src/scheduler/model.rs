@@ -1,6 +1,6 @@
 //! The scheduler's state, as a plain data structure with no I/O so every
 //! rule is unit-tested. It holds only what the scheduler alone knows: the
-//! worker sessions and their credits, the sets granted to each, per-trigger
+//! worker streams and their credits, the sets granted to each, per-trigger
 //! in-flight counts and limits. Which sets are ready is not here: that is
 //! `message_sets`, read when there is room to grant.
 
@@ -10,47 +10,47 @@ use uuid::Uuid;
 
 pub type SetId = i64;
 pub type TriggerId = Uuid;
-pub type SessionId = Uuid;
+pub type StreamId = Uuid;
 
-/// Most credits one session can hold (sets it holds included): a client
+/// Most credits one stream can hold (sets it holds included): a client
 /// that asks for more (a broken or greedy node) is given this many at most.
-pub const MAX_SESSION_CREDITS: u32 = 4_096;
+pub const MAX_STREAM_CREDITS: u32 = 4_096;
 
-/// Sets a new session may hold at once, whatever credit it asked for. Each
+/// Sets a new stream may hold at once, whatever credit it asked for. Each
 /// outcome it reports for a set it held widens its window by one, up to
-/// [`MAX_SESSION_CREDITS`]: a node that finishes work reaches its full
-/// credit within its first few hundred outcomes, while a session that takes
+/// [`MAX_STREAM_CREDITS`]: a node that finishes work reaches its full
+/// credit within its first few hundred outcomes, while a stream that takes
 /// sets and never reports (a stuck or greedy peer) keeps at most this many
 /// out of everyone else's reach.
 pub const INITIAL_WINDOW: u32 = 32;
 
-/// A set granted to a session.
+/// A set granted to a stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Grant {
-    pub session: SessionId,
+    pub stream: StreamId,
     pub set_id: SetId,
     pub trigger_id: TriggerId,
 }
 
 #[derive(Debug)]
-struct Session {
+struct WorkStream {
     credits: u32,
     /// Sets granted to it and not yet reported back.
     held: u32,
     /// Most sets it may hold now (see [`INITIAL_WINDOW`]).
     window: u32,
-    /// Grants handed out so far, to spread sets evenly over sessions that
+    /// Grants handed out so far, to spread sets evenly over streams that
     /// are otherwise equal.
     granted: u64,
 }
 
-impl Default for Session {
+impl Default for WorkStream {
     fn default() -> Self {
         Self { credits: 0, held: 0, window: INITIAL_WINDOW, granted: 0 }
     }
 }
 
-impl Session {
+impl WorkStream {
     /// How many more sets it may be granted now.
     fn grantable(&self) -> u32 {
         self.credits.min(self.window.saturating_sub(self.held))
@@ -59,10 +59,10 @@ impl Session {
 
 #[derive(Debug)]
 pub struct Model {
-    in_flight: HashMap<SetId, (SessionId, TriggerId)>,
+    in_flight: HashMap<SetId, (StreamId, TriggerId)>,
     in_flight_per_trigger: HashMap<TriggerId, u32>,
     limits: HashMap<TriggerId, u32>,
-    sessions: HashMap<SessionId, Session>,
+    streams: HashMap<StreamId, WorkStream>,
 }
 
 impl Default for Model {
@@ -77,7 +77,7 @@ impl Model {
             in_flight: HashMap::new(),
             in_flight_per_trigger: HashMap::new(),
             limits: HashMap::new(),
-            sessions: HashMap::new(),
+            streams: HashMap::new(),
         }
     }
 
@@ -93,35 +93,35 @@ impl Model {
         self.limits.remove(&trigger);
     }
 
-    pub fn add_session(&mut self, session: SessionId) {
-        self.sessions.entry(session).or_default();
+    pub fn add_stream(&mut self, stream: StreamId) {
+        self.streams.entry(stream).or_default();
     }
 
-    /// Removes a session and forgets its grants. Their claims stay in the
+    /// Removes a stream and forgets its grants. Their claims stay in the
     /// database: the worker releases them as it finishes, or they expire.
-    pub fn remove_session(&mut self, session: SessionId) -> Vec<SetId> {
-        self.sessions.remove(&session);
+    pub fn remove_stream(&mut self, stream: StreamId) -> Vec<SetId> {
+        self.streams.remove(&stream);
         let orphaned: Vec<SetId> =
-            self.in_flight.iter().filter(|(_, (s, _))| *s == session).map(|(set, _)| *set).collect();
+            self.in_flight.iter().filter(|(_, (s, _))| *s == stream).map(|(set, _)| *set).collect();
         for set in &orphaned {
             self.finish(*set);
         }
         orphaned
     }
 
-    /// Adds capacity to a session, up to [`MAX_SESSION_CREDITS`] (credits of
+    /// Adds capacity to a stream, up to [`MAX_STREAM_CREDITS`] (credits of
     /// sets it holds count too).
-    pub fn add_credits(&mut self, session: SessionId, credits: u32) {
-        if let Some(s) = self.sessions.get_mut(&session) {
-            let cap = MAX_SESSION_CREDITS.saturating_sub(s.held);
+    pub fn add_credits(&mut self, stream: StreamId, credits: u32) {
+        if let Some(s) = self.streams.get_mut(&stream) {
+            let cap = MAX_STREAM_CREDITS.saturating_sub(s.held);
             s.credits = s.credits.saturating_add(credits).min(cap);
         }
     }
 
-    /// Sets that may be granted now over all sessions: their credits, each
+    /// Sets that may be granted now over all streams: their credits, each
     /// within its window.
     pub fn credits(&self) -> u32 {
-        self.sessions.values().map(Session::grantable).fold(0, u32::saturating_add)
+        self.streams.values().map(WorkStream::grantable).fold(0, u32::saturating_add)
     }
 
     /// How many sets of each trigger may be granted now: its limit minus its
@@ -144,10 +144,10 @@ impl Model {
         rooms
     }
 
-    /// Hands claimed sets to sessions: each to the session holding the
+    /// Hands claimed sets to streams: each to the stream holding the
     /// fewest sets (ties: the most credit left, then the one granted least),
-    /// so one session asking for far more than the others cannot take every
-    /// set. Returns the grants and the sets no session had credit for (to
+    /// so one stream asking for far more than the others cannot take every
+    /// set. Returns the grants and the sets no stream had credit for (to
     /// give back).
     pub fn assign(&mut self, claimed: impl IntoIterator<Item = (SetId, TriggerId)>) -> (Vec<Grant>, Vec<SetId>) {
         let mut grants = Vec::new();
@@ -158,37 +158,37 @@ impl Model {
                 // claim expired (its worker died); the new one replaces it.
                 self.finish(set_id);
             }
-            let Some(session) = self.best_session() else {
+            let Some(stream) = self.best_stream() else {
                 unassigned.push(set_id);
                 continue;
             };
-            let s = self.sessions.get_mut(&session).expect("best session exists");
+            let s = self.streams.get_mut(&stream).expect("best stream exists");
             s.credits -= 1;
             s.held += 1;
             s.granted += 1;
-            self.in_flight.insert(set_id, (session, trigger));
+            self.in_flight.insert(set_id, (stream, trigger));
             *self.in_flight_per_trigger.entry(trigger).or_default() += 1;
-            grants.push(Grant { session, set_id, trigger_id: trigger });
+            grants.push(Grant { stream, set_id, trigger_id: trigger });
         }
         (grants, unassigned)
     }
 
     /// A granted set came back; its worker's capacity returns either way.
-    /// Returns the set's trigger if it was in flight for that session; an
-    /// outcome from a session that no longer holds the set changes nothing
+    /// Returns the set's trigger if it was in flight for that stream; an
+    /// outcome from a stream that no longer holds the set changes nothing
     /// else.
-    pub fn complete(&mut self, session: SessionId, set_id: SetId) -> Option<TriggerId> {
+    pub fn complete(&mut self, stream: StreamId, set_id: SetId) -> Option<TriggerId> {
         match self.in_flight.get(&set_id) {
-            Some((holder, _)) if *holder == session => {
+            Some((holder, _)) if *holder == stream => {
                 let trigger = self.finish(set_id);
-                if let Some(s) = self.sessions.get_mut(&session) {
-                    s.window = s.window.saturating_add(1).min(MAX_SESSION_CREDITS);
+                if let Some(s) = self.streams.get_mut(&stream) {
+                    s.window = s.window.saturating_add(1).min(MAX_STREAM_CREDITS);
                 }
-                self.add_credits(session, 1);
+                self.add_credits(stream, 1);
                 trigger
             }
             _ => {
-                self.add_credits(session, 1);
+                self.add_credits(stream, 1);
                 None
             }
         }
@@ -196,7 +196,7 @@ impl Model {
 
     fn finish(&mut self, set_id: SetId) -> Option<TriggerId> {
         let (holder, trigger) = self.in_flight.remove(&set_id)?;
-        if let Some(s) = self.sessions.get_mut(&holder) {
+        if let Some(s) = self.streams.get_mut(&holder) {
             s.held = s.held.saturating_sub(1);
         }
         if let Some(n) = self.in_flight_per_trigger.get_mut(&trigger) {
@@ -205,9 +205,9 @@ impl Model {
         Some(trigger)
     }
 
-    fn best_session(&self) -> Option<SessionId> {
+    fn best_stream(&self) -> Option<StreamId> {
         use std::cmp::Reverse;
-        self.sessions
+        self.streams
             .iter()
             .filter(|(_, s)| s.grantable() > 0)
             .max_by_key(|(id, s)| (Reverse(s.held), s.grantable(), Reverse(s.granted), **id))
@@ -218,8 +218,8 @@ impl Model {
         self.in_flight.len()
     }
 
-    pub fn sessions_len(&self) -> usize {
-        self.sessions.len()
+    pub fn streams_len(&self) -> usize {
+        self.streams.len()
     }
 }
 
@@ -238,7 +238,7 @@ mod tests {
         m.set_limit(t(2), 0);
         assert!(m.rooms().is_empty(), "no credits, no room");
         let s = Uuid::from_u128(10);
-        m.add_session(s);
+        m.add_stream(s);
         m.add_credits(s, 2);
         assert_eq!(m.rooms(), [(t(1), 2)], "a zero limit (disabled trigger) gets no room; room <= credits");
         m.add_credits(s, 8);
@@ -254,56 +254,56 @@ mod tests {
     }
 
     #[test]
-    fn test_grants_need_credits_and_spread_over_sessions() {
+    fn test_grants_need_credits_and_spread_over_streams() {
         let mut m = Model::new();
         let (a, b) = (Uuid::from_u128(1), Uuid::from_u128(2));
-        m.add_session(a);
-        m.add_session(b);
+        m.add_stream(a);
+        m.add_stream(b);
         m.add_credits(a, 2);
         m.add_credits(b, 2);
         let (grants, rest) = m.assign((0..5).map(|i| (i, t(1))));
-        assert_eq!(grants.iter().filter(|g| g.session == a).count(), 2);
-        assert_eq!(grants.iter().filter(|g| g.session == b).count(), 2);
+        assert_eq!(grants.iter().filter(|g| g.stream == a).count(), 2);
+        assert_eq!(grants.iter().filter(|g| g.stream == b).count(), 2);
         assert_eq!(rest, [4], "no credit left for the fifth");
         assert_eq!(m.credits(), 0);
-        let mut orphaned = m.remove_session(a);
+        let mut orphaned = m.remove_stream(a);
         orphaned.sort();
         assert_eq!(orphaned.len(), 2);
         assert_eq!(m.in_flight_len(), 2);
-        // A late outcome from the departed session is ignored.
+        // A late outcome from the departed stream is ignored.
         assert_eq!(m.complete(a, orphaned[0]), None);
-        assert_eq!(m.credits(), 0, "a departed session gets no credit back");
-        let held: Vec<SetId> = grants.iter().filter(|g| g.session == b).map(|g| g.set_id).collect();
+        assert_eq!(m.credits(), 0, "a departed stream gets no credit back");
+        let held: Vec<SetId> = grants.iter().filter(|g| g.stream == b).map(|g| g.set_id).collect();
         assert_eq!(m.complete(b, held[0]), Some(t(1)));
         assert_eq!(m.credits(), 1);
     }
 
-    /// Pins issue #10 item 4: the session with the most credit got every
+    /// Pins issue #10 item 4: the stream with the most credit got every
     /// grant, so one asking for u32::MAX sets (and never reporting back)
     /// took all of them.
     #[test]
-    fn test_a_greedy_session_cannot_starve_a_node() {
+    fn test_a_greedy_stream_cannot_starve_a_node() {
         let mut m = Model::new();
         let (greedy, node) = (Uuid::from_u128(2), Uuid::from_u128(1));
-        m.add_session(greedy);
-        m.add_session(node);
+        m.add_stream(greedy);
+        m.add_stream(node);
         m.add_credits(greedy, u32::MAX);
         m.add_credits(node, 8);
         assert_eq!(m.credits(), INITIAL_WINDOW + 8, "credit counts within the window");
         // Grants go to whoever holds fewer: the two take turns.
         let (grants, _) = m.assign((0..16).map(|i| (i, t(1))));
-        assert_eq!(grants.iter().filter(|g| g.session == node).count(), 8);
-        // The greedy session never reports: its window stays shut.
+        assert_eq!(grants.iter().filter(|g| g.stream == node).count(), 8);
+        // The greedy stream never reports: its window stays shut.
         let (more, rest) = m.assign((16..100).map(|i| (i, t(1))));
         assert_eq!(more.len() as u32, INITIAL_WINDOW - 8);
-        assert!(more.iter().all(|g| g.session == greedy));
+        assert!(more.iter().all(|g| g.stream == greedy));
         assert_eq!(rest.len() as u32, 84 - (INITIAL_WINDOW - 8));
         // The node reports each set and gets the next ones.
-        for g in grants.iter().filter(|g| g.session == node) {
+        for g in grants.iter().filter(|g| g.stream == node) {
             m.complete(node, g.set_id);
         }
         let (next, _) = m.assign((100..108).map(|i| (i, t(1))));
-        assert!(next.iter().all(|g| g.session == node), "{next:?}");
+        assert!(next.iter().all(|g| g.stream == node), "{next:?}");
         // Asking again while holding its window adds nothing it may use.
         m.add_credits(greedy, u32::MAX);
         assert_eq!(m.credits(), 0);
@@ -313,29 +313,29 @@ mod tests {
     fn test_the_window_grows_with_outcomes_up_to_the_credit_cap() {
         let mut m = Model::new();
         let s = Uuid::from_u128(1);
-        m.add_session(s);
+        m.add_stream(s);
         m.add_credits(s, u32::MAX);
         assert_eq!(m.credits(), INITIAL_WINDOW);
-        for set in 0..i64::from(MAX_SESSION_CREDITS) * 2 {
+        for set in 0..i64::from(MAX_STREAM_CREDITS) * 2 {
             let (grants, _) = m.assign([(set, t(1))]);
             for g in grants {
                 m.complete(s, g.set_id);
             }
         }
-        assert_eq!(m.credits(), MAX_SESSION_CREDITS, "capped, however many outcomes");
+        assert_eq!(m.credits(), MAX_STREAM_CREDITS, "capped, however many outcomes");
     }
 
     #[test]
     fn test_a_set_claimed_again_replaces_its_expired_grant() {
         let mut m = Model::new();
         let (a, b) = (Uuid::from_u128(1), Uuid::from_u128(2));
-        m.add_session(a);
+        m.add_stream(a);
         m.add_credits(a, 1);
         m.assign([(7, t(1))]);
-        m.add_session(b);
+        m.add_stream(b);
         m.add_credits(b, 1);
         let (grants, _) = m.assign([(7, t(1))]);
-        assert_eq!(grants[0].session, b);
+        assert_eq!(grants[0].stream, b);
         assert_eq!(m.in_flight_len(), 1);
         assert_eq!(m.complete(a, 7), None, "the old holder's outcome changes nothing");
         assert_eq!(m.complete(b, 7), Some(t(1)));
