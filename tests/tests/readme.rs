@@ -109,6 +109,16 @@ async fn test_readme_filters_walkthrough_runs_as_written() {
 }
 
 #[tokio::test]
+async fn test_readme_ordering_walkthrough_runs_as_written() {
+    let (_db, outputs) = run_grpcurl_walkthrough("ordering").await;
+    let changed = &outputs[0];
+    assert!(changed.contains(r#""ordering": "ORDERING_PARTITION""#), "created: {changed}");
+    assert!(changed.contains(r#""ordering": "ORDERING_UNORDERED""#), "updated: {changed}");
+    assert!(changed.contains("\"generation\": \"2\""), "{changed}");
+    assert!(outputs[1].contains("trigger.ordering: unknown ordering mode 7"), "{}", outputs[1]);
+}
+
+#[tokio::test]
 async fn test_readme_operating_walkthrough_runs_as_written() {
     let (_db, outputs) = run_grpcurl_walkthrough("operating").await;
     let health = &outputs[0];

@@ -198,6 +198,7 @@ async fn test_invalid_triggers_get_field_violations() {
             },
             vec!["trigger.webhook.format"],
         ),
+        (Trigger { ordering: 9, ..base() }, vec!["trigger.ordering"]),
     ];
     for (input, expected) in cases {
         let status = client.create_trigger(create(input.clone())).await.unwrap_err();

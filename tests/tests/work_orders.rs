@@ -87,6 +87,27 @@ async fn count(pool: &PgPool, sql: &str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
 }
 
+/// The trigger's first blocked set, once there is one.
+async fn blocked_set(s: &Stack, trigger_id: &str) -> MessageSet {
+    let sets = MessageSetServiceClient::new(s.cp.channel().await.unwrap());
+    wait_for("a blocked set", WAIT, || {
+        let (mut sets, trigger_id) = (sets.clone(), trigger_id.to_owned());
+        async move {
+            let request =
+                ListMessageSetsRequest { trigger_id, state: MessageSetState::Blocked.into(), ..Default::default() };
+            sets.list_message_sets(request).await.unwrap().into_inner().message_sets.into_iter().next()
+        }
+    })
+    .await
+    .unwrap()
+}
+
+/// The `seq` of each successful delivery from `partition`, in delivery order.
+fn seqs_of(deliveries: &[Delivery], partition: i32) -> Vec<u64> {
+    let seqs = deliveries.iter().filter(|d| d.partition() == partition);
+    seqs.map(|d| d.body["data"]["seq"].as_u64().expect("a numbered message")).collect()
+}
+
 #[tokio::test]
 async fn test_keyed_and_unkeyed_messages_become_work_orders_in_order_exactly_once() {
     let s = stack("orders", 3).await;
@@ -131,24 +152,7 @@ async fn test_a_failing_key_blocks_only_itself_until_retried() {
     .await
     .unwrap();
     let mut sets = MessageSetServiceClient::new(s.cp.channel().await.unwrap());
-    let blocked = wait_for("key-0 blocked", WAIT, || {
-        let mut sets = sets.clone();
-        let trigger_id = trigger_id.clone();
-        async move {
-            let list = sets
-                .list_message_sets(ListMessageSetsRequest {
-                    trigger_id,
-                    state: MessageSetState::Blocked.into(),
-                    ..Default::default()
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            list.message_sets.into_iter().next()
-        }
-    })
-    .await
-    .unwrap();
+    let blocked = blocked_set(&s, &trigger_id).await;
     assert_eq!(blocked.key.as_deref(), Some(&b"key-0"[..]));
     assert_eq!(blocked.attempts, 2);
     assert!(blocked.last_error.contains("500"), "{}", blocked.last_error);
@@ -174,6 +178,96 @@ async fn test_a_failing_key_blocks_only_itself_until_retried() {
     .await
     .unwrap();
     assert_eq!(count(&s.pool, "SELECT count(*) FROM work_orders").await, 40);
+}
+
+/// Issue 12 item 1: `ordering`. A trigger ordered by partition delivers each
+/// partition in offset order whatever the keys, and a failing message holds
+/// back its partition only. The mode of a trigger with stored messages
+/// cannot change: they would be delivered beside later ones of another mode.
+#[tokio::test]
+async fn test_partition_ordering_holds_back_only_the_failing_partition() {
+    let s = stack("by-partition", 2).await;
+    s.receiver.script(|body| match body["data"]["seq"].as_u64() {
+        Some(7 | 999) => Reply::status(500),
+        _ => Reply::OK,
+    });
+    let id = create_trigger(&s, "by-partition", fast_retry(1)).await;
+    let stuck = TestMessage::new(r#"{"seq": 999}"#).key("stuck").partition(0);
+    produce_to(&s.kafka.bootstrap_servers(), "by-partition", [stuck]).await.unwrap();
+    let stuck = blocked_set(&s, &id).await;
+
+    let mut triggers = TriggerServiceClient::new(s.cp.channel().await.unwrap());
+    let to_partition = || UpdateTriggerRequest {
+        trigger: Some(Trigger { id: id.clone(), ordering: Ordering::Partition.into(), ..Default::default() }),
+        update_mask: Some(prost_types::FieldMask { paths: vec!["ordering".into()] }),
+    };
+    let refused = triggers.update_trigger(to_partition()).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("stored messages"), "{}", refused.message());
+    let mut sets = MessageSetServiceClient::new(s.cp.channel().await.unwrap());
+    sets.discard_message_set(DiscardMessageSetRequest { id: stuck.id }).await.unwrap();
+    let updated = triggers.update_trigger(to_partition()).await.unwrap().into_inner();
+    assert_eq!(updated.ordering(), Ordering::Partition);
+    let shown = triggers.get_trigger(GetTriggerRequest { id: id.clone() }).await.unwrap().into_inner();
+    assert_eq!(shown.ordering(), Ordering::Partition);
+
+    // Every message a key of its own: by key they would all run in parallel.
+    let messages =
+        (0..20).map(|i| TestMessage::new(format!(r#"{{"seq": {i}}}"#)).key(format!("k{i}")).partition(i % 2));
+    produce_to(&s.kafka.bootstrap_servers(), "by-partition", messages.collect::<Vec<_>>()).await.unwrap();
+    let blocked = blocked_set(&s, &id).await;
+    assert_eq!((blocked.partition, blocked.key.as_deref()), (Some(1), None));
+    assert_eq!((blocked.head_partition, blocked.stored_messages), (1, 7), "seq 7 and the six after it wait");
+    wait_for("partition 0 delivered", WAIT, || async { (s.receiver.success_count() == 13).then_some(()) })
+        .await
+        .unwrap();
+    let successes = s.receiver.successes();
+    assert_eq!(seqs_of(&successes, 0), (0..20).step_by(2).collect::<Vec<_>>());
+    assert_eq!(seqs_of(&successes, 1), [1, 3, 5], "nothing of partition 1 passes seq 7");
+
+    s.receiver.script(|_| Reply::OK);
+    sets.retry_message_set(RetryMessageSetRequest { id: blocked.id }).await.unwrap();
+    wait_for("partition 1 drained", WAIT, || async { (seqs_of(&s.receiver.successes(), 1).len() == 10).then_some(()) })
+        .await
+        .unwrap();
+    assert_eq!(seqs_of(&s.receiver.successes(), 1), (1..20).step_by(2).collect::<Vec<_>>());
+    // A partition set has no key; each work order carries its message's.
+    let expected: BTreeMap<(i32, i64), String> =
+        s.receiver.successes().iter().map(|d| ((d.partition(), d.offset()), d.key().unwrap().to_owned())).collect();
+    let recorded = "SELECT partition, \"offset\", convert_from(key, 'UTF8') FROM work_orders WHERE state = 'success'";
+    let recorded = wait_for("every work order recorded", WAIT, || async {
+        let rows: Vec<(i32, i64, String)> = sqlx::query_as(recorded).fetch_all(&s.pool).await.unwrap();
+        (rows.len() == 20).then_some(rows)
+    })
+    .await
+    .unwrap();
+    assert_eq!(recorded.into_iter().map(|(p, o, k)| ((p, o), k)).collect::<BTreeMap<_, _>>(), expected);
+}
+
+/// Issue 12 item 1: an unordered trigger gives every message a set of its
+/// own, so a key's messages run past one that fails.
+#[tokio::test]
+async fn test_unordered_trigger_lets_a_key_run_past_its_failing_message() {
+    let s = stack("unordered", 1).await;
+    s.receiver.script(|body| if body["data"]["seq"] == 0 { Reply::status(500) } else { Reply::OK });
+    let id = create_trigger_with(&s, "unordered", fast_retry(1), |t| t.ordering = Ordering::Unordered.into()).await;
+    produce_to(&s.kafka.bootstrap_servers(), "unordered", keyed_messages(20, 1)).await.unwrap();
+
+    let blocked = blocked_set(&s, &id).await;
+    assert_eq!((blocked.key.as_deref(), blocked.partition), (None, None));
+    assert_eq!((blocked.head_offset, blocked.stored_messages), (0, 1));
+    wait_for("the rest of the key delivered", WAIT, || async { (s.receiver.success_count() == 19).then_some(()) })
+        .await
+        .unwrap();
+    let mut seqs = seqs_of(&s.receiver.successes(), 0);
+    seqs.sort();
+    assert_eq!(seqs, (1..20).collect::<Vec<_>>());
+    let sql = format!("SELECT count(*) FROM work_orders WHERE trigger_id = '{id}' AND key = 'key-0'");
+    wait_for("every work order recorded", WAIT, || async { (count(&s.pool, &sql).await == 20).then_some(()) })
+        .await
+        .unwrap();
+    // Sets of delivered messages are gone; only the blocked one is left.
+    assert_eq!(count(&s.pool, "SELECT count(*) FROM message_sets").await, 1);
 }
 
 #[tokio::test]

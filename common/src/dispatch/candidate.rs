@@ -14,8 +14,10 @@ pub struct Candidate {
     pub lock_id: Uuid,
     pub trigger_id: Uuid,
     pub topic: String,
-    /// The set's key; `None` for an unkeyed set (one message).
+    /// The set's key; `None` for a partition set and a set of one message.
     pub set_key: Option<Vec<u8>>,
+    /// Only for a set of one message: its offset.
+    pub set_offset: Option<i64>,
     pub state: String,
     pub retry_at: Option<DateTime<Utc>>,
     /// The set's ingest sequence in the same snapshot as the candidate.
@@ -84,13 +86,15 @@ pub(crate) const HEAD_COLUMNS: &str =
 /// followed by the candidate (select [`HEAD_COLUMNS`] and `c.<pass>` from it).
 ///
 /// `src` must have the columns `trigger_id`, `topic`, `set_key`,
-/// `set_partition`, `set_offset` (the unkeyed set's one message) and
+/// `set_partition`, `set_offset` (a partition set has only the partition, a
+/// set of one message both) and
 /// `after_partition`, `after_offset`: when not null, the candidate is the
 /// first message after that position (the one just delivered, deleted in the
 /// same statement and so still visible in its snapshot).
 ///
-/// Both branches are index probes (`messages_set_idx`, the messages primary
-/// key), switched on per row by a one-time filter. The work order is looked
+/// The three branches (keyed, one message, partition) are index probes
+/// (`messages_set_idx`, the messages primary key), switched on per row by a
+/// one-time filter. The work order is looked
 /// up by its whole unique key through a scalar subquery (a lateral join let
 /// a planner with stale statistics probe by trigger and topic only), and
 /// `OFFSET 0` keeps the subquery whole so it runs once per row, not once per
@@ -114,10 +118,29 @@ pub(crate) fn candidates_of(src: &str, pass: &[&str]) -> String {
                 UNION ALL
                 (SELECT m.partition, m.\"offset\", m.key, m.value, m.header_names, m.header_values, m.ts
                    FROM messages m
-                  WHERE src.set_key IS NULL AND src.after_offset IS NULL
+                  WHERE src.set_key IS NULL AND src.set_offset IS NOT NULL AND src.after_offset IS NULL
                     AND m.trigger_id = src.trigger_id AND m.topic = src.topic
                     AND m.partition = src.set_partition AND m.\"offset\" = src.set_offset)
+                UNION ALL
+                (SELECT m.partition, m.\"offset\", m.key, m.value, m.header_names, m.header_values, m.ts
+                   FROM messages m
+                  WHERE src.set_key IS NULL AND src.set_offset IS NULL
+                    AND m.trigger_id = src.trigger_id AND m.topic = src.topic AND m.partition = src.set_partition
+                    AND m.\"offset\" > COALESCE(src.after_offset, -1::bigint)
+                  ORDER BY m.\"offset\" LIMIT 1)
            ) h ON true
          OFFSET 0) c"
+    )
+}
+
+/// The key of the message at (`partition`, `offset`) of a set, for its work
+/// order: the set's own key when it has one; else read from the message (a
+/// partition set, or an unordered trigger's set of one message, holds
+/// messages of any key). Columns are given as SQL expressions; the lookup
+/// is a primary-key probe, made only for sets without a key.
+pub(crate) fn message_key(set_key: &str, trigger: &str, topic: &str, partition: &str, offset: &str) -> String {
+    format!(
+        "COALESCE({set_key}, (SELECT m.key FROM messages m WHERE m.trigger_id = {trigger} AND m.topic = {topic}
+                              AND m.partition = {partition} AND m.\"offset\" = {offset}))"
     )
 }

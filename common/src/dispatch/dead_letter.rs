@@ -9,6 +9,8 @@ use std::sync::LazyLock;
 use sqlx::{PgExecutor, Postgres, Transaction};
 use uuid::Uuid;
 
+use super::announce;
+use super::candidate::message_key;
 use super::operator::{self, LockedSet};
 use super::round::{advance_sql, advanced, AdvanceRow, AfterSuccess, Posted, PostedColumns};
 
@@ -36,14 +38,12 @@ pub struct Produced {
 
 /// The statement of [`commit_dead_letters`], built once.
 static DEAD_LETTER_SQL: LazyLock<String> = LazyLock::new(|| {
-    advance_sql(
-        ", $10::uuid[], $11::text[], $12::text[], $13::int4[], $14::int8[]",
-        ", dl_id, error, produced_topic, produced_partition, produced_offset",
-        "wo AS (
+    let key = message_key("n.set_key", "n.trigger_id", "n.topic", "n.after_partition", "n.after_offset");
+    let finish = "wo AS (
             INSERT INTO work_orders AS w
                    (id, trigger_id, set_id, topic, partition, \"offset\", key, state, attempts, last_error,
                     attempt_log, body, first_attempt_at)
-            SELECT n.wo_id, n.trigger_id, n.set_id, n.topic, n.after_partition, n.after_offset, n.set_key, 'failed',
+            SELECT n.wo_id, n.trigger_id, n.set_id, n.topic, n.after_partition, n.after_offset, {message_key}, 'failed',
                    CASE WHEN n.attempt IS NULL THEN 0 ELSE 1 END, i.error,
                    CASE WHEN n.attempt IS NULL THEN '[]'::jsonb ELSE jsonb_build_array(n.attempt) END, n.body, n.at
               FROM snap n JOIN held h ON h.id = n.set_id JOIN input i ON i.set_id = n.set_id
@@ -83,7 +83,12 @@ static DEAD_LETTER_SQL: LazyLock<String> = LazyLock::new(|| {
                      CASE WHEN wo.created THEN ARRAY['work_order_created'] ELSE ARRAY[]::text[] END
                   || CASE WHEN i.attempt IS NOT NULL THEN ARRAY['work_order_failed'] ELSE ARRAY[]::text[] END
                   || ARRAY['message_dead_lettered']) WITH ORDINALITY AS k(kind, n)
-             ORDER BY wo.set_id, k.n)",
+             ORDER BY wo.set_id, k.n)"
+        .replace("{message_key}", &key);
+    advance_sql(
+        ", $10::uuid[], $11::text[], $12::text[], $13::int4[], $14::int8[]",
+        ", dl_id, error, produced_topic, produced_partition, produced_offset",
+        &finish,
     )
 });
 
@@ -142,42 +147,46 @@ pub async fn lock(tx: &mut Transaction<'_, Postgres>, id: Uuid) -> Result<Option
     .await
 }
 
-/// Locks the set the dead letter's message belongs to, creating it (idle)
-/// when it is gone: a keyed set row is removed by a discard, an unkeyed one
-/// when its message is done.
+/// Locks the set the dead letter's message belongs to under the trigger's
+/// ordering mode, creating it (idle) when it is gone: a keyed or partition
+/// set row is removed by a discard or a change of mode, a set of one
+/// message when its message is done. Takes the ordering lock first, as
+/// ingest does: the message is stored again.
 pub async fn lock_set(tx: &mut Transaction<'_, Postgres>, dl: &StoredDeadLetter) -> Result<LockedSet, sqlx::Error> {
-    let id: i64 = match &dl.key {
-        Some(key) => {
-            sqlx::query_scalar(
-                "WITH new AS (
-                   INSERT INTO message_sets (trigger_id, topic, key, state) VALUES ($1, $2, $3, 'idle')
-                   ON CONFLICT (trigger_id, topic, key) WHERE key IS NOT NULL DO NOTHING RETURNING id)
-                 SELECT id FROM new
-                 UNION ALL SELECT id FROM message_sets WHERE trigger_id = $1 AND topic = $2 AND key = $3",
-            )
-            .bind(dl.trigger_id)
-            .bind(&dl.topic)
-            .bind(key)
-            .fetch_one(&mut **tx)
-            .await?
-        }
-        None => {
-            sqlx::query_scalar(
-                "WITH new AS (
-                   INSERT INTO message_sets (trigger_id, topic, partition, \"offset\", state)
-                   VALUES ($1, $2, $3, $4, 'idle') ON CONFLICT DO NOTHING RETURNING id)
-                 SELECT id FROM new
-                 UNION ALL SELECT id FROM message_sets
-                  WHERE trigger_id = $1 AND topic = $2 AND key IS NULL AND partition = $3 AND \"offset\" = $4",
-            )
-            .bind(dl.trigger_id)
-            .bind(&dl.topic)
-            .bind(dl.partition)
-            .bind(dl.offset)
-            .fetch_one(&mut **tx)
-            .await?
-        }
+    announce::lock_ordering_shared(tx, dl.trigger_id).await?;
+    let mode: Option<String> = sqlx::query_scalar(&format!("SELECT {}", announce::ORDERING_OF_TRIGGER))
+        .bind(dl.trigger_id)
+        .fetch_one(&mut **tx)
+        .await?;
+    let (insert, find) = match (mode.as_deref(), &dl.key) {
+        (Some("partition"), _) => (
+            "INSERT INTO message_sets (trigger_id, topic, partition, state) VALUES ($1, $2, $4, 'idle')
+             ON CONFLICT (trigger_id, topic, partition) WHERE key IS NULL AND \"offset\" IS NULL DO NOTHING",
+            "key IS NULL AND partition = $4 AND \"offset\" IS NULL",
+        ),
+        (Some("key") | None, Some(_)) => (
+            "INSERT INTO message_sets (trigger_id, topic, key, state) VALUES ($1, $2, $3, 'idle')
+             ON CONFLICT (trigger_id, topic, key) WHERE key IS NOT NULL DO NOTHING",
+            "key = $3",
+        ),
+        _ => (
+            "INSERT INTO message_sets (trigger_id, topic, partition, \"offset\", state)
+             VALUES ($1, $2, $4, $5, 'idle') ON CONFLICT DO NOTHING",
+            "key IS NULL AND partition = $4 AND \"offset\" = $5",
+        ),
     };
+    let id: i64 = sqlx::query_scalar(&format!(
+        "WITH new AS ({insert} RETURNING id)
+         SELECT id FROM new
+         UNION ALL SELECT id FROM message_sets WHERE trigger_id = $1 AND topic = $2 AND {find}"
+    ))
+    .bind(dl.trigger_id)
+    .bind(&dl.topic)
+    .bind(&dl.key)
+    .bind(dl.partition)
+    .bind(dl.offset)
+    .fetch_one(&mut **tx)
+    .await?;
     Ok(operator::lock(tx, id).await?.expect("the set row was just found or created in this transaction"))
 }
 

@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
-use super::candidate::{candidates_of, HeadColumns, HEAD_COLUMNS};
+use super::candidate::{candidates_of, message_key, HeadColumns, HEAD_COLUMNS};
 use super::state::{work_order_id, SetState, WorkOrderState};
 
 /// A set row locked for the rest of the transaction.
@@ -147,10 +147,11 @@ pub async fn insert_skipped_work_order(
     offset: i64,
 ) -> Result<Uuid, sqlx::Error> {
     let id = work_order_id(set.trigger_id, &set.topic, partition, offset);
-    sqlx::query(
+    let key = message_key("$7::bytea", "$2", "$4", "$5", "$6");
+    sqlx::query(&format!(
         "INSERT INTO work_orders (id, trigger_id, set_id, topic, partition, \"offset\", key, state, body)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, 'skipped', '{}')",
-    )
+         VALUES ($1, $2, $3, $4, $5, $6, {key}, 'skipped', '{{}}')"
+    ))
     .bind(id)
     .bind(set.trigger_id)
     .bind(set.id)
@@ -206,7 +207,10 @@ pub async fn delete_messages(tx: &mut Transaction<'_, Postgres>, set: &LockedSet
         }
         None => {
             sqlx::query_as(&format!(
-                "WITH del AS (DELETE FROM messages WHERE trigger_id = $1 AND topic = $2 AND partition = $3 AND \"offset\" = $4
+                // A partition set (no offset) holds every stored message of
+                // its partition; a set of one message just that one.
+                "WITH del AS (DELETE FROM messages WHERE trigger_id = $1 AND topic = $2 AND partition = $3
+                                 AND ($4::int8 IS NULL OR \"offset\" = $4)
                               RETURNING partition, \"offset\"), {SKIP}"
             ))
             .bind(set.trigger_id)

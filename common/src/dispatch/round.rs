@@ -15,12 +15,12 @@ use sqlx::types::Json;
 use sqlx::PgExecutor;
 use uuid::Uuid;
 
-use super::candidate::{candidates_of, Candidate, HeadColumns, HEAD_COLUMNS};
+use super::candidate::{candidates_of, message_key, Candidate, HeadColumns, HEAD_COLUMNS};
 use super::state::{work_order_id, AfterAttempt, Attempt, SetState};
 
 /// The columns `src` passes through to a [`Candidate`].
 const CANDIDATE_PASS: &[&str] =
-    &["set_id", "lock_id", "trigger_id", "topic", "set_key", "state", "retry_at", "ingest_seq"];
+    &["set_id", "lock_id", "trigger_id", "topic", "set_key", "set_offset", "state", "retry_at", "ingest_seq"];
 
 fn candidate_select() -> String {
     let pass: Vec<String> = CANDIDATE_PASS.iter().map(|c| format!("c.{c}")).collect();
@@ -66,8 +66,9 @@ pub struct Posted {
     pub attempt: Option<Attempt>,
 }
 
-/// The columns every group write binds, rows in (trigger, topic, key) order:
-/// the order ingest locks set rows in, so the two cannot deadlock.
+/// The columns every group write binds, rows in (trigger, topic, key,
+/// partition) order: the order ingest locks set rows in (keyed sets by key,
+/// partition sets by partition), so the two cannot deadlock.
 pub(crate) struct PostedColumns<'a> {
     /// Input positions in bind order.
     pub(crate) order: Vec<usize>,
@@ -100,7 +101,7 @@ impl<'a> PostedColumns<'a> {
 
     pub(crate) fn new(posted: Vec<&'a Posted>) -> Self {
         let mut order: Vec<usize> = (0..posted.len()).collect();
-        let key = |p: &'a Posted| (p.trigger_id, &p.topic, &p.set_key, p.set_id);
+        let key = |p: &'a Posted| (p.trigger_id, &p.topic, &p.set_key, p.partition, p.set_id);
         order.sort_by(|a, b| key(posted[*a]).cmp(&key(posted[*b])));
         let rows: Vec<&Posted> = order.iter().map(|i| posted[*i]).collect();
         Self {
@@ -134,7 +135,7 @@ pub enum AfterSuccess {
     /// Released: `Idle` (no stored messages) or `Ready` (more to do, for
     /// another grant).
     Released(SetState),
-    /// An unkeyed set: its one message is done and the set row removed.
+    /// A set of one message: the message is done and the set row removed.
     Dropped,
     /// The claim no longer held: nothing was written for this set.
     Lost,
@@ -189,12 +190,12 @@ pub(crate) fn advance_sql(extra: &str, extra_names: &str, finish: &str) -> Strin
                SET state = CASE WHEN n.partition IS NULL AND s.ingest_seq = n.ingest_seq THEN 'idle' ELSE 'ready' END,
                    lock_id = NULL, lock_expires = NULL, retry_at = NULL, blocked_since = NULL, updated_at = now()
               FROM snap n
-             WHERE s.id = n.set_id AND s.lock_id = n.lock_id AND n.set_key IS NOT NULL
+             WHERE s.id = n.set_id AND s.lock_id = n.lock_id AND n.set_offset IS NULL
                AND NOT (n.keep AND n.partition IS NOT NULL)
             RETURNING s.id, s.state),
          dropped AS (
             DELETE FROM message_sets s USING snap n
-             WHERE s.id = n.set_id AND s.lock_id = n.lock_id AND n.set_key IS NULL
+             WHERE s.id = n.set_id AND s.lock_id = n.lock_id AND n.set_offset IS NOT NULL
             RETURNING s.id),
          held AS (SELECT id FROM fence UNION ALL SELECT id FROM released UNION ALL SELECT id FROM dropped),
          {finish}
@@ -210,14 +211,16 @@ pub(crate) fn advance_sql(extra: &str, extra_names: &str, finish: &str) -> Strin
 
 /// The statement of [`commit_successes`], built once.
 static COMMIT_SQL: LazyLock<String> = LazyLock::new(|| {
+    let key = message_key("n.set_key", "n.trigger_id", "n.topic", "n.after_partition", "n.after_offset");
     advance_sql(
         "",
         "",
-        "wo AS (
+        &format!(
+            "wo AS (
             INSERT INTO work_orders AS w
                    (id, trigger_id, set_id, topic, partition, \"offset\", key, state, attempts, attempt_log, body,
                     first_attempt_at)
-            SELECT n.wo_id, n.trigger_id, n.set_id, n.topic, n.after_partition, n.after_offset, n.set_key,
+            SELECT n.wo_id, n.trigger_id, n.set_id, n.topic, n.after_partition, n.after_offset, {key},
                    'success', 1, jsonb_build_array(n.attempt), n.body, n.at
               FROM snap n JOIN held h ON h.id = n.set_id
             ON CONFLICT (trigger_id, topic, partition, \"offset\") DO UPDATE
@@ -234,7 +237,8 @@ static COMMIT_SQL: LazyLock<String> = LazyLock::new(|| {
             SELECT 'work_order_succeeded', wo.trigger_id,
                    jsonb_build_object('work_order_id', wo.id, 'set_id', wo.set_id, 'attempts', wo.attempts,
                                       'topic', wo.topic, 'partition', wo.partition, 'offset', wo.\"offset\")
-              FROM wo)",
+              FROM wo)"
+        ),
     )
 });
 
@@ -282,20 +286,10 @@ pub struct Failure {
     pub after: AfterAttempt,
 }
 
-/// Records a group of attempts that did not succeed, in one statement: the
-/// work order (created on its first attempt, `work_order_created`) with the
-/// attempt appended; the set released waiting (retry time, or a 202 runner)
-/// or blocked (`work_order_failed`, `set_blocked`). Returns the sets whose
-/// claim still held.
-pub async fn record_failures(db: impl PgExecutor<'_>, failures: &[Failure]) -> Result<Vec<i64>, sqlx::Error> {
-    let c = PostedColumns::new(failures.iter().map(|f| &f.posted).collect());
-    let in_order = || c.order.iter().map(|i| &failures[*i]);
-    let errors: Vec<Option<&str>> =
-        in_order().map(|f| f.posted.attempt.as_ref().and_then(|a| a.error.as_deref())).collect();
-    let wo_states: Vec<&str> = in_order().map(|f| f.after.work_order_state().as_str()).collect();
-    let set_states: Vec<&str> = in_order().map(|f| f.after.set_state().as_str()).collect();
-    let retry_ats: Vec<Option<DateTime<Utc>>> = in_order().map(|f| f.after.retry_at()).collect();
-    let sql = sqlx::query_as::<_, (i64,)>(
+/// The statement of [`record_failures`], built once.
+static FAILURES_SQL: LazyLock<String> = LazyLock::new(|| {
+    let key = message_key("s.key", "s.trigger_id", "s.topic", "i.partition", "i.\"offset\"");
+    format!(
         "WITH input AS (
             SELECT * FROM unnest($1::int8[], $2::uuid[], $3::int4[], $4::int8[], $5::uuid[], $6::text[],
                                  $7::jsonb[], $8::timestamptz[], $9::text[], $10::text[], $11::text[], $12::timestamptz[])
@@ -312,7 +306,7 @@ pub async fn record_failures(db: impl PgExecutor<'_>, failures: &[Failure]) -> R
             INSERT INTO work_orders AS w
                    (id, trigger_id, set_id, topic, partition, \"offset\", key, state, attempts, last_error,
                     attempt_log, body, first_attempt_at)
-            SELECT i.wo_id, s.trigger_id, s.id, s.topic, i.partition, i.\"offset\", s.key, i.wo_state, 1, i.error,
+            SELECT i.wo_id, s.trigger_id, s.id, s.topic, i.partition, i.\"offset\", {key}, i.wo_state, 1, i.error,
                    jsonb_build_array(i.attempt), i.body, i.at
               FROM input i JOIN sets s ON s.id = i.set_id
             ON CONFLICT (trigger_id, topic, partition, \"offset\") DO UPDATE
@@ -335,8 +329,24 @@ pub async fn record_failures(db: impl PgExecutor<'_>, failures: &[Failure]) -> R
                   || CASE WHEN i.set_state = 'blocked' THEN ARRAY['set_blocked'] ELSE ARRAY[]::text[] END)
                      WITH ORDINALITY AS k(kind, n)
              ORDER BY wo.set_id, k.n)
-         SELECT id FROM sets",
-    );
+         SELECT id FROM sets"
+    )
+});
+
+/// Records a group of attempts that did not succeed, in one statement: the
+/// work order (created on its first attempt, `work_order_created`) with the
+/// attempt appended; the set released waiting (retry time, or a 202 runner)
+/// or blocked (`work_order_failed`, `set_blocked`). Returns the sets whose
+/// claim still held.
+pub async fn record_failures(db: impl PgExecutor<'_>, failures: &[Failure]) -> Result<Vec<i64>, sqlx::Error> {
+    let c = PostedColumns::new(failures.iter().map(|f| &f.posted).collect());
+    let in_order = || c.order.iter().map(|i| &failures[*i]);
+    let errors: Vec<Option<&str>> =
+        in_order().map(|f| f.posted.attempt.as_ref().and_then(|a| a.error.as_deref())).collect();
+    let wo_states: Vec<&str> = in_order().map(|f| f.after.work_order_state().as_str()).collect();
+    let set_states: Vec<&str> = in_order().map(|f| f.after.set_state().as_str()).collect();
+    let retry_ats: Vec<Option<DateTime<Utc>>> = in_order().map(|f| f.after.retry_at()).collect();
+    let sql = sqlx::query_as::<_, (i64,)>(&FAILURES_SQL);
     let rows = c.bind(sql).bind(&errors).bind(&wo_states).bind(&set_states).bind(&retry_ats).fetch_all(db).await?;
     Ok(rows.into_iter().map(|(id,)| id).collect())
 }
@@ -375,10 +385,11 @@ pub async fn release_ready(db: impl PgExecutor<'_>, set_id: i64, lock: Uuid) -> 
     Ok(n == 1)
 }
 
-/// Releases an emptied set: a keyed one becomes idle unless ingest added
-/// to it since `seen_seq` was read (then it is released ready: the next
-/// grant finds the new message); an unkeyed one is removed. Returns what it
-/// became, `None` when the claim no longer held.
+/// Releases an emptied set: a keyed or partition set (`keyed`: it outlives
+/// its messages) becomes idle unless ingest added to it since `seen_seq`
+/// was read (then it is released ready: the next grant finds the new
+/// message); a set of one message is removed. Returns what it became,
+/// `None` when the claim no longer held.
 pub async fn finish_empty(
     db: impl PgExecutor<'_>,
     set_id: i64,

@@ -77,5 +77,6 @@ pub fn spec_to_proto(spec: &TriggerSpec, secrets: Option<&TriggerSecrets>) -> v1
         ..Default::default()
     };
     super::failure::on_failure_to_proto(&spec.on_failure, &mut t);
+    t.ordering = super::ordering::ordering_to_proto(spec.ordering).into();
     t
 }

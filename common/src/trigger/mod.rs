@@ -4,6 +4,7 @@
 
 mod convert;
 mod failure;
+mod ordering;
 mod validate;
 #[cfg(test)]
 mod validate_tests;
@@ -17,6 +18,7 @@ use crate::secret::Secret;
 
 pub use convert::{spec_to_proto, timestamp};
 pub use failure::OnFailure;
+pub use ordering::Ordering;
 pub use validate::{validate_trigger, SecretsInput, ValidatedTrigger};
 
 pub const DEFAULT_CONNECT_TIMEOUT_SECONDS: u32 = 30;
@@ -155,6 +157,9 @@ pub struct TriggerSpec {
     pub webhook: WebhookTarget,
     pub retry: RetryPolicy,
     pub tuning: Tuning,
+    /// Absent in triggers stored before ordering modes existed: per key.
+    #[serde(default)]
+    pub ordering: Ordering,
     /// Absent in triggers stored before failure policies existed: those block.
     #[serde(default)]
     pub on_failure: OnFailure,

@@ -120,6 +120,7 @@ pub fn validate_trigger(
     let retry = check_retry(&mut c, t.retry.as_ref());
     let tuning = check_tuning(&mut c, t.tuning.as_ref());
     let on_failure = super::failure::check_on_failure(&mut c, t);
+    let ordering = super::ordering::check_ordering(&mut c, t);
     let filter = t.filter.trim().to_owned();
     if !filter.is_empty() {
         if let Err(why) = crate::filter::Filter::compile(&filter) {
@@ -132,7 +133,7 @@ pub fn validate_trigger(
     }
     let (kafka, kafka_secrets) = kafka;
     let valid = ValidatedTrigger {
-        spec: TriggerSpec { name, kafka, webhook, retry, tuning, on_failure, filter },
+        spec: TriggerSpec { name, kafka, webhook, retry, tuning, ordering, on_failure, filter },
         secrets: TriggerSecrets {
             password: kafka_secrets.password,
             ssl_client_key: kafka_secrets.ssl_client_key,

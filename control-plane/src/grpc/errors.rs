@@ -36,6 +36,7 @@ impl From<TriggerError> for Status {
             TriggerError::Invalid(violations) => status::invalid_argument(violations),
             TriggerError::NotFound(_) => status::status(ErrorCode::NotFound, err.to_string()),
             TriggerError::NameTaken(_) => status::status(ErrorCode::AlreadyExists, err.to_string()),
+            TriggerError::OrderingChangeRefused(_) => status::status(ErrorCode::FailedPrecondition, err.to_string()),
             // The stored data or the configured keys need an operator, and
             // the message says which key id to look at.
             TriggerError::Crypto(CryptoError::NoKey | CryptoError::UnknownKey(_) | CryptoError::Decrypt(_)) => {

@@ -114,6 +114,7 @@ fn set_to_proto(view: &SetView) -> MessageSet {
         trigger_id: row.trigger_id.to_string(),
         topic: row.topic.clone(),
         key: row.key.clone(),
+        partition: row.partition_set,
         state: state_to_proto(view.state).into(),
         stored_messages: row.stored_messages,
         head_partition: row.head_partition.unwrap_or_default(),

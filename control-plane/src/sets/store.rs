@@ -20,6 +20,8 @@ pub struct SetRow {
     pub trigger_id: Uuid,
     pub topic: String,
     pub key: Option<Vec<u8>>,
+    /// The partition of a partition set (the set has no offset).
+    pub partition_set: Option<i32>,
     pub state: String,
     /// The claim's expiry while a worker holds a live claim, else `None`.
     pub claimed_until: Option<DateTime<Utc>>,
@@ -39,10 +41,12 @@ pub struct SetRow {
 /// rows (at most one page of them).
 fn with_details(source: &str) -> String {
     format!(
-        "SELECT s.id, s.trigger_id, s.topic, s.key, s.state,
+        "SELECT s.id, s.trigger_id, s.topic, s.key,
+                CASE WHEN s.key IS NULL AND s.\"offset\" IS NULL THEN s.partition END AS partition_set, s.state,
                 CASE WHEN s.lock_id IS NOT NULL AND s.lock_expires > now() THEN s.lock_expires END AS claimed_until,
                 s.retry_at, s.blocked_since, s.updated_at,
-                CASE WHEN s.key IS NULL THEN (h.partition IS NOT NULL)::int::bigint ELSE c.n END AS stored_messages,
+                CASE WHEN s.key IS NULL AND s.\"offset\" IS NOT NULL THEN (h.partition IS NOT NULL)::int::bigint
+                     ELSE c.n END AS stored_messages,
                 h.partition AS head_partition, h.\"offset\" AS head_offset,
                 w.id AS wo_id, w.state AS wo_state, w.attempts AS wo_attempts, w.last_error AS wo_last_error
            FROM ({source}) s
@@ -52,12 +56,25 @@ fn with_details(source: &str) -> String {
                   ORDER BY m.partition, m.\"offset\" LIMIT 1)
                 UNION ALL
                 (SELECT m.partition, m.\"offset\" FROM messages m
-                  WHERE s.key IS NULL AND m.trigger_id = s.trigger_id AND m.topic = s.topic
-                    AND m.partition = s.partition AND m.\"offset\" = s.\"offset\")
+                  WHERE s.key IS NULL AND s.\"offset\" IS NOT NULL AND m.trigger_id = s.trigger_id
+                    AND m.topic = s.topic AND m.partition = s.partition AND m.\"offset\" = s.\"offset\")
+                UNION ALL
+                (SELECT m.partition, m.\"offset\" FROM messages m
+                  WHERE s.key IS NULL AND s.\"offset\" IS NULL AND m.trigger_id = s.trigger_id
+                    AND m.topic = s.topic AND m.partition = s.partition
+                  ORDER BY m.\"offset\" LIMIT 1)
            ) h ON true
            LEFT JOIN LATERAL (
-                SELECT count(*) AS n FROM messages m
-                 WHERE s.key IS NOT NULL AND m.trigger_id = s.trigger_id AND m.topic = s.topic AND m.key = s.key
+                SELECT (SELECT count(*) FROM messages m
+                         WHERE s.key IS NOT NULL AND m.trigger_id = s.trigger_id AND m.topic = s.topic
+                           AND m.key = s.key)
+                     -- A partition set's messages are a large share of the
+                     -- table: the ORDER BY has them counted along the primary
+                     -- key, never by reading the whole table.
+                     + (SELECT count(*) FROM (SELECT FROM messages m
+                         WHERE s.key IS NULL AND s.\"offset\" IS NULL AND m.trigger_id = s.trigger_id
+                           AND m.topic = s.topic AND m.partition = s.partition
+                         ORDER BY m.\"offset\") p) AS n
            ) c ON true
            LEFT JOIN work_orders w
              ON w.trigger_id = s.trigger_id AND w.topic = s.topic

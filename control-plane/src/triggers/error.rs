@@ -13,6 +13,11 @@ pub enum TriggerError {
     NotFound(Uuid),
     #[error("a trigger named `{0}` already exists")]
     NameTaken(String),
+    #[error(
+        "trigger {0} has stored messages: disable it and let them drain (or discard their sets), \
+         then change the ordering"
+    )]
+    OrderingChangeRefused(Uuid),
     #[error("credentials cannot be stored: {0}")]
     Crypto(#[from] CryptoError),
     #[error("database error: {0}")]

@@ -1,7 +1,7 @@
 //! `UpdateTrigger`'s field mask: copies the named fields of the request onto
 //! the stored trigger. Whole sections (`kafka`, `webhook`, `retry`, `tuning`)
-//! and their direct fields are supported, and the top-level `on_failure`,
-//! `dead_letter_topic` and `filter`.
+//! and their direct fields are supported, and the top-level `ordering`,
+//! `on_failure`, `dead_letter_topic` and `filter`.
 
 use kt_proto::status::FieldViolation;
 use kt_proto::v1;
@@ -15,6 +15,7 @@ pub fn apply(current: &mut v1::Trigger, patch: &v1::Trigger, paths: &[String]) -
         current.webhook = patch.webhook.clone();
         current.retry = patch.retry;
         current.tuning = patch.tuning;
+        current.ordering = patch.ordering;
         current.on_failure = patch.on_failure;
         current.dead_letter_topic = patch.dead_letter_topic.clone();
         current.filter = patch.filter.clone();
@@ -93,6 +94,10 @@ fn apply_path(current: &mut v1::Trigger, patch: &v1::Trigger, path: &str) -> boo
         "tuning.rate_limit_per_second" => section_field!(tuning, rate_limit_per_second),
         "tuning.max_in_flight" => section_field!(tuning, max_in_flight),
         "tuning.fetch_max_bytes" => section_field!(tuning, fetch_max_bytes),
+        "ordering" => {
+            current.ordering = patch.ordering;
+            true
+        }
         "on_failure" => {
             current.on_failure = patch.on_failure;
             true

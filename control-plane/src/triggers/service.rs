@@ -8,6 +8,7 @@ use std::time::Duration;
 use kt_common::backoff::Backoff;
 use kt_common::crypto::Keyring;
 use kt_common::db::{classify, DbErrorKind};
+use kt_common::dispatch::announce;
 use kt_common::trigger::{spec_to_proto, validate_trigger, TriggerSecrets, TriggerSpec, ValidatedTrigger};
 use kt_common::webhook_policy::{self, WebhookPolicy};
 use kt_proto::status::FieldViolation;
@@ -140,6 +141,15 @@ impl TriggerService {
                 }
             }
             return Ok(row);
+        }
+        if valid.spec.ordering != row.spec.ordering {
+            // Messages stored under one mode must not be delivered beside
+            // later ones under another: the change waits for the ingest
+            // batches in flight and is refused while anything is stored.
+            if announce::lock_ordering_for_change(&mut tx, id).await? {
+                return Err(TriggerError::OrderingChangeRefused(id));
+            }
+            announce::drop_unclaimed_sets(&mut tx, id).await?;
         }
         let sealed = self.seal(id, &valid.secrets)?;
         let row = store::update(&mut tx, id, &valid.spec, sealed.as_ref().map(|(k, c)| (k.as_str(), c.as_slice())))

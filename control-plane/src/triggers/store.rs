@@ -52,8 +52,12 @@ pub async fn get(db: impl PgExecutor<'_>, id: Uuid) -> Result<Option<TriggerRow>
 }
 
 /// Locks the row for the rest of the transaction (updates are read-modify-write).
+/// `NO KEY UPDATE`, the lock an update of the row takes anyway: it orders
+/// updates against each other but not against the foreign-key checks of
+/// ingest, which a change of ordering mode waits for while holding it
+/// (see `kt_common::dispatch::announce::lock_ordering_for_change`).
 pub async fn get_for_update(tx: &mut Transaction<'_, Postgres>, id: Uuid) -> Result<Option<TriggerRow>, sqlx::Error> {
-    sqlx::query_as(&format!("SELECT {COLUMNS} FROM triggers WHERE id = $1 FOR UPDATE"))
+    sqlx::query_as(&format!("SELECT {COLUMNS} FROM triggers WHERE id = $1 FOR NO KEY UPDATE"))
         .bind(id)
         .fetch_optional(&mut **tx)
         .await

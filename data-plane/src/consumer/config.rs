@@ -236,6 +236,7 @@ mod tests {
             },
             retry: RetryPolicy { max_attempts: 1, initial_backoff_ms: 1, max_backoff_ms: 1, max_age_seconds: 0 },
             tuning: Tuning { rate_limit_per_second: 0, max_in_flight: 1, fetch_max_bytes: 0 },
+            ordering: Default::default(),
             on_failure: Default::default(),
             filter: String::new(),
         }

@@ -8,7 +8,9 @@
 use std::collections::{BTreeMap, HashSet};
 
 use chrono::{DateTime, Utc};
-use kt_common::dispatch::announce::{KEYED_SET_UPSERT, UNKEYED_SET_INSERT};
+use kt_common::dispatch::announce::{
+    lock_ordering_shared, KEYED_SET_UPSERT, ORDERING_OF_TRIGGER, PARTITION_SET_UPSERT, UNKEYED_SET_INSERT,
+};
 use kt_common::dispatch::SETS_CHANNEL;
 use sqlx::{Acquire, Executor, PgConnection, Postgres, Transaction};
 use uuid::Uuid;
@@ -42,6 +44,10 @@ pub async fn write_batch(
     let checkpoints = record_filtered(tx, trigger_id, batch, &filtered, &mut outcome).await?;
     let (readable, unreadable): (Vec<&IngestMessage>, Vec<&IngestMessage>) =
         rows.into_iter().partition(|m| m.headers.is_some());
+    if !readable.is_empty() {
+        // Before the mode is read: a change of ordering waits for us.
+        lock_ordering_shared(tx, trigger_id).await?;
+    }
     let (fresh, stored) = insert_new_messages(tx, trigger_id, &readable).await?;
     outcome.stored += stored;
     outcome.duplicates += readable.len() as u64 - stored;
@@ -80,6 +86,9 @@ pub async fn write_rows_isolated(
     let mut outcome = BatchOutcome { duplicates: repeated, ..Default::default() };
     let (filtered, rows): (Vec<&IngestMessage>, Vec<&IngestMessage>) = rows.into_iter().partition(|m| m.filtered);
     let checkpoints = record_filtered(tx, trigger_id, batch, &filtered, &mut outcome).await?;
+    if rows.iter().any(|m| m.headers.is_some()) {
+        lock_ordering_shared(tx, trigger_id).await?;
+    }
     for message in rows {
         let error = match &message.headers {
             None => UNREADABLE_HEADERS.to_owned(),
@@ -257,24 +266,34 @@ async fn insert_new_messages(
             ON CONFLICT DO NOTHING
             RETURNING topic, partition, "offset", key
         ),
-        -- Candidate sets (kt_common::dispatch::announce): a keyed message
-        -- joins the set of its (trigger, topic, key); an unkeyed message is
-        -- a set of its own. Sorted, so concurrent batches lock set rows in
-        -- the same order.
+        -- Candidate sets (kt_common::dispatch::announce), by the trigger's
+        -- ordering mode (read after the ordering lock): per key (unkeyed
+        -- messages each a set of their own), per partition, or each message
+        -- its own. Sorted, so concurrent batches lock set rows in the same
+        -- order.
+        mode AS (SELECT {ORDERING_OF_TRIGGER} AS ordering),
         keyed_sets AS (
             INSERT INTO message_sets (trigger_id, topic, key)
-            SELECT DISTINCT $1::uuid, topic, key FROM stored WHERE key IS NOT NULL
+            SELECT DISTINCT $1::uuid, topic, key FROM stored, mode WHERE key IS NOT NULL AND mode.ordering = 'key'
             ORDER BY 2, 3
             {KEYED_SET_UPSERT}
         ),
+        partition_sets AS (
+            INSERT INTO message_sets (trigger_id, topic, partition)
+            SELECT DISTINCT $1::uuid, topic, partition FROM stored, mode WHERE mode.ordering = 'partition'
+            ORDER BY 2, 3
+            {PARTITION_SET_UPSERT}
+        ),
         unkeyed_sets AS (
             INSERT INTO message_sets (trigger_id, topic, partition, "offset")
-            SELECT $1, topic, partition, "offset" FROM stored WHERE key IS NULL
+            SELECT $1, topic, partition, "offset" FROM stored, mode
+             WHERE mode.ordering = 'unordered' OR (key IS NULL AND mode.ordering = 'key')
             {UNKEYED_SET_INSERT}
         )
         SELECT (SELECT count(*) FROM fresh),
                (SELECT count(*) FROM stored),
-               (SELECT count(*) FROM keyed_sets WHERE announce) + (SELECT count(*) FROM unkeyed_sets)
+               (SELECT count(*) FROM keyed_sets WHERE announce) + (SELECT count(*) FROM partition_sets WHERE announce)
+                   + (SELECT count(*) FROM unkeyed_sets)
         "#
     );
     let (fresh, stored, ready): (i64, i64, i64) = sqlx::query_as(&sql)

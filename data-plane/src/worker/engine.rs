@@ -470,7 +470,7 @@ impl Engine {
             }
         }
         let Some((partition, offset)) = c.head.position() else {
-            let (keyed, seq) = (c.set_key.is_some(), c.ingest_seq);
+            let (keyed, seq) = (c.set_offset.is_none(), c.ingest_seq);
             return self.slow(set_id, move |pool| {
                 async move {
                     Ok(match round::finish_empty(&pool, set_id, lock, keyed, seq).await? {
