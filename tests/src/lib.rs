@@ -184,6 +184,11 @@ pub struct TestNode {
     pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
+/// The Kafka session timeout of a [`TestNode`]'s consumers. A node process
+/// a test runs beside test nodes in one group must use the same (see
+/// `tests/shutdown.rs`).
+pub const TEST_NODE_SESSION_TIMEOUT: Duration = Duration::from_secs(6);
+
 impl TestNode {
     /// Starts a node against `db` and the control plane at `cp_url`, with
     /// test-friendly timings and [`TEST_NODE_TOKEN`]; `tweak` adjusts the
@@ -191,7 +196,7 @@ impl TestNode {
     pub async fn start(db: &TestDb, cp_url: &str, tweak: impl FnOnce(&mut kt_data_plane::Config)) -> Self {
         let mut config = kt_data_plane::Config::new(db.url.clone(), cp_url.to_owned());
         config.heartbeat_interval = Duration::from_millis(500);
-        config.ingest.session_timeout = Duration::from_secs(6);
+        config.ingest.session_timeout = TEST_NODE_SESSION_TIMEOUT;
         config.ingest.heartbeat_interval = Duration::from_millis(500);
         config.ingest.batch_linger = Duration::from_millis(5);
         config.ingest.commit_interval = Duration::from_millis(200);

@@ -12,7 +12,7 @@ use kt_proto::v1::*;
 use kt_tests::webhook::{Reply, WebhookReceiver};
 use kt_tests::{
     capture_logs, dispatch_report, group_report, wait_for, workspace_binary, ControlPlaneOptions, TestControlPlane,
-    TestDb, TestNode, TEST_NODE_TOKEN,
+    TestDb, TestNode, TEST_NODE_SESSION_TIMEOUT, TEST_NODE_TOKEN,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -38,6 +38,12 @@ async fn test_sigterm_mid_flow_releases_claims_and_loses_nothing() {
         .env("KT_CONTROL_PLANE_URL", cp.url())
         .env("KT_NODE_TOKEN", TEST_NODE_TOKEN)
         .env("KT_WORKERS", "8")
+        // The successor (a test node) joins the group while the mock
+        // coordinator waits out a rebalance sized by the session timeout of
+        // the member that left; with a longer one than the successor's, the
+        // mock drops the waiting successor for silence and never answers its
+        // join. A real broker waits by the rebalance timeout instead.
+        .env("KT_KAFKA_SESSION_TIMEOUT_MS", TEST_NODE_SESSION_TIMEOUT.as_millis().to_string())
         .env("RUST_LOG", NODE_LOG)
         .stdin(Stdio::null())
         .stdout(log_file.try_clone().unwrap())
