@@ -137,10 +137,13 @@ pub enum TriggersCmd {
     },
     /// Nodes running the trigger, partitions with lag, counts, blocked sets and the oldest's age.
     Status { trigger: TriggerRef },
-    /// Not yet available: testing a trigger's broker connection needs `TestTriggerConnection` in
-    /// the API, which does not exist yet.
+    /// Connect to a trigger's brokers from a data-plane node, with exactly its pipeline's
+    /// configuration: brokers, partitions, watermarks and committed offsets, or why not (exit 1).
     Test {
+        /// A stored trigger (name or id).
+        #[arg(required_unless_present = "file", conflicts_with = "file")]
         trigger: Option<TriggerRef>,
+        /// A trigger that is not stored (YAML or JSON; `-` for stdin), as for `create`.
         #[arg(short = 'f', long = "file", value_name = "FILE")]
         file: Option<String>,
     },

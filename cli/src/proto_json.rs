@@ -40,6 +40,7 @@ typed!(
     WorkOrder,
     ListWorkOrdersResponse,
     Event,
+    TestTriggerConnectionResponse,
 );
 
 fn dynamic<M: Typed>(msg: &M) -> DynamicMessage {

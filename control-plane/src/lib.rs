@@ -101,6 +101,8 @@ pub struct AppState {
     pub pool: PgPool,
     pub triggers: triggers::TriggerService,
     pub registry: nodes::NodeRegistry,
+    /// Connection tests on their way to nodes and back.
+    pub connection_tests: nodes::ConnectionTests,
     pub scheduler: scheduler::Scheduler,
     pub events: events::stream::EventHub,
     /// Where the handlers spawn the tasks of their streams.
@@ -161,8 +163,15 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     tasks.spawn_restarting("retention", RESTART_BACKOFF, &shutdown, move || {
         retention::run(retention_pool.clone(), retention, retention_stop.clone())
     });
-    let state =
-        AppState { triggers, registry: nodes::NodeRegistry::default(), scheduler, events, pool, tasks: tasks.clone() };
+    let state = AppState {
+        triggers,
+        registry: nodes::NodeRegistry::default(),
+        connection_tests: nodes::ConnectionTests::default(),
+        scheduler,
+        events,
+        pool,
+        tasks: tasks.clone(),
+    };
     let auth = grpc::AuthLayer::new(config.api_token.clone(), config.node_token.clone(), node_certificates(&config));
     tracing::info!(%addr, tls = tls.is_some(), node_certificates = node_certificates(&config), "control plane listening");
     let server = grpc::serve(state, auth, listener, tls, config.heartbeat, shutdown.clone());

@@ -109,6 +109,7 @@ impl Config {
             heartbeat_interval: self.heartbeat_interval,
             peer_timeout: self.control_plane_timeout,
             reconnect_backoff: self.reconnect_backoff,
+            ingest: std::sync::Arc::new(self.ingest.clone()),
             ..SessionSettings::new(control_plane, &self.node_id)
         }
     }
@@ -196,7 +197,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             pool: pool.clone(),
             settings: std::sync::Arc::new(config.ingest.clone()),
             board: board.clone(),
-            client_id: format!("kafka-triggers/{}", config.node_id),
+            client_id: consumer::client_id(&config.node_id),
             node_id: config.node_id.clone(),
         },
         intake_stop.clone(),

@@ -81,10 +81,16 @@ impl Tansu {
 
     /// Starts a broker on a free port and waits until it accepts connections.
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_with(&[])
+    }
+
+    /// [`Self::start`], with more arguments for `tansu broker`
+    /// (`--authentication`, say).
+    pub fn start_with(args: &[&str]) -> anyhow::Result<Self> {
         let bin = Self::binary()?;
         let mut last_error = None;
         for _ in 0..START_ATTEMPTS {
-            match Self::start_once(&bin) {
+            match Self::start_once(&bin, args) {
                 Ok(tansu) => return Ok(tansu),
                 // Most likely the port was taken between picking it and binding it: retry.
                 Err(err) => last_error = Some(err),
@@ -93,7 +99,7 @@ impl Tansu {
         Err(last_error.expect("at least one attempt"))
     }
 
-    fn start_once(bin: &Path) -> anyhow::Result<Self> {
+    fn start_once(bin: &Path, args: &[&str]) -> anyhow::Result<Self> {
         let port = free_port()?;
         let dir =
             tempfile::Builder::new().prefix("kt-tansu-").tempdir().context("failed to create a temp dir for tansu")?;
@@ -106,6 +112,7 @@ impl Tansu {
             .args(["--listener-url", &url])
             .args(["--advertised-listener-url", &url])
             .args(["--storage-engine", "memory://tansu/"])
+            .args(args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().context("failed to clone log handle")?)
             .stderr(log)

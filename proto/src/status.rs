@@ -22,6 +22,8 @@ pub enum ErrorCode {
     Unauthenticated,
     /// A dependency (database, broker) is unavailable; retrying may help.
     Unavailable,
+    /// A dependency did not answer in time.
+    DeadlineExceeded,
     /// A bug or an unexpected failure.
     Internal,
 }
@@ -36,6 +38,7 @@ impl From<ErrorCode> for Code {
             ErrorCode::Aborted => Code::Aborted,
             ErrorCode::Unauthenticated => Code::Unauthenticated,
             ErrorCode::Unavailable => Code::Unavailable,
+            ErrorCode::DeadlineExceeded => Code::DeadlineExceeded,
             ErrorCode::Internal => Code::Internal,
         }
     }

@@ -448,3 +448,214 @@ async fn test_five_thousand_triggers_reach_a_node_in_parts_it_can_decode() {
     want.sort();
     assert_eq!(got, want);
 }
+
+mod connection_tests {
+    //! `TriggerService.TestTriggerConnection`: run by a connected node with
+    //! the pipeline's configuration, answered with what it found or why not.
+
+    use super::*;
+    use kt_proto::v1::{ConnectionFailure, TestTriggerConnectionRequest, TestTriggerConnectionResponse};
+    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
+    use rdkafka::{Offset, TopicPartitionList};
+
+    type Triggers = TriggerServiceClient<tonic::transport::Channel>;
+
+    async fn test_connection(
+        triggers: &mut Triggers,
+        request: TestTriggerConnectionRequest,
+    ) -> Result<TestTriggerConnectionResponse, tonic::Status> {
+        triggers.test_trigger_connection(request).await.map(|r| r.into_inner())
+    }
+
+    fn given(trigger: Trigger) -> TestTriggerConnectionRequest {
+        TestTriggerConnectionRequest { trigger: Some(trigger), ..Default::default() }
+    }
+
+    /// `trigger` failing fast: a 2 s connect timeout.
+    fn quick(mut trigger: Trigger) -> Trigger {
+        trigger.kafka.as_mut().unwrap().connect_timeout_seconds = Some(2);
+        trigger
+    }
+
+    /// Commits `offsets` (partition, next offset) for `group` on `topic`, as a
+    /// consumer of the group that joined no generation would.
+    fn commit(brokers: &str, group: &str, topic: &str, offsets: &[(i32, i64)]) {
+        let consumer: BaseConsumer = kt_kafka_testing::consume::consumer_config(brokers, group).create().unwrap();
+        let mut list = TopicPartitionList::new();
+        for &(partition, offset) in offsets {
+            list.add_partition_offset(topic, partition, Offset::Offset(offset)).unwrap();
+        }
+        consumer.commit(&list, CommitMode::Sync).unwrap();
+    }
+
+    async fn started(db: &TestDb) -> (TestControlPlane, TestNode, Triggers) {
+        let cp = TestControlPlane::start(db, ControlPlaneOptions::default()).await.unwrap();
+        let node = TestNode::start(db, &cp.url(), |_| {}).await;
+        let triggers = TriggerServiceClient::new(cp.channel().await.unwrap());
+        (cp, node, triggers)
+    }
+
+    /// Until a node has joined, a test is UNAVAILABLE; then it answers.
+    async fn first_answer(
+        triggers: &mut Triggers,
+        request: TestTriggerConnectionRequest,
+    ) -> TestTriggerConnectionResponse {
+        wait_for("a node to run the connection test", WAIT, || {
+            let (mut triggers, request) = (triggers.clone(), request.clone());
+            async move {
+                match test_connection(&mut triggers, request).await {
+                    Ok(answer) => Some(answer),
+                    Err(status) if status.code() == Code::Unavailable => None,
+                    Err(status) => panic!("{status:?}"),
+                }
+            }
+        })
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn test_a_connection_test_reports_brokers_partitions_watermarks_and_committed_offsets() {
+        let kafka = kt_kafka_testing::MockKafka::new(2).unwrap();
+        kafka.create_topic("orders", 3).unwrap();
+        let brokers = kafka.bootstrap_servers();
+        let messages = (0..9).map(|i| kt_kafka_testing::TestMessage::new(format!("m{i}")).partition(i % 3));
+        kt_kafka_testing::produce::produce_to(&brokers, "orders", messages).await.unwrap();
+        let db = TestDb::create().await.unwrap();
+        let (_cp, node, mut triggers) = started(&db).await;
+
+        // A stored trigger, disabled so that no pipeline moves its group's
+        // offsets, tested by id: its own group's commits are reported.
+        let mut trigger = sample_trigger("orders", &brokers, "orders");
+        trigger.kafka.as_mut().unwrap().hosts = brokers.split(',').map(str::to_owned).collect();
+        trigger.enabled = Some(false);
+        trigger.kafka.as_mut().unwrap().group_id = "orders-group".into();
+        let stored =
+            triggers.create_trigger(CreateTriggerRequest { trigger: Some(trigger) }).await.unwrap().into_inner();
+        commit(&brokers, "orders-group", "orders", &[(0, 2), (2, 3)]);
+        let by_id = TestTriggerConnectionRequest { id: stored.id.clone(), ..Default::default() };
+        let answer = first_answer(&mut triggers, by_id).await;
+        let brokers_one = brokers.split(',').next().unwrap();
+        assert!(answer.ok, "{answer:?}");
+        assert_eq!(answer.failure, ConnectionFailure::Unspecified as i32);
+        assert_eq!(answer.node_id, node.node_id);
+        assert_eq!(answer.brokers.len(), 2, "{:?}", answer.brokers);
+        let [topic] = answer.topics.as_slice() else { panic!("{:?}", answer.topics) };
+        assert_eq!(topic.name, "orders");
+        let found: Vec<_> = topic
+            .partitions
+            .iter()
+            .map(|p| (p.partition, p.low_watermark, p.high_watermark, p.committed_offset))
+            .collect();
+        assert_eq!(found, [(0, 0, 3, Some(2)), (1, 0, 3, None), (2, 0, 3, Some(3))]);
+
+        // The same, given rather than stored (one bootstrap broker is
+        // enough): a fresh group with no commits.
+        let answer = test_connection(&mut triggers, given(sample_trigger("x", brokers_one, "orders"))).await.unwrap();
+        assert!(answer.ok, "{answer:?}");
+        assert!(answer.topics[0].partitions.iter().all(|p| p.committed_offset.is_none()), "{answer:?}");
+        let stored_after: Vec<String> =
+            sqlx::query_scalar("SELECT name FROM triggers").fetch_all(&db.pool().await.unwrap()).await.unwrap();
+        assert_eq!(stored_after, ["orders"], "a given trigger is never stored");
+
+        // A topic the cluster does not have.
+        let answer = test_connection(&mut triggers, given(quick(sample_trigger("x", brokers_one, "no-such-topic"))))
+            .await
+            .unwrap();
+        assert!(!answer.ok);
+        assert_eq!(answer.failure(), ConnectionFailure::TopicMissing, "{answer:?}");
+        assert!(answer.error.contains("no-such-topic"), "{}", answer.error);
+    }
+
+    #[tokio::test]
+    async fn test_a_connection_test_names_a_refused_port_an_unknown_host_and_a_failed_sasl_handshake() {
+        let kafka = kt_kafka_testing::MockKafka::new(1).unwrap();
+        kafka.create_topic("orders", 1).unwrap();
+        let db = TestDb::create().await.unwrap();
+        let (_cp, _node, mut triggers) = started(&db).await;
+
+        // Port 9 (discard) on loopback: nothing listens there.
+        let refused = given(quick(sample_trigger("x", "127.0.0.1:9", "orders")));
+        let answer = first_answer(&mut triggers, refused).await;
+        assert!(!answer.ok);
+        assert_eq!(answer.failure(), ConnectionFailure::Refused, "{answer:?}");
+        assert!(answer.elapsed_ms < 10_000, "answered within the connect timeout: {answer:?}");
+
+        // A name that cannot resolve (`.invalid` never does).
+        let answer = test_connection(&mut triggers, given(quick(sample_trigger("x", "kafka.invalid:9092", "orders"))))
+            .await
+            .unwrap();
+        assert_eq!(answer.failure(), ConnectionFailure::Dns, "{answer:?}");
+
+        // SASL towards a broker that speaks none (librdkafka's mock).
+        let mut sasl = quick(sample_trigger("x", &kafka.bootstrap_servers(), "orders"));
+        let k = sasl.kafka.as_mut().unwrap();
+        (k.sasl, k.username, k.password) = (SaslMechanism::Plain as i32, "alice".into(), "not-her-password".into());
+        let answer = test_connection(&mut triggers, given(sasl)).await.unwrap();
+        assert!(!answer.ok);
+        assert_eq!(answer.failure(), ConnectionFailure::SaslAuthentication, "{answer:?}");
+        assert!(!answer.error.contains("not-her-password"), "no secret in the answer: {}", answer.error);
+    }
+
+    #[tokio::test]
+    async fn test_a_connection_test_without_a_node_or_a_target_is_refused() {
+        let db = TestDb::create().await.unwrap();
+        let cp = TestControlPlane::start(&db, ControlPlaneOptions::default()).await.unwrap();
+        let mut triggers = TriggerServiceClient::new(cp.channel().await.unwrap());
+
+        let status = test_connection(&mut triggers, given(sample_trigger("x", "b:9092", "t"))).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert!(status.message().contains("no data-plane node"), "{status:?}");
+
+        let neither = test_connection(&mut triggers, TestTriggerConnectionRequest::default()).await.unwrap_err();
+        assert_eq!(neither.code(), Code::InvalidArgument, "{neither:?}");
+        let both = TestTriggerConnectionRequest {
+            id: uuid::Uuid::now_v7().to_string(),
+            trigger: Some(sample_trigger("x", "b:9092", "t")),
+        };
+        assert_eq!(test_connection(&mut triggers, both).await.unwrap_err().code(), Code::InvalidArgument);
+
+        let mut invalid = sample_trigger("x", "b:9092", "t");
+        invalid.kafka.as_mut().unwrap().topics.clear();
+        let status = test_connection(&mut triggers, given(invalid)).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(status.message().contains("trigger.kafka.topics"), "{status:?}");
+
+        let missing = TestTriggerConnectionRequest { id: uuid::Uuid::now_v7().to_string(), ..Default::default() };
+        assert_eq!(test_connection(&mut triggers, missing).await.unwrap_err().code(), Code::NotFound);
+    }
+
+    /// DESIGN §5's separate broker process: one open, one that requires
+    /// SASL and knows no user.
+    #[tokio::test]
+    async fn test_a_connection_test_against_tansu_lists_its_partitions_and_names_wrong_credentials() {
+        use kt_kafka_testing::Tansu;
+        let tansu = Tansu::start().unwrap();
+        tansu.create_topic("orders", 2).unwrap();
+        // One at a time: Tansu counts a batch of several as one offset.
+        for i in 0..3 {
+            let message = kt_kafka_testing::TestMessage::new(format!("m{i}")).partition(0);
+            kt_kafka_testing::produce::produce_to(&tansu.bootstrap_servers(), "orders", [message]).await.unwrap();
+        }
+        let locked = Tansu::start_with(&["--authentication"]).unwrap();
+        let db = TestDb::create().await.unwrap();
+        let (_cp, _node, mut triggers) = started(&db).await;
+
+        let answer =
+            first_answer(&mut triggers, given(sample_trigger("x", &tansu.bootstrap_servers(), "orders"))).await;
+        assert!(answer.ok, "{answer:?}");
+        assert_eq!(answer.brokers.len(), 1);
+        assert_eq!(answer.brokers[0].port, i32::from(tansu.port()));
+        let found: Vec<_> = answer.topics[0].partitions.iter().map(|p| (p.partition, p.high_watermark)).collect();
+        assert_eq!(found, [(0, 3), (1, 0)]);
+
+        let mut wrong = quick(sample_trigger("x", &locked.bootstrap_servers(), "orders"));
+        let k = wrong.kafka.as_mut().unwrap();
+        (k.sasl, k.username, k.password) = (SaslMechanism::ScramSha256 as i32, "alice".into(), "wrong-password".into());
+        let answer = test_connection(&mut triggers, given(wrong)).await.unwrap();
+        assert!(!answer.ok);
+        assert_eq!(answer.failure(), ConnectionFailure::SaslAuthentication, "{answer:?}");
+        assert!(answer.error.contains("authentication failed"), "{}", answer.error);
+        assert!(answer.elapsed_ms < 2_000, "a refused login answers before the connect timeout: {answer:?}");
+    }
+}

@@ -2,7 +2,8 @@
 
 use kt_proto::v1::{
     CreateTriggerRequest, DeleteTriggerRequest, DisableTriggerRequest, EnableTriggerRequest, GetTriggerRequest,
-    GetTriggerStatusRequest, ListTriggersResponse, Trigger, TriggerStatus, UpdateTriggerRequest,
+    GetTriggerStatusRequest, ListTriggersResponse, TestTriggerConnectionRequest, TestTriggerConnectionResponse,
+    Trigger, TriggerStatus, UpdateTriggerRequest,
 };
 
 use super::{all_triggers, confirm, trigger_id, Ctx};
@@ -68,10 +69,61 @@ pub async fn run(ctx: &Ctx, cmd: TriggersCmd) -> Result<()> {
             let status = api.call(api.triggers().get_trigger_status(GetTriggerStatusRequest { id })).await?;
             print_message(ctx.format, &status, |s| status_view(&t, s))
         }
-        TriggersCmd::Test { .. } => Err(CliError::Other(anyhow::anyhow!(
-            "`kt triggers test` is not yet available: the API has no TestTriggerConnection yet"
-        ))),
+        TriggersCmd::Test { trigger, file } => {
+            let request = match (trigger, file) {
+                (Some(trigger), None) => {
+                    TestTriggerConnectionRequest { id: trigger_id(api, &trigger).await?, trigger: None }
+                }
+                (None, Some(file)) => {
+                    let (trigger, _) = message_with_edits::<Trigger>(Some(&file), &[], "trigger")?;
+                    TestTriggerConnectionRequest { id: String::new(), trigger: Some(trigger) }
+                }
+                _ => return Err(CliError::usage("name a stored trigger, or give one with -f FILE")),
+            };
+            let answer = api.call(api.triggers().test_trigger_connection(request)).await?;
+            print_message(ctx.format, &answer, connection_view)?;
+            if answer.ok {
+                return Ok(());
+            }
+            let failure = output::enum_name(answer.failure().as_str_name(), "CONNECTION_FAILURE_");
+            Err(CliError::Other(anyhow::anyhow!("connection test failed ({failure}): {}", answer.error)))
+        }
     }
+}
+
+/// The outcome, the brokers, then one row per partition.
+fn connection_view(answer: &TestTriggerConnectionResponse) -> String {
+    let mut summary = Table::new(&["", ""]);
+    let outcome = if answer.ok {
+        "ok".to_owned()
+    } else {
+        format!("FAILED: {}", output::enum_name(answer.failure().as_str_name(), "CONNECTION_FAILURE_"))
+    };
+    summary.row(vec!["connection".into(), outcome]);
+    if !answer.error.is_empty() {
+        summary.row(vec!["error".into(), answer.error.clone()]);
+    }
+    let brokers: Vec<String> = answer.brokers.iter().map(|b| format!("{}:{} (id {})", b.host, b.port, b.id)).collect();
+    summary.row(vec!["brokers".into(), or_dash(&brokers.join(", "))]);
+    summary.row(vec!["tested by".into(), format!("{} in {} ms", answer.node_id, answer.elapsed_ms)]);
+    let mut partitions = Table::new(&["topic", "partition", "low", "high", "committed"]);
+    for topic in &answer.topics {
+        for p in &topic.partitions {
+            partitions.row(vec![
+                topic.name.clone(),
+                p.partition.to_string(),
+                p.low_watermark.to_string(),
+                p.high_watermark.to_string(),
+                p.committed_offset.map_or_else(|| "-".to_owned(), |o| o.to_string()),
+            ]);
+        }
+    }
+    let mut out = summary.render();
+    if !partitions.is_empty() {
+        out.push('\n');
+        out.push_str(&partitions.render());
+    }
+    out
 }
 
 fn print_one(format: Format, t: &Trigger) -> Result<()> {

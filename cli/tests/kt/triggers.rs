@@ -100,7 +100,7 @@ async fn test_triggers_verbs_print_tables_and_json() {
 }
 
 #[tokio::test]
-async fn test_help_completions_and_the_unavailable_test_verb() {
+async fn test_help_and_completions() {
     let s = Stack::api_only(ControlPlaneOptions::default()).await;
     let help = s.kt(&["--help"]).await.ok();
     for name in [
@@ -129,7 +129,38 @@ async fn test_help_completions_and_the_unavailable_test_verb() {
         assert!(script.stdout.contains("kt") && script.stdout.contains("work-orders"), "{script}");
     }
     let test_help = s.kt(&["triggers", "test", "--help"]).await.ok();
-    assert!(test_help.stdout.contains("Not yet available"), "{test_help}");
-    let test = s.kt(&["triggers", "test", "x"]).await.code(1);
-    assert!(test.stderr.contains("not yet available"), "{test}");
+    assert!(test_help.stdout.contains("committed offsets"), "{test_help}");
+}
+
+#[tokio::test]
+async fn test_triggers_test_reports_partitions_or_the_failure_and_its_exit_code() {
+    let s = Stack::full("orders", 2).await;
+    let file = temp_file("orders.yaml", &s.trigger_yaml("orders", "orders"));
+    s.kt(&["triggers", "create", "-f", file.to_str().unwrap()]).await.ok();
+
+    // A stored trigger, by name, once the node has joined.
+    let answer = s.wait_for_kt("the node to test", &["triggers", "test", "orders"], |a| a["ok"] == true).await;
+    let partitions = answer["topics"][0]["partitions"].as_array().unwrap();
+    assert_eq!(partitions.len(), 2, "{answer}");
+    let table = s.kt(&["-o", "table", "triggers", "test", "orders"]).await.ok();
+    assert!(table.stdout.contains("connection") && table.stdout.contains("ok"), "{table}");
+    assert_eq!(rows(&table.stdout, "orders").len(), 2, "one row per partition: {table}");
+
+    // One given in a file, for a topic the cluster lacks: exit 1, the reason.
+    let missing =
+        s.trigger_yaml("missing", "no-such-topic").replace("kafka:\n", "kafka:\n  connectTimeoutSeconds: 2\n");
+    let file = temp_file("missing.yaml", &missing);
+    let failed = s.kt(&["-o", "table", "triggers", "test", "-f", file.to_str().unwrap()]).await.code(1);
+    assert!(failed.stdout.contains("FAILED: topic_missing"), "{failed}");
+    assert!(failed.stderr.contains("connection test failed (topic_missing): topic no-such-topic"), "{failed}");
+    let unnamed = s.kt(&["triggers", "test"]).await.code(2);
+    assert!(unnamed.stderr.contains("required arguments were not provided"), "{unnamed}");
+}
+
+#[tokio::test]
+async fn test_triggers_test_without_a_node_exits_unavailable() {
+    let s = Stack::api_only(ControlPlaneOptions::default()).await;
+    let file = temp_file("orders.yaml", &s.trigger_yaml("orders", "orders"));
+    let out = s.kt(&["triggers", "test", "-f", file.to_str().unwrap()]).await.code(5);
+    assert!(out.stderr.contains("no data-plane node"), "{out}");
 }

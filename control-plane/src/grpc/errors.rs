@@ -9,7 +9,7 @@ use tonic::Status;
 
 use crate::dead_letters::DeadLetterError;
 use crate::events::follow::StreamEnd;
-use crate::nodes::Refused;
+use crate::nodes::{ConnectionTestError, Refused};
 use crate::sets::SetError;
 use crate::triggers::TriggerError;
 use crate::work_orders::WorkOrderError;
@@ -48,6 +48,16 @@ impl From<TriggerError> for Status {
             }
             TriggerError::Database(db) => database(db),
         }
+    }
+}
+
+impl From<ConnectionTestError> for Status {
+    fn from(err: ConnectionTestError) -> Self {
+        let code = match err {
+            ConnectionTestError::NoNode | ConnectionTestError::NodeLeft(_) => ErrorCode::Unavailable,
+            ConnectionTestError::NoAnswer { .. } => ErrorCode::DeadlineExceeded,
+        };
+        status::status(code, err.to_string())
     }
 }
 

@@ -64,6 +64,7 @@ pub async fn serve(
             state.triggers.clone(),
             state.pool.clone(),
             state.registry.clone(),
+            state.connection_tests.clone(),
             heartbeat,
             shutdown.clone(),
         ),

@@ -5,6 +5,7 @@ use kt_proto::v1::*;
 use tonic::{Request, Response, Status};
 
 use super::convert::{parse_id, required, trigger_to_proto};
+use crate::triggers::ConnectionTarget;
 use crate::AppState;
 
 pub struct TriggerHandler {
@@ -69,4 +70,22 @@ impl TriggerApi for TriggerHandler {
         let status = crate::triggers::status::trigger_status(&self.state.pool, &self.state.registry, id).await?;
         Ok(Response::new(status))
     }
+
+    async fn test_trigger_connection(
+        &self,
+        req: Request<TestTriggerConnectionRequest>,
+    ) -> Result<Response<TestTriggerConnectionResponse>, Status> {
+        let req = req.into_inner();
+        let target = match (req.id.trim().is_empty(), &req.trigger) {
+            (true, Some(trigger)) => ConnectionTarget::Given(trigger),
+            (false, None) => ConnectionTarget::Stored(parse_id("id", &req.id)?),
+            _ => return Err(kt_proto::status::invalid_argument(&[one_of_id_or_trigger()])),
+        };
+        let trigger = self.state.triggers.connection_target(target).await?;
+        Ok(Response::new(self.state.connection_tests.run(trigger).await?))
+    }
+}
+
+fn one_of_id_or_trigger() -> kt_proto::status::FieldViolation {
+    kt_proto::status::FieldViolation::new("id", "set either id (a stored trigger) or trigger (one to test unsaved)")
 }

@@ -1,10 +1,13 @@
 //! Data-plane nodes: each node's session (`session.rs`), the registry of
-//! live sessions and what each reported, and the desired pipeline state
-//! sent to every node.
+//! live sessions and what each reported, the desired pipeline state sent to
+//! every node, and the connection tests nodes run for the API
+//! (`connection_tests.rs`).
 
+mod connection_tests;
 mod registry;
 mod session;
 
+pub use connection_tests::{ConnectionTestError, ConnectionTests};
 pub use registry::{NodeInfo, NodeRegistry, PipelineInfo};
 pub use session::{admit, Refused, Session, SessionEnv, SESSION_OUTBOUND_CAPACITY};
 

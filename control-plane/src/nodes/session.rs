@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
 use uuid::Uuid;
 
-use super::{desired_assignment, NodeRegistry};
+use super::{desired_assignment, ConnectionTests, NodeRegistry};
 use crate::events::{self, EventKind};
 use crate::triggers::TriggerService;
 
@@ -33,6 +33,8 @@ const DEAD_AFTER_HEARTBEATS: u32 = 3;
 pub struct SessionEnv {
     pub triggers: TriggerService,
     pub registry: NodeRegistry,
+    /// Where API calls hand connection tests to nodes.
+    pub connection_tests: ConnectionTests,
     pub pool: PgPool,
     pub heartbeat: Duration,
     pub shutdown: CancellationToken,
@@ -45,11 +47,13 @@ impl SessionEnv {
         triggers: TriggerService,
         pool: PgPool,
         registry: NodeRegistry,
+        connection_tests: ConnectionTests,
         heartbeat: Duration,
         shutdown: CancellationToken,
     ) -> Self {
         let seed = chrono::Utc::now().timestamp_millis() * 1_000;
-        Self { triggers, registry, pool, heartbeat, shutdown, plan_version: Arc::new(AtomicI64::new(seed)) }
+        let plan_version = Arc::new(AtomicI64::new(seed));
+        Self { triggers, registry, connection_tests, pool, heartbeat, shutdown, plan_version }
     }
 }
 
@@ -100,6 +104,7 @@ impl Session {
         metrics::gauge!("kt_node_sessions").increment(1.0);
         tracing::info!(node_id = %self.node_id, "node joined");
         self.event(EventKind::NodeJoined, None, json!({})).await;
+        let mut connection_tests = self.env.connection_tests.attach(&self.node_id, self.id);
 
         let mut changes = self.env.triggers.subscribe();
         changes.mark_changed();
@@ -120,6 +125,12 @@ impl Session {
                         break "node not reading";
                     }
                 }
+                Some(test) = connection_tests.recv() => {
+                    let msg = ControlMessage { msg: Some(ControlMsg::ConnectionTest(test)) };
+                    if tx.send(Ok(msg)).await.is_err() {
+                        break "node closed the stream";
+                    }
+                }
                 _ = ticks.tick() => {
                     if last_seen.elapsed() > dead_after {
                         break "node missed its heartbeats";
@@ -133,8 +144,10 @@ impl Session {
                     Ok(Some(NodeMessage { msg: Some(msg) })) => {
                         last_seen = Instant::now();
                         self.env.registry.seen(&self.node_id);
-                        if let NodeMsg::Pipeline(report) = msg {
-                            self.on_report(report).await;
+                        match msg {
+                            NodeMsg::Pipeline(report) => self.on_report(report).await,
+                            NodeMsg::ConnectionTest(answer) => self.env.connection_tests.answered(self.id, answer),
+                            NodeMsg::Hello(_) | NodeMsg::Heartbeat(_) => {}
                         }
                     }
                     Ok(Some(NodeMessage { msg: None })) => last_seen = Instant::now(),
@@ -146,6 +159,7 @@ impl Session {
                 },
             }
         };
+        self.env.connection_tests.detach(self.id);
         metrics::gauge!("kt_node_sessions").decrement(1.0);
         if self.env.registry.left(&self.node_id, self.id) {
             tracing::info!(node_id = %self.node_id, reason, "node left");

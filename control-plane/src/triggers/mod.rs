@@ -9,4 +9,4 @@ pub mod status;
 pub mod store;
 
 pub use error::TriggerError;
-pub use service::{Rotation, TriggerService, MAX_PAGE_SIZE};
+pub use service::{ConnectionTarget, Rotation, TriggerService, MAX_PAGE_SIZE};

@@ -35,6 +35,12 @@ const DELETE_RETRY: Backoff = Backoff::new(Duration::from_millis(20), Duration::
 const PREFIX: &str = "trigger.";
 const URL_FIELD: &str = "trigger.webhook.url";
 
+/// What [`TriggerService::connection_target`] resolves.
+pub enum ConnectionTarget<'a> {
+    Stored(Uuid),
+    Given(&'a v1::Trigger),
+}
+
 /// What [`TriggerService::rotate_keys`] did.
 #[derive(Debug, Default)]
 pub struct Rotation {
@@ -257,6 +263,25 @@ impl TriggerService {
                 }
             })
             .collect())
+    }
+
+    /// The trigger a connection test runs with, secrets filled in as in an
+    /// assignment: the stored one, or `given`, validated as a create would
+    /// validate it (a fresh consumer group when it names none) and never
+    /// stored, with the nil id.
+    pub async fn connection_target(&self, target: ConnectionTarget<'_>) -> Result<v1::Trigger, TriggerError> {
+        let (id, generation, spec, secrets) = match target {
+            ConnectionTarget::Stored(id) => {
+                let row = self.get(id).await?;
+                let secrets = self.open(&row)?;
+                (id, row.generation, row.spec.0, secrets)
+            }
+            ConnectionTarget::Given(given) => {
+                let valid = self.validate(given, None, None)?;
+                (Uuid::nil(), 0, valid.spec, valid.secrets)
+            }
+        };
+        Ok(v1::Trigger { id: id.to_string(), generation, ..spec_to_proto(&spec, Some(&secrets)) })
     }
 
     /// Re-encrypts every trigger's secrets that are under another key than

@@ -113,6 +113,12 @@ impl KafkaConfig {
     }
 }
 
+/// The `client.id` of this node's Kafka clients: names the node in broker
+/// logs.
+pub fn client_id(node_id: &str) -> String {
+    format!("kafka-triggers/{node_id}")
+}
+
 /// How a client reaches the trigger's brokers: addresses, TLS and SASL, the
 /// connect timeout. Shared by its consumer and its dead-letter producer.
 fn connection(spec: &TriggerSpec, secrets: &TriggerSecrets, client_id: &str) -> ClientConfig {

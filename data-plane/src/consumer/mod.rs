@@ -25,6 +25,7 @@ mod message;
 pub mod offsets;
 mod persister;
 mod pipeline;
+pub mod probe;
 mod rate;
 mod starts;
 
@@ -32,7 +33,7 @@ use std::time::Duration;
 
 use kt_common::backoff::Backoff;
 
-pub use config::{group_instance_id, scrub, KafkaConfig};
+pub use config::{client_id, group_instance_id, scrub, KafkaConfig};
 pub use errors::PipelineError;
 pub use pipeline::{run_pipeline, PipelineEnv};
 pub use rate::RateLimiter;

@@ -2,7 +2,8 @@
 //! over the node's [`ControlPlane`] connection (TLS, node token). The node
 //! says hello, sends heartbeats (its own, and an answer to each of the
 //! control plane's) and pipeline reports; the control plane sends
-//! assignments (full desired state, versioned) and heartbeats. A lost
+//! assignments (full desired state, versioned), heartbeats and connection
+//! tests to run (answered on the same stream). A lost
 //! session is reconnected with jittered backoff; meanwhile the pipelines
 //! keep running as last assigned.
 
@@ -11,19 +12,23 @@ mod assembly;
 pub use assembly::{Plan, PlanAssembler};
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use kt_common::backoff::Backoff;
 use kt_proto::internal::node_service_client::NodeServiceClient;
 use kt_proto::internal::{
-    control_message, node_message, ControlMessage, Heartbeat, Hello, NodeMessage, PipelineReport, PipelineState,
+    control_message, node_message, ConnectionTestRequest, ConnectionTestResult, ControlMessage, Heartbeat, Hello,
+    NodeMessage, PipelineReport, PipelineState,
 };
+use kt_proto::v1::{ConnectionFailure, TestTriggerConnectionResponse};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::assignment::{Assignment, TriggerDirectory};
+use crate::assignment::{AssignedTrigger, Assignment, TriggerDirectory};
+use crate::consumer::{probe, IngestSettings};
 use crate::control_plane::{ControlPlane, ControlPlaneError};
 use crate::pipelines::SupervisorHandle;
 use crate::status::{Reports, StatusBoard};
@@ -49,6 +54,9 @@ pub struct SessionSettings {
     /// Where the workers look up the triggers of this node's assignment
     /// (webhook target, secrets, retry policy); replaced on every assignment.
     pub triggers: Option<TriggerDirectory>,
+    /// What connection tests build their consumer from: the pipelines'
+    /// settings.
+    pub ingest: Arc<IngestSettings>,
 }
 
 impl SessionSettings {
@@ -60,6 +68,7 @@ impl SessionSettings {
             peer_timeout: Duration::from_secs(30),
             reconnect_backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(10)),
             triggers: None,
+            ingest: Arc::new(IngestSettings::default()),
         }
     }
 }
@@ -177,6 +186,10 @@ async fn session_once(
                     // its own interval, which may be shorter than ours.
                     outbound.send(node_message::Msg::Heartbeat(Heartbeat { unix_ms: unix_ms() })).await?;
                 }
+                if let Some(control_message::Msg::ConnectionTest(request)) = message.msg {
+                    spawn_connection_test(request, settings, outbound.tx.clone());
+                    continue;
+                }
                 handle_control_message(message, &mut plans, &mut plan_version, supervisor, settings.triggers.as_ref()).await?;
             }
             _ = heartbeat.tick() => {
@@ -229,6 +242,39 @@ async fn handle_control_message(
         "applied assignment"
     );
     Ok(())
+}
+
+/// Runs a connection test on a blocking thread (librdkafka calls) and
+/// answers it on the session; a session gone meanwhile drops the answer
+/// (the control plane gives up on its own).
+fn spawn_connection_test(request: ConnectionTestRequest, settings: &SessionSettings, tx: mpsc::Sender<NodeMessage>) {
+    let (ingest, client_id, node_id) =
+        (settings.ingest.clone(), crate::consumer::client_id(&settings.node_id), settings.node_id.clone());
+    tokio::spawn(async move {
+        let ConnectionTestRequest { request_id, trigger } = request;
+        let run = tokio::task::spawn_blocking(move || match trigger.as_ref().map(AssignedTrigger::from_proto) {
+            Some(Ok(trigger)) => probe::test_connection(&trigger, &ingest, &client_id),
+            Some(Err(error)) => {
+                TestTriggerConnectionResponse { failure: ConnectionFailure::Other.into(), error, ..Default::default() }
+            }
+            None => TestTriggerConnectionResponse {
+                failure: ConnectionFailure::Other.into(),
+                error: "no trigger to test".into(),
+                ..Default::default()
+            },
+        });
+        let mut result = match run.await {
+            Ok(result) => result,
+            Err(e) => TestTriggerConnectionResponse {
+                failure: ConnectionFailure::Other.into(),
+                error: format!("the connection test failed: {e}"),
+                ..Default::default()
+            },
+        };
+        result.node_id = node_id;
+        let answer = ConnectionTestResult { request_id, result: Some(result) };
+        let _ = tx.send(NodeMessage { msg: Some(node_message::Msg::ConnectionTest(answer)) }).await;
+    });
 }
 
 /// Sends the reports that differ from what was last sent; an entry that
