@@ -168,12 +168,15 @@ fn failed(
     response
 }
 
+/// One error the client reported: its code, if any, and its text.
+type SeenError = (Option<RDKafkaErrorCode>, String);
+
 /// Keeps the client's errors (unreachable brokers, handshakes refused): what
 /// its error callback gets, and the log lines of level warning and above,
 /// where librdkafka says why a broker connection failed.
 #[derive(Default)]
 struct ProbeContext {
-    errors: Arc<Mutex<Vec<(Option<RDKafkaErrorCode>, String)>>>,
+    errors: Arc<Mutex<Vec<SeenError>>>,
 }
 
 impl ClientContext for ProbeContext {
@@ -257,7 +260,7 @@ mod tests {
             (ConnectionFailure::SaslAuthentication, Some(sasl.1))
         );
         assert_eq!(classify(&[refused, tls.clone()]), (ConnectionFailure::Tls, Some(tls.1)));
-        assert_eq!(classify(&[down.clone()]), (ConnectionFailure::Other, Some(down.1)));
+        assert_eq!(classify(std::slice::from_ref(&down)), (ConnectionFailure::Other, Some(down.1)));
         assert_eq!(classify(&[]), (ConnectionFailure::Other, None));
     }
 }
