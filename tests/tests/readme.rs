@@ -207,6 +207,8 @@ async fn test_readme_stack_walkthrough_runs_as_written() {
     assert!(outputs[2].contains("\"health\": \"TRIGGER_HEALTH_DEGRADED\""), "a blocked set: {}", outputs[2]);
     assert!(outputs[2].contains("\"reason\": \"1 blocked set(s), the oldest blocked for "), "{}", outputs[2]);
     assert!(outputs[3].contains("EVENT_KIND_SET_UNBLOCKED"), "the retry: {}", outputs[3]);
+    assert!(outputs[4].contains("\"ok\": true"), "the connection test: {}", outputs[4]);
+    assert!(outputs[4].contains("\"committedOffset\""), "the group's offsets: {}", outputs[4]);
 
     // The stack printed user-7's deliveries: failures, then both in order.
     let printed = std::fs::read_to_string(dir.join("stack.log")).unwrap();
