@@ -195,7 +195,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let (supervisor, supervisor_run) = pipeline_supervisor(
         SupervisorEnv {
             pool: pool.clone(),
-            settings: std::sync::Arc::new(config.ingest.clone()),
+            settings: session_settings.ingest.clone(),
             board: board.clone(),
             client_id: consumer::client_id(&config.node_id),
             node_id: config.node_id.clone(),

@@ -477,6 +477,13 @@ mod connection_tests {
         trigger
     }
 
+    /// `trigger` logging in as alice with `password`.
+    fn with_sasl(mut trigger: Trigger, mechanism: SaslMechanism, password: &str) -> Trigger {
+        let k = trigger.kafka.as_mut().unwrap();
+        (k.sasl, k.username, k.password) = (mechanism as i32, "alice".into(), password.into());
+        trigger
+    }
+
     /// Commits `offsets` (partition, next offset) for `group` on `topic`, as a
     /// consumer of the group that joined no generation would.
     fn commit(brokers: &str, group: &str, topic: &str, offsets: &[(i32, i64)]) {
@@ -588,9 +595,11 @@ mod connection_tests {
         assert_eq!(answer.failure(), ConnectionFailure::Dns, "{answer:?}");
 
         // SASL towards a broker that speaks none (librdkafka's mock).
-        let mut sasl = quick(sample_trigger("x", &kafka.bootstrap_servers(), "orders"));
-        let k = sasl.kafka.as_mut().unwrap();
-        (k.sasl, k.username, k.password) = (SaslMechanism::Plain as i32, "alice".into(), "not-her-password".into());
+        let sasl = with_sasl(
+            quick(sample_trigger("x", &kafka.bootstrap_servers(), "orders")),
+            SaslMechanism::Plain,
+            "not-her-password",
+        );
         let answer = test_connection(&mut triggers, given(sasl)).await.unwrap();
         assert!(!answer.ok);
         assert_eq!(answer.failure(), ConnectionFailure::SaslAuthentication, "{answer:?}");
@@ -649,9 +658,11 @@ mod connection_tests {
         let found: Vec<_> = answer.topics[0].partitions.iter().map(|p| (p.partition, p.high_watermark)).collect();
         assert_eq!(found, [(0, 3), (1, 0)]);
 
-        let mut wrong = quick(sample_trigger("x", &locked.bootstrap_servers(), "orders"));
-        let k = wrong.kafka.as_mut().unwrap();
-        (k.sasl, k.username, k.password) = (SaslMechanism::ScramSha256 as i32, "alice".into(), "wrong-password".into());
+        let wrong = with_sasl(
+            quick(sample_trigger("x", &locked.bootstrap_servers(), "orders")),
+            SaslMechanism::ScramSha256,
+            "wrong-password",
+        );
         let answer = test_connection(&mut triggers, given(wrong)).await.unwrap();
         assert!(!answer.ok);
         assert_eq!(answer.failure(), ConnectionFailure::SaslAuthentication, "{answer:?}");

@@ -1,5 +1,6 @@
 //! `kafka_triggers.v1.TriggerService`: parse, call the trigger service, convert.
 
+use kt_proto::status::FieldViolation;
 use kt_proto::v1::trigger_service_server::TriggerService as TriggerApi;
 use kt_proto::v1::*;
 use tonic::{Request, Response, Status};
@@ -79,13 +80,12 @@ impl TriggerApi for TriggerHandler {
         let target = match (req.id.trim().is_empty(), &req.trigger) {
             (true, Some(trigger)) => ConnectionTarget::Given(trigger),
             (false, None) => ConnectionTarget::Stored(parse_id("id", &req.id)?),
-            _ => return Err(kt_proto::status::invalid_argument(&[one_of_id_or_trigger()])),
+            _ => {
+                let why = "set either id (a stored trigger) or trigger (one to test unsaved)";
+                return Err(kt_proto::status::invalid_argument(&[FieldViolation::new("id", why)]));
+            }
         };
         let trigger = self.state.triggers.connection_target(target).await?;
         Ok(Response::new(self.state.connection_tests.run(trigger).await?))
     }
-}
-
-fn one_of_id_or_trigger() -> kt_proto::status::FieldViolation {
-    kt_proto::status::FieldViolation::new("id", "set either id (a stored trigger) or trigger (one to test unsaved)")
 }

@@ -5,6 +5,7 @@
 //! its session, and its answer comes back on the same session, matched by
 //! request id. A node that leaves with tests outstanding fails them at once.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -78,9 +79,10 @@ impl ConnectionTests {
     pub fn answered(&self, session: Uuid, answer: ConnectionTestResult) {
         let mut inner = self.lock();
         // Only the session the test was sent to may answer it.
-        if inner.pending.get(&answer.request_id).is_some_and(|p| p.session == session) {
-            let pending = inner.pending.remove(&answer.request_id).expect("present");
-            let _ = pending.reply.send(answer.result.unwrap_or_default());
+        if let Entry::Occupied(pending) = inner.pending.entry(answer.request_id) {
+            if pending.get().session == session {
+                let _ = pending.remove().reply.send(answer.result.unwrap_or_default());
+            }
         }
     }
 

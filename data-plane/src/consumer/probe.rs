@@ -6,9 +6,10 @@
 //! all within the trigger's connect timeout, and says precisely why when it
 //! cannot.
 //!
-//! librdkafka reports a broker it cannot reach only through its error
-//! callback (the metadata request itself just times out), so the probe's
-//! context keeps those errors and [`classify`] names the most specific one.
+//! librdkafka does not say why a broker could not be reached in the answer
+//! to a request (a metadata request just times out): a consumer of a group
+//! gets the errors from `poll`, as bare codes, and the reasons in its log
+//! lines. The probe keeps both and [`classify`] names the most specific.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -158,6 +159,11 @@ fn probe(
     response
 }
 
+/// The answer of a test that could not run at all (`error` says why).
+pub fn not_run(error: String) -> TestTriggerConnectionResponse {
+    failed(TestTriggerConnectionResponse::default(), ConnectionFailure::Other, error)
+}
+
 fn failed(
     mut response: TestTriggerConnectionResponse,
     failure: ConnectionFailure,
@@ -171,19 +177,14 @@ fn failed(
 /// One error the client reported: its code, if any, and its text.
 type SeenError = (Option<RDKafkaErrorCode>, String);
 
-/// Keeps the client's errors (unreachable brokers, handshakes refused): what
-/// its error callback gets, and the log lines of level warning and above,
-/// where librdkafka says why a broker connection failed.
+/// Keeps the log lines of level warning and above: where librdkafka says
+/// why a broker connection failed (unreachable, handshake refused).
 #[derive(Default)]
 struct ProbeContext {
     errors: Arc<Mutex<Vec<SeenError>>>,
 }
 
 impl ClientContext for ProbeContext {
-    fn error(&self, error: KafkaError, reason: &str) {
-        self.errors.lock().expect("probe errors lock").push((error.rdkafka_error_code(), reason.to_owned()));
-    }
-
     fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
         tracing::debug!(?level, fac, log_message, "connection test");
         if (level as i32) <= RDKafkaLogLevel::Warning as i32 {
@@ -197,8 +198,8 @@ impl ConsumerContext for ProbeContext {}
 /// The most specific failure among the client's errors, and its reason:
 /// credentials and TLS before name resolution, before a refused or timed
 /// out connection. `Other` (and no reason) when there are none.
-pub fn classify(errors: &[(Option<RDKafkaErrorCode>, String)]) -> (ConnectionFailure, Option<String>) {
-    let kind = |(code, reason): &(Option<RDKafkaErrorCode>, String)| {
+pub fn classify(errors: &[SeenError]) -> (ConnectionFailure, Option<String>) {
+    let kind = |(code, reason): &SeenError| {
         let text = reason.to_lowercase();
         match code {
             Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SaslAuthenticationFailed) => {

@@ -21,7 +21,6 @@ use kt_proto::internal::{
     control_message, node_message, ConnectionTestRequest, ConnectionTestResult, ControlMessage, Heartbeat, Hello,
     NodeMessage, PipelineReport, PipelineState,
 };
-use kt_proto::v1::{ConnectionFailure, TestTriggerConnectionResponse};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
@@ -252,25 +251,14 @@ fn spawn_connection_test(request: ConnectionTestRequest, settings: &SessionSetti
         (settings.ingest.clone(), crate::consumer::client_id(&settings.node_id), settings.node_id.clone());
     tokio::spawn(async move {
         let ConnectionTestRequest { request_id, trigger } = request;
-        let run = tokio::task::spawn_blocking(move || match trigger.as_ref().map(AssignedTrigger::from_proto) {
-            Some(Ok(trigger)) => probe::test_connection(&trigger, &ingest, &client_id),
-            Some(Err(error)) => {
-                TestTriggerConnectionResponse { failure: ConnectionFailure::Other.into(), error, ..Default::default() }
+        let run = tokio::task::spawn_blocking(move || {
+            let trigger = trigger.ok_or_else(|| "no trigger to test".to_owned());
+            match trigger.and_then(|t| AssignedTrigger::from_proto(&t)) {
+                Ok(trigger) => probe::test_connection(&trigger, &ingest, &client_id),
+                Err(error) => probe::not_run(error),
             }
-            None => TestTriggerConnectionResponse {
-                failure: ConnectionFailure::Other.into(),
-                error: "no trigger to test".into(),
-                ..Default::default()
-            },
         });
-        let mut result = match run.await {
-            Ok(result) => result,
-            Err(e) => TestTriggerConnectionResponse {
-                failure: ConnectionFailure::Other.into(),
-                error: format!("the connection test failed: {e}"),
-                ..Default::default()
-            },
-        };
+        let mut result = run.await.unwrap_or_else(|e| probe::not_run(format!("the connection test failed: {e}")));
         result.node_id = node_id;
         let answer = ConnectionTestResult { request_id, result: Some(result) };
         let _ = tx.send(NodeMessage { msg: Some(node_message::Msg::ConnectionTest(answer)) }).await;
